@@ -1,0 +1,175 @@
+"""The build pipeline: read -> embed -> store, batch by batch, then sync the FAISS index.
+
+Incremental and crash-safe by construction: each embedded batch is one SQLite
+transaction (records, boxes, vectors together), and FAISS is rebuilt from SQLite
+whenever its stamp says it is stale. Killing the process at any moment loses at
+most the batch in flight; running again finishes the job with no duplicates.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simsearch import index as faiss_index
+from simsearch.embed import EmbedConfig, embedder_from_config, iter_file_batches
+from simsearch.errors import BadInputError
+from simsearch.read import ImageRecord, Skipped, scan
+from simsearch.spec import IndexSpec, check_compatible
+from simsearch.store import NewImage, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INDEX_DIR = Path("indexes") / "default"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to index, where, and how."""
+
+    data: Path  # folder to scan (VOC, box lists, plain images)
+    index_dir: Path = DEFAULT_INDEX_DIR  # where simsearch.sqlite, index.faiss and spec.json live
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index_type: str | None = None  # faiss factory string; None: chosen by size
+    prune: bool = False  # drop records under `data` whose files are gone
+
+
+@dataclass
+class BuildReport:
+    """What a build did: printed by the CLI, asserted by the tests."""
+
+    index_dir: str
+    scanned: int = 0
+    added: int = 0
+    replaced: int = 0
+    unchanged: int = 0
+    pruned: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    index_type: str = ""
+    ntotal: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    precision: str = ""
+    device: str = ""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Steps that run after new images are committed (the localizer registers one), so that
+# build-index stays one command while each stage keeps its own module.
+POST_BUILD_HOOKS: list[Callable[[Store, list[int], BuildConfig], None]] = []
+
+
+def build_index(config: BuildConfig) -> BuildReport:
+    """Index (or update the index of) every image under `config.data`."""
+    started = time.perf_counter()
+    result = scan(config.data)
+    report = BuildReport(index_dir=str(config.index_dir), scanned=len(result.records))
+    store = Store(config.index_dir, create=True)
+    try:
+        embedder = embedder_from_config(config.embed)
+        report.precision, report.device = embedder.precision_name, str(embedder.device)
+        saved = store.spec
+        if saved is not None:
+            check_compatible(saved.embedder, embedder.spec, f"index {config.index_dir}")
+        else:  # claim the index for this embedder before the first vector lands
+            store.save_spec(IndexSpec(embedder.spec, index_type="pending"))
+        if config.embed.weights and Path(config.embed.weights).is_file():
+            store.set_meta("weights_path", str(Path(config.embed.weights).resolve()))  # for query-by-image
+        todo, unchanged = _plan(store, result.records)
+        report.unchanged = unchanged
+        skipped: list[Skipped] = list(result.skipped)
+        new_ids: list[int] = []
+        known = store.known_files()
+        embed_started = time.perf_counter()
+        if todo:
+            for batch in iter_file_batches([r.path for r, _ in todo], embedder, config.embed):
+                skipped += [Skipped(todo[i][0].path, reason) for i, reason in batch.failures]
+                if batch.embedded is None:
+                    continue
+                items = []
+                for row, i in enumerate(batch.indices):
+                    record, (sha, size, mtime) = todo[i]
+                    width, height = batch.sizes[row]
+                    items.append(NewImage(record, sha, size, mtime, width, height,
+                                          batch.embedded.vectors[row], batch.embedded.maps[row]))
+                report.replaced += sum(str(it.record.path) in known for it in items)
+                new_ids += store.add_images(items)
+        embedded = len(new_ids)
+        report.added = embedded - report.replaced
+        report.images_per_second = embedded / max(time.perf_counter() - embed_started, 1e-9) if embedded else 0.0
+        if config.prune:
+            report.pruned = _prune(store, config.data, result.records)
+        store.record_skipped(skipped)
+        report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
+        spec = sync_faiss(store, embedder.spec, config.index_type)
+        report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
+        for hook in POST_BUILD_HOOKS:
+            hook(store, new_ids, config)
+    finally:
+        store.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _plan(store: Store, records: list[ImageRecord]) -> tuple[list[tuple[ImageRecord, tuple[str, int, int]]], int]:
+    """Which records need embedding: new paths, and files whose bytes changed."""
+    known = store.known_files()
+    todo = []
+    unchanged = 0
+    for record in records:
+        try:
+            stat = os.stat(record.path)
+        except OSError:
+            continue  # vanished between scan and now: the next run prunes it
+        entry = known.get(str(record.path))
+        if entry and entry[2] == stat.st_size and entry[3] == stat.st_mtime_ns:
+            unchanged += 1  # same size and timestamp: trusted without reading the bytes
+            continue
+        sha = file_sha256(record.path)
+        if entry and entry[1] == sha:
+            store.touch(str(record.path), stat.st_size, stat.st_mtime_ns)
+            unchanged += 1
+            continue
+        todo.append((record, (sha, stat.st_size, stat.st_mtime_ns)))
+    return todo, unchanged
+
+
+def _prune(store: Store, data: Path, records: list[ImageRecord]) -> int:
+    """Remove records under `data` that the scan no longer found (deleted or moved files)."""
+    root = str(Path(data).resolve())
+    present = {str(r.path) for r in records}
+    gone = [i for path, (i, *_rest) in store.known_files().items()
+            if (path == root or path.startswith(root.rstrip(os.sep) + os.sep)) and path not in present]
+    return store.remove_images(gone)
+
+
+def sync_faiss(store: Store, embedder_spec, index_type: str | None = None) -> IndexSpec:
+    """Make index.faiss reflect exactly the vectors in SQLite, rebuilding when stale."""
+    if index_type:
+        store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
+    ids, xb = store.vectors()
+    if len(ids) == 0:
+        raise BadInputError(
+            f"no images could be indexed (see the skipped files: simsearch info --index {store.dir})"
+        )
+    factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(len(ids), embedder_spec.dim)
+    saved = store.spec
+    if faiss_index.saved_generation(store.dir) != store.generation or saved is None or saved.index_type != factory:
+        index = faiss_index.build(xb, ids, factory)
+        faiss_index.save(index, store.dir, store.generation)
+    params = faiss_index.default_params(factory)
+    spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)
+    if saved != spec:
+        store.save_spec(spec)
+    return spec

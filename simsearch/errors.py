@@ -1,0 +1,22 @@
+"""The errors simsearch raises: each message says what the user should do next."""
+from __future__ import annotations
+
+
+class SimsearchError(Exception):
+    """Base of every error the CLI turns into one line on stderr and exit code 1."""
+
+
+class NotFoundError(SimsearchError):
+    """A file, folder, record or index that the user named does not exist."""
+
+
+class BadInputError(SimsearchError):
+    """Input that exists but cannot be used (unreadable image, bad option value)."""
+
+
+class SpecMismatchError(SimsearchError):
+    """An index, head or query was made with another backbone or preprocessing."""
+
+
+class WeightsUnavailableError(SimsearchError):
+    """Pretrained weights could be neither found locally nor downloaded."""

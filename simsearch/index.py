@@ -1,0 +1,172 @@
+"""Stage 3, index: FAISS over the stored vectors, exact when small, approximate when large.
+
+faiss's own words at the boundary: `xb` (database vectors), `xq` (queries), `k`,
+and searches return `D, I` (scores, ids). Ids are the SQLite record ids
+(`IndexIDMap2`), so a hit needs no translation table.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+FAISS_NAME = "index.faiss"
+STATE_NAME = "index.state.json"
+EXACT_MAX = 50_000  # below this, exact search is fast enough (a few ms a query) and perfect
+HNSW_MAX = 1_000_000  # up to here HNSW's memory (vectors + graph) is affordable; above, IVF-PQ
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise BadInputError("faiss is not installed: pip install 'simsearch[cpu]' (or [gpu])") from e
+    return faiss
+
+
+def choose_factory(n: int, dim: int) -> str:
+    """An index type by size, the way autofaiss does: exact, then HNSW, then IVF-PQ."""
+    if n <= EXACT_MAX:
+        return "Flat"
+    if n <= HNSW_MAX:
+        return "HNSW32,Flat"
+    nlist = 1 << int(round(math.log2(4 * math.sqrt(n))))
+    m = next(m for m in (64, 48, 32, 16, 8) if dim % m == 0)
+    return f"IVF{nlist},PQ{m}"
+
+
+@dataclass
+class SearchParams:
+    """Search-time breadth of approximate indexes; recorded in the spec."""
+
+    nprobe: int | None = None
+    efsearch: int | None = None
+
+
+def build(xb: np.ndarray, ids: np.ndarray, factory: str, params: SearchParams | None = None):
+    """A trained, filled inner-product index with SQLite ids; GPU training when faiss has one."""
+    faiss = _faiss()
+    n, dim = xb.shape
+    started = time.perf_counter()
+    try:
+        inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise BadInputError(f"faiss cannot make index type {factory!r}: {e}") from e
+    index = faiss.IndexIDMap2(inner)
+    if not inner.is_trained:
+        needed = _training_size(inner)
+        if n < needed:
+            raise BadInputError(
+                f"index type {factory!r} needs at least {needed} vectors to train, the index has {n}. "
+                "Use a smaller IVF list count or leave --index-type unset."
+            )
+        sample = xb if n <= 50 * needed else xb[np.random.default_rng(0).choice(n, 50 * needed, replace=False)]
+        inner.train(np.ascontiguousarray(sample, dtype=np.float32))
+    if n:
+        index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    apply_params(index, params or default_params(factory))
+    log.info("built %s over %d vectors in %.2fs", factory, n, time.perf_counter() - started)
+    return index
+
+
+def _training_size(inner) -> int:
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return int(ivf.nlist)
+    return 256  # PQ codebooks and the like
+
+
+def default_params(factory: str) -> SearchParams:
+    if factory.startswith("IVF"):
+        nlist = int(factory[3:].split(",")[0].split("_")[0])
+        return SearchParams(nprobe=max(8, nlist // 16))
+    if factory.startswith("HNSW"):
+        return SearchParams(efsearch=128)
+    return SearchParams()
+
+
+def apply_params(index, params: SearchParams) -> None:
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None and params.nprobe:
+        ivf.nprobe = params.nprobe
+    if hasattr(inner, "hnsw") and params.efsearch:
+        inner.hnsw.efSearch = params.efsearch
+
+
+def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """D, I for each query row; I is -1 where fewer than k vectors exist."""
+    xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
+    k = max(1, min(int(k), max(1, index.ntotal)))
+    return index.search(xq, k)
+
+
+def save(index, index_dir: str | os.PathLike, generation: int) -> None:
+    """Write atomically, then stamp with the store generation it reflects."""
+    faiss = _faiss()
+    index_dir = Path(index_dir)
+    tmp = index_dir / (FAISS_NAME + ".tmp")
+    faiss.write_index(_to_cpu(index), str(tmp))
+    os.replace(tmp, index_dir / FAISS_NAME)
+    state_tmp = index_dir / (STATE_NAME + ".tmp")
+    state_tmp.write_text(json.dumps({"generation": generation, "ntotal": int(index.ntotal)}))
+    os.replace(state_tmp, index_dir / STATE_NAME)
+
+
+def saved_generation(index_dir: str | os.PathLike) -> int | None:
+    """The store generation the saved FAISS file reflects, or None when there is none."""
+    index_dir = Path(index_dir)
+    try:
+        state = json.loads((index_dir / STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return int(state["generation"]) if (index_dir / FAISS_NAME).exists() else None
+
+
+def load(index_dir: str | os.PathLike, use_gpu: bool = True):
+    """Memory-mapped where the index type allows it, so opening a large index is instant."""
+    faiss = _faiss()
+    path = str(Path(index_dir) / FAISS_NAME)
+    try:
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        index = faiss.read_index(path)
+    return _to_gpu(index) if use_gpu else index
+
+
+def gpu_count() -> int:
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _to_gpu(index):
+    faiss = _faiss()
+    if gpu_count() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError as e:  # HNSW and some others have no GPU version: search on the CPU
+        log.info("index stays on the CPU (%s)", e)
+        return index
+
+
+def _to_cpu(index):
+    faiss = _faiss()
+    if gpu_count() and hasattr(faiss, "index_gpu_to_cpu"):
+        try:
+            return faiss.index_gpu_to_cpu(index)
+        except RuntimeError:
+            return index
+    return index

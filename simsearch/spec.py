@@ -1,0 +1,68 @@
+"""What an index was built with, saved beside it so a query can never mix embedders."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from simsearch.errors import SpecMismatchError
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels become the backbone's input; travels with the weights, as in torchvision."""
+
+    size: int = 224  # square input side; images are resized (not cropped) so boxes stay inside
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    resize: str = "squash"  # whole image to size x size: the feature map covers every pixel
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """The part of the spec that decides which vectors are comparable."""
+
+    backbone: str  # registry name, e.g. "resnet50"
+    weights: str  # e.g. "IMAGENET1K_V2", a local file name, or "random" (plumbing only)
+    weights_sha256: str  # hash (or torchvision's hash prefix) of the weights actually loaded
+    dim: int  # length of the pooled vector
+    feature_shape: tuple[int, int, int]  # C, H, W of the spatial map for one image
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    pooling: str = "avg+l2"  # global average pool, then L2 normalisation
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """Everything `spec.json` records about an index."""
+
+    embedder: EmbedderSpec
+    index_type: str  # faiss factory string, e.g. "Flat" or "IVF1024,Flat"
+    metric: str = "inner_product"  # on L2-normalised vectors, i.e. cosine similarity
+    nprobe: int | None = None  # search-time breadth for IVF indexes
+    efsearch: int | None = None  # search-time breadth for HNSW indexes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "IndexSpec":
+        data = json.loads(text)
+        emb = data["embedder"]
+        emb["preprocess"] = Preprocess(
+            **{**emb["preprocess"], "mean": tuple(emb["preprocess"]["mean"]), "std": tuple(emb["preprocess"]["std"])}
+        )
+        emb["feature_shape"] = tuple(emb["feature_shape"])
+        data["embedder"] = EmbedderSpec(**emb)
+        return IndexSpec(**data)
+
+
+def check_compatible(saved: EmbedderSpec, wanted: EmbedderSpec, where: str) -> None:
+    """Refuse to mix vectors from different embedders: their similarities mean nothing."""
+    for name in ("backbone", "weights_sha256", "dim", "preprocess", "pooling"):
+        a, b = getattr(saved, name), getattr(wanted, name)
+        if a != b:
+            raise SpecMismatchError(
+                f"{where} was built with backbone {saved.backbone!r} (weights {saved.weights}), "
+                f"but this run uses {wanted.backbone!r} (weights {wanted.weights}): {name} differs. "
+                f"Use --model {saved.backbone} with the same weights, or build a new index with --index."
+            )

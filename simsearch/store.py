@@ -1,0 +1,294 @@
+"""Stage 5, store: one SQLite file per index holds records, boxes, vectors and the spec.
+
+Vectors live in SQLite beside their records and are written in the same
+transaction, so a killed build can never leave a record without its vector or the
+reverse; the FAISS file is derived from them and stamped with the `generation` it
+reflects, so a stale FAISS file is detected and rebuilt rather than trusted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+
+from simsearch.errors import NotFoundError
+from simsearch.read import GroundTruthObject, ImageRecord, Skipped
+from simsearch.spec import IndexSpec
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "simsearch.sqlite"
+SPEC_NAME = "spec.json"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is also the FAISS id
+    path TEXT NOT NULL UNIQUE,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    split TEXT,
+    source TEXT NOT NULL,
+    dataset TEXT,
+    added_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
+CREATE TABLE IF NOT EXISTS objects (
+    id INTEGER PRIMARY KEY,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    label TEXT NOT NULL,
+    xmin REAL NOT NULL, ymin REAL NOT NULL, xmax REAL NOT NULL, ymax REAL NOT NULL,
+    difficult INTEGER NOT NULL DEFAULT 0,
+    truncated INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS objects_image ON objects(image_id);
+CREATE INDEX IF NOT EXISTS objects_label ON objects(label);
+CREATE TABLE IF NOT EXISTS embeddings (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL  -- float32, L2-normalised
+);
+CREATE TABLE IF NOT EXISTS feature_maps (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    data BLOB NOT NULL  -- float16, shape spec.embedder.feature_shape
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    path TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass
+class NewImage:
+    """A decoded, embedded image ready to be committed."""
+
+    record: ImageRecord
+    sha256: str
+    size: int
+    mtime_ns: int
+    width: int
+    height: int
+    vector: np.ndarray  # (D,) float32
+    feature_map: np.ndarray  # (C, H, W) float16
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class Store:
+    """The SQLite side of one index folder."""
+
+    def __init__(self, index_dir: str | os.PathLike, create: bool = False):
+        self.dir = Path(index_dir)
+        path = self.dir / DB_NAME
+        if not path.exists():
+            if not create:
+                raise NotFoundError(
+                    f"{self.dir}: no index here. Build one first: simsearch build-index DATA --index {self.dir}"
+                )
+            self.dir.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: every write below runs in an explicit BEGIN ... COMMIT of our own.
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")  # readers (query, serve) never block a running build
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process intact
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(conn)
+        if create:
+            conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing: a process killed inside leaves the database as it was before."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # ------------------------------------------------------------ meta and spec
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as conn:
+            self._set_meta(conn, key, value)
+
+    def _set_meta(self, conn: sqlite3.Connection, key: str, value: str) -> None:
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [key, value])
+
+    @property
+    def spec(self) -> IndexSpec | None:
+        text = self.get_meta("spec")
+        return IndexSpec.from_json(text) if text else None
+
+    def save_spec(self, spec: IndexSpec) -> None:
+        with self.transaction() as conn:
+            self._set_meta(conn, "spec", spec.to_json())
+        tmp = self.dir / (SPEC_NAME + ".tmp")
+        tmp.write_text(spec.to_json() + "\n")
+        os.replace(tmp, self.dir / SPEC_NAME)  # a human-readable copy; SQLite's is the one checked
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every change to the set of vectors; the FAISS file records the one it holds."""
+        return int(self.get_meta("generation", "0"))
+
+    def _bump(self, conn: sqlite3.Connection) -> None:
+        value = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        self._set_meta(conn, "generation", str(int(value[0]) + 1 if value else 1))
+
+    # ------------------------------------------------------------ writing
+
+    def known_files(self) -> dict[str, tuple[int, str, int, int]]:
+        """path -> (id, sha256, size, mtime_ns), to decide what a rebuild must embed again."""
+        rows = self.db.execute("SELECT path, id, sha256, size, mtime_ns FROM images")
+        return {path: (i, sha, size, mtime) for path, i, sha, size, mtime in rows}
+
+    def add_images(self, items: Sequence[NewImage]) -> list[int]:
+        """Insert (or replace, by path) a batch of embedded images in one transaction."""
+        ids: list[int] = []
+        with self.transaction() as conn:
+            for item in items:
+                path = str(item.record.path)
+                conn.execute("DELETE FROM images WHERE path = ?", [path])  # a changed file: replace it whole
+                cur = conn.execute(
+                    "INSERT INTO images(path, sha256, size, mtime_ns, width, height, split, source, dataset, added_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [path, item.sha256, item.size, item.mtime_ns, item.width, item.height,
+                     item.record.split, item.record.source, item.record.dataset, _now()],
+                )
+                image_id = int(cur.lastrowid)
+                ids.append(image_id)
+                conn.executemany(
+                    "INSERT INTO objects(image_id, label, xmin, ymin, xmax, ymax, difficult, truncated)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(image_id, o.label, o.xmin, o.ymin, o.xmax, o.ymax, int(o.difficult), int(o.truncated))
+                     for o in item.record.objects],
+                )
+                conn.execute("INSERT INTO embeddings(image_id, vector) VALUES (?, ?)",
+                             [image_id, np.ascontiguousarray(item.vector, dtype=np.float32).tobytes()])
+                conn.execute("INSERT INTO feature_maps(image_id, data) VALUES (?, ?)",
+                             [image_id, np.ascontiguousarray(item.feature_map, dtype=np.float16).tobytes()])
+                conn.execute("DELETE FROM skipped WHERE path = ?", [path])
+            self._bump(conn)
+        return ids
+
+    def touch(self, path: str, size: int, mtime_ns: int) -> None:
+        """A file whose timestamp changed but whose bytes did not: no need to embed it again."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET size = ?, mtime_ns = ? WHERE path = ?", [size, mtime_ns, path])
+
+    def remove_images(self, ids: Iterable[int]) -> int:
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+            self._bump(conn)
+        return len(ids)
+
+    def record_skipped(self, skipped: Sequence[Skipped]) -> None:
+        if not skipped:
+            return
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO skipped(path, reason, at) VALUES (?, ?, ?)",
+                [(str(s.path), s.reason, _now()) for s in skipped],
+            )
+
+    # ------------------------------------------------------------ reading
+
+    def count(self, table: str = "images") -> int:
+        return self.db[table].count if self.db[table].exists() else 0
+
+    def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, xb) in id order; xb is (n, dim) float32."""
+        if ids is None:
+            rows = self.db.execute("SELECT image_id, vector FROM embeddings ORDER BY image_id").fetchall()
+        else:
+            rows = self._rows_for("SELECT image_id, vector FROM embeddings WHERE image_id IN ({})", ids)
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        id_array = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        xb = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        return id_array, xb
+
+    def feature_maps(self, ids: Sequence[int]) -> np.ndarray:
+        """(n, C, H, W) float16 maps in the order of `ids`."""
+        spec = self.spec
+        if spec is None:
+            raise NotFoundError(f"{self.dir}: index has no spec; rebuild it")
+        shape = tuple(spec.embedder.feature_shape)
+        rows = dict(self._rows_for("SELECT image_id, data FROM feature_maps WHERE image_id IN ({})", ids))
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise NotFoundError(f"no feature map stored for records {missing[:5]}; rebuild the index")
+        return np.stack([np.frombuffer(rows[i], dtype=np.float16).reshape(shape) for i in ids])
+
+    def _rows_for(self, sql: str, ids: Sequence[int]) -> list[tuple]:
+        rows: list[tuple] = []
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[start:start + 900]
+            rows += self.db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
+
+    def image(self, image_id: int) -> dict:
+        rows = list(self.db.query("SELECT * FROM images WHERE id = ?", [int(image_id)]))
+        if not rows:
+            raise NotFoundError(f"no record with id {image_id} in {self.dir}; `simsearch info` shows the ids")
+        return rows[0]
+
+    def images(self, ids: Sequence[int]) -> dict[int, dict]:
+        cols = [c.name for c in self.db["images"].columns]
+        return {row[0]: dict(zip(cols, row)) for row in self._rows_for(f"SELECT {', '.join(cols)} FROM images WHERE id IN ({{}})", ids)}
+
+    def ids_with_sha256(self, sha256: str) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT id FROM images WHERE sha256 = ?", [sha256])}
+
+    def objects(self, ids: Sequence[int]) -> dict[int, list[GroundTruthObject]]:
+        found: dict[int, list[GroundTruthObject]] = {int(i): [] for i in ids}
+        sql = ("SELECT image_id, label, xmin, ymin, xmax, ymax, difficult, truncated FROM objects "
+               "WHERE image_id IN ({}) ORDER BY id")
+        for image_id, label, *coords, difficult, truncated in self._rows_for(sql, ids):
+            found[image_id].append(GroundTruthObject(label, *coords, difficult=bool(difficult), truncated=bool(truncated)))
+        return found
+
+    def skipped(self) -> list[dict]:
+        return list(self.db.query("SELECT path, reason, at FROM skipped ORDER BY path"))
+
+    def summary(self) -> dict:
+        """Counts for `info`: what is in the index and what was left out."""
+        by_source = {r["source"]: r["n"] for r in self.db.query("SELECT source, count(*) AS n FROM images GROUP BY source")}
+        labels = {r["label"]: r["n"] for r in self.db.query(
+            "SELECT label, count(*) AS n FROM objects GROUP BY label ORDER BY n DESC, label")}
+        return {
+            "images": self.count("images"),
+            "objects": self.count("objects"),
+            "skipped": self.count("skipped"),
+            "by_source": by_source,
+            "labels": labels,
+            "generation": self.generation,
+        }
