@@ -231,25 +231,42 @@ class Embedder:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     @torch.inference_mode()
-    def embed_batch(self, images: torch.Tensor) -> EmbeddedBatch:
-        x = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            fmap = self.model(x)
-        fmap = fmap.float()
-        vectors = torch.nn.functional.normalize(fmap.mean(dim=(2, 3)), dim=1)
-        return EmbeddedBatch(vectors.cpu().numpy().astype(np.float32), fmap.half().cpu().numpy())
+    def embed_batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> EmbeddedBatch:
+        """Embed preprocessed images; a list may mix input sizes (one forward pass per size)."""
+        if isinstance(images, torch.Tensor):
+            groups = {tuple(images.shape[2:]): list(range(len(images)))}
+            tensors: Sequence[torch.Tensor] = images
+        else:
+            tensors = images
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, t in enumerate(tensors):
+                groups.setdefault(tuple(t.shape[1:]), []).append(i)
+        _, grid_h, grid_w = self.spec.feature_shape
+        vectors = torch.empty(len(tensors), self.spec.dim)
+        maps = torch.empty(len(tensors), *self.spec.feature_shape, dtype=torch.float16)
+        for members in groups.values():
+            batch = tensors[members] if isinstance(tensors, torch.Tensor) else torch.stack([tensors[i] for i in members])
+            x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                fmap = self.model(x)
+            fmap = fmap.float()
+            # The vector pools the native map; the stored map is resampled to one grid over the
+            # whole image so the localizer sees every image in the same frame.
+            vectors[members] = torch.nn.functional.normalize(fmap.mean(dim=(2, 3)), dim=1).cpu()
+            maps[members] = torch.nn.functional.adaptive_avg_pool2d(fmap, (grid_h, grid_w)).half().cpu()
+        return EmbeddedBatch(vectors.numpy(), maps.numpy())
 
     def embed_images(self, images: Sequence) -> EmbeddedBatch:
         """Embed PIL images already in memory (a query, a crop)."""
-        return self.embed_batch(torch.stack([preprocess(im, self.spec.preprocess) for im in images]))
+        return self.embed_batch([preprocess(im, self.spec.preprocess) for im in images])
 
 
 def preprocess(image, pre: Preprocess) -> torch.Tensor:
-    """PIL RGB image -> normalised CHW float tensor, resized (not cropped) to pre.size."""
+    """PIL RGB image -> normalised CHW float tensor at the size `pre.input_size` gives."""
     from PIL import Image
 
     resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[pre.interpolation]
-    im = image.resize((pre.size, pre.size), resample, reducing_gap=3.0)
+    im = image.resize(pre.input_size(*image.size), resample)
     x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(pre.mean).view(3, 1, 1)
     std = torch.tensor(pre.std).view(3, 1, 1)
@@ -323,7 +340,7 @@ def iter_file_batches(
         for items in loader:
             good = [d for d in items if d.tensor is not None]
             failures = [(d.index, d.error or "unreadable") for d in items if d.tensor is None]
-            embedded = embedder.embed_batch(torch.stack([d.tensor for d in good])) if good else None
+            embedded = embedder.embed_batch([d.tensor for d in good]) if good else None
             yield FileBatch([d.index for d in good], [(d.width, d.height) for d in good], embedded, failures)
             bar.update(len(items))
 

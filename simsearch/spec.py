@@ -11,11 +11,23 @@ from simsearch.errors import SpecMismatchError
 class Preprocess:
     """How pixels become the backbone's input; travels with the weights, as in torchvision."""
 
-    size: int = 224  # square input side; images are resized (not cropped) so boxes stay inside
+    size: int = 224  # the input holds about size*size pixels; never cropped, so boxes stay inside
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    resize: str = "squash"  # whole image to size x size: the feature map covers every pixel
-    interpolation: str = "bilinear"
+    # "aspect": keep the aspect ratio (sides rounded to the stride); measured better for retrieval
+    # than squashing, and padding hurt more than either. "squash": size x size, for fixed-shape runs.
+    resize: str = "aspect"
+    stride: int = 32  # the backbone's output stride: input sides are multiples of it
+    interpolation: str = "bicubic"
+
+    def input_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the backbone sees for an image of this size."""
+        if self.resize == "squash":
+            return self.size, self.size
+        scale = self.size / max(1.0, (width * height) ** 0.5)
+        def side(v: int) -> int:
+            return int(min(2 * self.size, max(self.stride, round(v * scale / self.stride) * self.stride)))
+        return side(width), side(height)
 
 
 @dataclass(frozen=True)
@@ -26,7 +38,7 @@ class EmbedderSpec:
     weights: str  # e.g. "IMAGENET1K_V2", a local file name, or "random" (plumbing only)
     weights_sha256: str  # hash (or torchvision's hash prefix) of the weights actually loaded
     dim: int  # length of the pooled vector
-    feature_shape: tuple[int, int, int]  # C, H, W of the spatial map for one image
+    feature_shape: tuple[int, int, int]  # C, H, W of the stored map: resampled to this grid over the whole image
     preprocess: Preprocess = field(default_factory=Preprocess)
     pooling: str = "avg+l2"  # global average pool, then L2 normalisation
 
