@@ -114,6 +114,8 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
         spec = sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
+        import simsearch.localize  # noqa: F401  (registers its hook: new images get predictions)
+
         for hook in POST_BUILD_HOOKS:
             hook(store, new_ids, config)
     finally:
@@ -167,8 +169,11 @@ def sync_faiss(store: Store, embedder_spec, index_type: str | None = None) -> In
     saved = store.spec
     if faiss_index.saved_generation(store.dir) != store.generation or saved is None or saved.index_type != factory:
         index = faiss_index.build(xb, ids, factory)
+        # The breadth that reaches the recall target on a sample of this very index, not a guess.
+        params, _ = faiss_index.tune_params(index, xb, ids)
         faiss_index.save(index, store.dir, store.generation)
-    params = faiss_index.default_params(factory)
+    else:
+        params = faiss_index.SearchParams(saved.nprobe, saved.efsearch)
     spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)
     if saved != spec:
         store.save_spec(spec)

@@ -55,6 +55,7 @@ def query_command(
     fmt: str = typer.Option("json", "--format", "-f", help="json (one line per neighbour) or table."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding the query image)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="The weights file the index was built with, if not the default."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page of the result (thumbnails and box crops) to this file."),
 ) -> None:
     """Images like this one: neighbours with scores, classes and boxes."""
     from simsearch.errors import BadInputError
@@ -67,6 +68,10 @@ def query_command(
             raise BadInputError(f"unknown format {fmt!r}; use json or table")
         searcher = Searcher(index, device=device, weights=weights)
         result = searcher.search(record_id if record_id is not None else image, k)
+        if html is not None:
+            from simsearch.page import write_query_page
+
+            typer.echo(f"page: {write_query_page(index, result, html)}", err=True)
     rows = [n.to_dict() for n in result.neighbours]
     if fmt == "json":
         for row in rows:

@@ -1,0 +1,42 @@
+"""Browse commands: serve (a local web app over an index) and pairs (the most similar pairs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from simsearch.cli.app import app, echo_json, reported
+from simsearch.cli.core import INDEX_OPTION
+
+
+@app.command("serve")
+def serve_command(
+    index: Path = INDEX_OPTION,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; the default is reachable from this machine only."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    max_upload_mb: int = typer.Option(20, "--max-upload-mb", min=1, help="Larger uploads are refused (413)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding uploads and regions)."),
+) -> None:
+    """Browse an index in the browser: upload or pick an image, see neighbours with crops, draw a box to search a region."""
+    from simsearch.serve import ServeConfig, run
+
+    typer.echo(f"simsearch: serving {index} on http://{host}:{port}/ (API docs at /docs); Ctrl-C to stop", err=True)
+    with reported():
+        run(index, host, port, ServeConfig(max_upload_bytes=max_upload_mb * 1024 * 1024, device=device))
+
+
+@app.command("pairs")
+def pairs_command(
+    index: Path = INDEX_OPTION,
+    n: int = typer.Option(10, "--n", min=1, help="Number of pairs."),
+    out: Path = typer.Option(Path("pairs"), "--out", "-o", help="Folder for pairs.png."),
+) -> None:
+    """The most similar pairs of distinct images (identical files skipped): JSON lines and a PNG."""
+    from simsearch.pairs import most_similar_pairs, pairs_figure
+
+    with reported():
+        pairs = most_similar_pairs(index, n)
+        png = pairs_figure(index, pairs, out / "pairs.png")
+    for pair in pairs:
+        echo_json(pair.to_dict())
+    typer.echo(f"{len(pairs)} pairs drawn in {png}", err=True)

@@ -1,0 +1,123 @@
+"""Localizer commands: synth, train-localizer, localize, evaluate, plot-boxes."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from simsearch.cli.app import app, echo_json, echo_table, reported
+
+INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
+HEAD_OPTION = typer.Option(None, "--head", help="Folder holding localizer.pt/.json; default: the index folder.")
+
+
+@app.command("synth")
+def synth_command(
+    out: Path = typer.Argument(..., help="VOC year folder to write (JPEGImages/, Annotations/, ImageSets/Main/)."),
+    n: int = typer.Option(2000, "--n", min=1, help="Composites to write."),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same images."),
+    sources: List[Path] = typer.Option([Path("../shared/data")], "--sources", help="Folders with VOC or box-list datasets (object crops) and plain photos (backgrounds); repeatable."),
+    backgrounds: List[Path] = typer.Option([], "--backgrounds", help="Folders of background photos; default: the box-less images under --sources."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes to paste; default: the --top-classes with most crops."),
+    top_classes: int = typer.Option(8, "--top-classes", min=1, help="How many classes when --classes is not given."),
+    objects: int = typer.Option(1, "--objects", min=1, help="Objects per image; extras are smaller distractors."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of composites in val (their crops come from photos train never uses)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Paste real object crops onto real photos: a VOC folder with exact boxes, for training and measuring the localizer."""
+    from simsearch.synth import SynthConfig, generate
+
+    with reported():
+        chosen = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else ()
+        report = generate(SynthConfig(out, tuple(sources), tuple(backgrounds), n, seed, chosen, top_classes,
+                                      val_fraction=val_fraction, objects_per_image=objects), progress=not quiet)
+    echo_json(asdict(report))
+    typer.echo(f"wrote {report.images} composites ({report.train} train, {report.val} val) to {out}", err=True)
+
+
+@app.command("train-localizer")
+def train_localizer_command(
+    index: Path = INDEX_OPTION,
+    epochs: int = typer.Option(40, "--epochs", min=1, help="At most this many epochs (early stopping ends sooner)."),
+    patience: int = typer.Option(8, "--patience", min=1, help="Stop after this many epochs without a better validation loss."),
+    val_split: str = typer.Option("val", "--val-split", help="images.split held out for validation; when no image has it, --val-fraction is used."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share held out (by image hash) when the index has no such split."),
+    batch_size: int = typer.Option(64, "--batch-size", min=2),
+    lr: float = typer.Option(1e-3, "--lr"),
+    box_weight: float = typer.Option(2.0, "--box-weight", help="loss = cross-entropy + box_weight * (smooth-L1 + GIoU)."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train the localizer head on the index's cached feature maps and save it in the index folder."""
+    from simsearch.localize import TrainConfig, train
+
+    with reported():
+        report = train(TrainConfig(index, epochs, patience, batch_size, lr, box_weight=box_weight, val_split=val_split,
+                                   val_fraction=val_fraction, seed=seed, device=device, quiet=quiet))
+    echo_json(asdict(report))
+    typer.echo(
+        f"head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
+        f"{report.val_images} val images, best epoch {report.best_epoch} of {report.epochs_run}: val accuracy "
+        f"{report.val_accuracy:.3f}, CorLoc {report.val_corloc:.3f}; {report.seconds:.1f}s. "
+        f"Next: simsearch localize --index {index}", err=True)
+
+
+@app.command("localize")
+def localize_command(index: Path = INDEX_OPTION, head: Optional[Path] = HEAD_OPTION) -> None:
+    """Predict class, score and box for every record and store them (query results then show them)."""
+    from simsearch.localize import localize
+
+    with reported():
+        report = localize(index, head)
+    echo_json(asdict(report))
+    typer.echo(f"{report.predicted} predictions stored (head {report.head_version}) in {report.seconds:.1f}s", err=True)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    index: Path = INDEX_OPTION,
+    split: str = typer.Option("val", "--split", help="val / train (the head's own held-out / training images), all, or a split name."),
+    head: Optional[Path] = HEAD_OPTION,
+    fmt: str = typer.Option("json", "--format", "-f", help="json or table."),
+) -> None:
+    """Top-1 accuracy, mean IoU, CorLoc (IoU >= 0.5), per class and a confusion matrix."""
+    from simsearch.errors import BadInputError
+    from simsearch.localize import evaluate
+
+    with reported():
+        if fmt not in ("json", "table"):
+            raise BadInputError(f"unknown format {fmt!r}; use json or table")
+        result = evaluate(index, split, head)
+    if fmt == "json":
+        echo_json(result.to_dict())
+        return
+    typer.echo(f"images {result.n}  accuracy {result.accuracy:.4f}  mean IoU {result.mean_iou:.4f}  "
+               f"CorLoc {result.corloc:.4f}  (majority-class accuracy {result.extra['chance_accuracy']:.4f})")
+    typer.echo("")
+    echo_table([asdict(c) for c in result.per_class], ["label", "n", "accuracy", "mean_iou", "corloc", "predicted"])
+    typer.echo("")
+    typer.echo("confusion (rows: actual, columns: predicted)")
+    short = [c[:6] for c in result.classes]
+    echo_table([{"actual": c, **dict(zip(short, row))} for c, row in zip(result.classes, result.confusion)],
+               ["actual", *short])
+
+
+@app.command("plot-boxes")
+def plot_boxes_command(
+    index: Path = INDEX_OPTION,
+    n: int = typer.Option(16, "--n", min=1, help="Images in the grid."),
+    out: Path = typer.Option(Path("figures"), "--out", help="Folder for boxes.png."),
+    split: str = typer.Option("val", "--split", help="val, train, all or a split name."),
+    seed: int = typer.Option(0, "--seed", help="Which images are drawn."),
+    head: Optional[Path] = HEAD_OPTION,
+) -> None:
+    """PNG grid: actual box red, predicted box blue, captions with both classes and the score."""
+    from simsearch.plots import plot_boxes
+
+    with reported():
+        report = plot_boxes(index, out, n, split, seed, head_dir=head)
+    echo_json(asdict(report))
+    typer.echo(f"wrote {report.path} ({report.images} images, {report.width}x{report.height})", err=True)

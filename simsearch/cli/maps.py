@@ -1,0 +1,29 @@
+"""The map command: a 2-D picture of the embedding space (t-SNE or UMAP)."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+
+from simsearch.cli.app import app, echo_json, reported
+from simsearch.cli.core import INDEX_OPTION
+
+
+@app.command("map")
+def map_command(
+    index: Path = INDEX_OPTION,
+    method: str = typer.Option("tsne", "--method", help="tsne or umap."),
+    pca: int = typer.Option(50, "--pca", min=0, help="PCA dimensions before projecting (0: none)."),
+    out: Path = typer.Option(Path("map"), "--out", "-o", help="Folder for coords.csv/.parquet, scatter.png, thumbs.png, map.html."),
+    seed: int = typer.Option(0, "--seed", help="Same index and seed, same coordinates."),
+    serve_url: str = typer.Option("http://127.0.0.1:8000", "--serve-url", help="Where `simsearch serve` runs, for links in map.html."),
+) -> None:
+    """Project every record to 2-D and draw it: scatter coloured by class, thumbnails, interactive HTML."""
+    from simsearch.maps import MapConfig, build_map
+
+    with reported():
+        report = build_map(index, out, MapConfig(method=method, pca=pca, seed=seed), serve_url=serve_url or None)
+    echo_json(asdict(report))
+    typer.echo(f"{method} map of {report.points} images in {out} "
+               f"({sum(report.seconds.values()):.1f}s; adjusted {report.adjusted or 'nothing'})", err=True)

@@ -1,0 +1,399 @@
+"""Pictures of the embedding space: 2-D t-SNE or UMAP maps of every record (the seed's Figure 4).
+
+Vectors go through PCA to `pca` dimensions first (denoises and makes the
+neighbour search inside t-SNE/UMAP cheap), then t-SNE (openTSNE, measured faster
+here than scikit-learn's) or UMAP (umap-learn). Everything is seeded: the same
+index and seed give the same coordinates. Outputs: coords.csv and coords.parquet,
+scatter.png coloured by class, thumbs.png with thumbnails at their coordinates,
+and map.html, an interactive page (hover: thumbnail; click: neighbours).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.errors import BadInputError
+from simsearch.render import Renderer, predictions_of, record_class
+from simsearch.store import Store
+
+log = logging.getLogger(__name__)
+
+MIN_POINTS = 3  # below this there is no "shape" to show and t-SNE/UMAP are undefined
+METHODS = ("tsne", "umap")
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """How to project; every field is seeded or fixed so maps are reproducible."""
+
+    method: str = "tsne"  # "tsne" or "umap"
+    pca: int = 50  # PCA dimensions before projecting (capped by the number of records); 0 = no PCA
+    seed: int = 0  # seeds PCA, t-SNE/UMAP initialisation and their optimisers
+    perplexity: float = 30.0  # t-SNE; lowered to (n - 1) / 3 for small indexes
+    n_neighbors: int = 15  # UMAP; lowered to n - 1 for small indexes
+    min_dist: float = 0.1  # UMAP: how tightly points may pack
+    tsne_backend: str = "opentsne"  # "opentsne" or "sklearn" (both kept: the benchmark compares them)
+    n_jobs: int = 2  # threads for t-SNE (UMAP runs single-threaded when seeded, as umap-learn requires)
+
+
+@dataclass
+class Projection:
+    coords: np.ndarray  # (n, 2) float32
+    pca_dims: int  # 0 when PCA was skipped
+    adjusted: dict = field(default_factory=dict)  # parameters lowered for a small index: name -> value used
+    seconds: dict = field(default_factory=dict)  # stage -> seconds
+
+
+@dataclass
+class MapReport:
+    out_dir: str
+    method: str
+    points: int
+    pca_dims: int
+    adjusted: dict
+    seconds: dict
+    files: dict  # kind -> path
+
+
+def project(xb: np.ndarray, config: MapConfig = MapConfig()) -> Projection:
+    """2-D coordinates for the rows of `xb`, reproducible for a given config."""
+    if config.method not in METHODS:
+        raise BadInputError(f"unknown method {config.method!r}; use tsne or umap")
+    n = len(xb)
+    if n < MIN_POINTS:
+        raise BadInputError(f"a map needs at least {MIN_POINTS} images; this one has {n}. Index more images first.")
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    seconds: dict[str, float] = {}
+    adjusted: dict = {}
+    pca_dims = 0
+    started = time.perf_counter()
+    if config.pca and config.pca < xb.shape[1]:
+        from sklearn.decomposition import PCA
+
+        pca_dims = min(config.pca, n, xb.shape[1])
+        if pca_dims != config.pca:
+            adjusted["pca"] = pca_dims
+        xb = PCA(pca_dims, random_state=config.seed).fit_transform(xb).astype(np.float32)
+        seconds["pca"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if config.method == "tsne":
+        perplexity = min(config.perplexity, max(1.0, (n - 1) / 3))
+        if perplexity != config.perplexity:
+            adjusted["perplexity"] = perplexity
+        coords = _tsne(xb, perplexity, config)
+    else:
+        n_neighbors = max(2, min(config.n_neighbors, n - 1))
+        if n_neighbors != config.n_neighbors:
+            adjusted["n_neighbors"] = n_neighbors
+        coords = _umap(xb, n_neighbors, config)
+    seconds[config.method] = time.perf_counter() - started
+    if adjusted:
+        log.info("map of %d points: adjusted %s for the small index", n, adjusted)
+    return Projection(np.asarray(coords, dtype=np.float32), pca_dims, adjusted, seconds)
+
+
+def _tsne(x: np.ndarray, perplexity: float, config: MapConfig) -> np.ndarray:
+    if config.tsne_backend == "sklearn":
+        from sklearn.manifold import TSNE
+
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=config.seed,
+                    n_jobs=config.n_jobs).fit_transform(x)
+    if config.tsne_backend != "opentsne":
+        raise BadInputError(f"unknown t-SNE backend {config.tsne_backend!r}; use opentsne or sklearn")
+    try:
+        import openTSNE
+    except ImportError as e:
+        raise BadInputError("openTSNE is not installed: pip install 'simsearch[maps]'") from e
+    # Exact neighbours below a few thousand points: the approximate search buys nothing there
+    # and its randomness is one less thing to seed.
+    neighbors = "exact" if len(x) < 2000 else "auto"
+    return np.asarray(openTSNE.TSNE(perplexity=perplexity, random_state=config.seed, n_jobs=config.n_jobs,
+                                    neighbors=neighbors, verbose=False).fit(x))
+
+
+def _umap(x: np.ndarray, n_neighbors: int, config: MapConfig) -> np.ndarray:
+    import warnings
+
+    try:
+        import umap
+    except ImportError as e:
+        raise BadInputError("umap-learn is not installed: pip install 'simsearch[maps]'") from e
+    # Spectral initialisation needs a connected graph with more points than dimensions.
+    init = "spectral" if len(x) > 2 * n_neighbors + 2 else "random"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")  # seeded => single thread
+        reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=config.min_dist, random_state=config.seed, init=init)
+        return reducer.fit_transform(x)
+
+
+# ---------------------------------------------------------------- from an index
+
+
+def load_points(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """(ids, xb, records) for every record: records carry path, sha256, class and sizes."""
+    store = Store(index_dir)
+    try:
+        ids, xb = store.vectors()
+        id_list = [int(i) for i in ids]
+        rows = store.images(id_list)
+        objects = store.objects(id_list)
+        predicted = predictions_of(store, id_list)
+    finally:
+        store.close()
+    records = []
+    for i in id_list:
+        row = dict(rows[i])
+        row["class"] = record_class(objects.get(i, []), predicted.get(i))
+        records.append(row)
+    return ids, xb, records
+
+
+def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: MapConfig = MapConfig(),
+              serve_url: str | None = "http://127.0.0.1:8000", max_thumbs: int = 5000) -> MapReport:
+    """Project every record of an index and write the CSV, Parquet, PNGs and HTML map into `out_dir`."""
+    out = Path(out_dir)
+    ids, xb, records = load_points(index_dir)
+    projection = project(xb, config)
+    seconds = dict(projection.seconds)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    files = write_coords(records, projection.coords, out)
+    seconds["tables"] = time.perf_counter() - started
+    started = time.perf_counter()
+    files["scatter"] = str(scatter_png(records, projection.coords, out / "scatter.png",
+                                       f"{config.method} of {len(records)} images"))
+    seconds["scatter"] = time.perf_counter() - started
+    started = time.perf_counter()
+    renderer = Renderer(index_dir)
+    files["thumbs"] = str(thumbs_png(records, projection.coords, renderer, out / "thumbs.png"))
+    seconds["thumbs"] = time.perf_counter() - started
+    started = time.perf_counter()
+    files["html"] = str(map_html(index_dir, ids, xb, records, projection.coords, renderer, out / "map.html",
+                                 serve_url, max_thumbs, f"{config.method} map of {index_dir}"))
+    seconds["html"] = time.perf_counter() - started
+    report = MapReport(str(out), config.method, len(records), projection.pca_dims, projection.adjusted,
+                       {k: round(v, 3) for k, v in seconds.items()}, files)
+    (out / "map.json").write_text(json.dumps({**asdict(report), "config": asdict(config)}, indent=2) + "\n")
+    return report
+
+
+def write_coords(records: list[dict], coords: np.ndarray, out: Path) -> dict:
+    import pandas as pd
+
+    frame = pd.DataFrame({
+        "id": [r["id"] for r in records],
+        "path": [r["path"] for r in records],
+        "x": coords[:, 0].astype(np.float64),
+        "y": coords[:, 1].astype(np.float64),
+        "class": [r["class"] for r in records],
+    })
+    frame.to_csv(out / "coords.csv", index=False)
+    frame.to_parquet(out / "coords.parquet", index=False)
+    return {"csv": str(out / "coords.csv"), "parquet": str(out / "coords.parquet")}
+
+
+def class_colours(classes: list[str], limit: int = 20) -> dict[str, tuple]:
+    """A colour per class (the most frequent `limit`); the rest and '' share grey."""
+    import matplotlib
+
+    counts: dict[str, int] = {}
+    for c in classes:
+        if c:
+            counts[c] = counts.get(c, 0) + 1
+    named = sorted(counts, key=lambda c: (-counts[c], c))[:limit]
+    cmap = matplotlib.colormaps["tab20" if len(named) > 9 else "tab10"]
+    grey = {7} if cmap.N == 10 else {14, 15}  # grey is kept for "no class"
+    palette = [cmap(i) for i in range(cmap.N) if i not in grey]
+    return {c: palette[i % len(palette)] for i, c in enumerate(named)}
+
+
+def scatter_png(records: list[dict], coords: np.ndarray, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    classes = [r["class"] for r in records]
+    colours = class_colours(classes)
+    grey = (0.6, 0.6, 0.6, 0.6)
+    size = max(2.0, min(40.0, 4000 / max(1, len(records))))
+    fig, ax = plt.subplots(figsize=(9, 8), dpi=120)
+    other = np.array([c not in colours for c in classes])
+    if other.any():
+        ax.scatter(coords[other, 0], coords[other, 1], s=size, color=grey, linewidths=0,
+                   label="other / no class" if colours else "no class")
+    for c, colour in colours.items():
+        mask = np.array([k == c for k in classes])
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=size, color=colour, linewidths=0, label=f"{c} ({mask.sum()})")
+    ax.set_title(title)
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False, markerscale=max(1, 6 / size))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _unit(coords: np.ndarray) -> np.ndarray:
+    """Coordinates scaled into [0, 1] on both axes (a constant axis maps to 0.5)."""
+    lo, hi = coords.min(axis=0), coords.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    unit = (coords - lo) / span
+    unit[:, hi - lo <= 0] = 0.5
+    return unit
+
+
+def thumbs_png(records: list[dict], coords: np.ndarray, renderer: Renderer, path: Path,
+               canvas: int = 2000, thumb: int | None = None) -> Path:
+    """Thumbnails at their map positions; in crowded places one per grid cell, so none hides another."""
+    from PIL import Image
+
+    if thumb is None:  # big enough to recognise on a small map, small enough to show many on a big one
+        thumb = int(min(160, max(48, canvas / (1.5 * np.sqrt(len(records))))))
+
+    unit = _unit(coords)
+    sheet = Image.new("RGB", (canvas + thumb, canvas + thumb), "white")
+    taken: set[tuple[int, int]] = set()
+    placed = 0
+    for r, (u, v) in zip(records, unit):
+        x, y = int(u * canvas), int((1 - v) * canvas)  # y up, as in the scatter
+        cell = (x // thumb, y // thumb)
+        if cell in taken:
+            continue
+        try:
+            im = Image.open(io.BytesIO(renderer.thumb(r)))
+        except Exception as e:  # a file moved since the build: leave a gap, say so once per file
+            log.warning("no thumbnail for %s: %s", r["path"], e)
+            continue
+        im.thumbnail((thumb, thumb))
+        sheet.paste(im, (x, y))
+        taken.add(cell)
+        placed += 1
+    log.info("thumbs.png: %d of %d thumbnails placed", placed, len(records))
+    sheet.save(path)
+    return path
+
+
+def map_html(index_dir, ids: np.ndarray, xb: np.ndarray, records: list[dict], coords: np.ndarray,
+             renderer: Renderer, path: Path, serve_url: str | None, max_thumbs: int, title: str,
+             k: int = 8) -> Path:
+    """A self-contained interactive map: hover shows the thumbnail, click lists the neighbours."""
+    from PIL import Image
+
+    unit = _unit(coords)
+    with_thumbs = len(records) <= max_thumbs
+    neighbours = _neighbours(xb, k) if with_thumbs else None
+    colours = class_colours([r["class"] for r in records])
+    points = []
+    for i, (r, (u, v)) in enumerate(zip(records, unit)):
+        point = {"id": r["id"], "x": round(float(u), 5), "y": round(float(v), 5), "c": r["class"],
+                 "name": Path(r["path"]).name}
+        if with_thumbs:
+            try:
+                im = Image.open(io.BytesIO(renderer.thumb(r)))
+                im.thumbnail((96, 96))
+                buffer = io.BytesIO()
+                im.convert("RGB").save(buffer, "JPEG", quality=75)
+                point["t"] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            except Exception as e:
+                log.warning("no thumbnail for %s: %s", r["path"], e)
+            hits, scores = neighbours
+            point["nn"] = [[int(j), round(float(s), 4)] for j, s in zip(hits[i], scores[i])]
+        points.append(point)
+    palette = {c: "#%02x%02x%02x" % tuple(int(255 * v) for v in colour[:3]) for c, colour in colours.items()}
+    page = _MAP_PAGE.replace("__TITLE__", html.escape(title)).replace(
+        "__DATA__", json.dumps({"points": points, "palette": palette, "serve": serve_url}).replace("</", "<\\/"))
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _neighbours(xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions and scores of each row's k nearest other rows (exact inner product)."""
+    from simsearch import index as faiss_index
+
+    k = min(k, len(xb) - 1)
+    positions = np.arange(len(xb), dtype=np.int64)
+    flat = faiss_index.build(np.ascontiguousarray(xb, dtype=np.float32), positions, "Flat")
+    scores, hits = faiss_index.search(flat, xb, k + 1)
+    out_hits, out_scores = [], []
+    for i in range(len(xb)):
+        keep = [(h, s) for h, s in zip(hits[i], scores[i]) if h != i and h >= 0][:k]
+        out_hits.append([h for h, _ in keep])
+        out_scores.append([s for _, s in keep])
+    return out_hits, out_scores
+
+
+_MAP_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; display: flex; height: 100vh; color: #222; }
+  #wrap { flex: 1; position: relative; }
+  canvas { width: 100%; height: 100%; display: block; background: #fff; }
+  #tip { position: absolute; pointer-events: none; background: #fff; border: 1px solid #bbb; padding: 4px;
+         box-shadow: 0 2px 6px rgba(0,0,0,.2); display: none; font-size: 12px; max-width: 200px; }
+  #tip img { display: block; max-width: 96px; max-height: 96px; }
+  aside { width: 300px; overflow: auto; border-left: 1px solid #ddd; padding: 12px; background: #fafafa; }
+  aside h2 { font-size: 15px; margin: 0 0 8px; }
+  .nn { display: flex; gap: 8px; align-items: center; margin: 6px 0; cursor: pointer; }
+  .nn img { width: 64px; height: 64px; object-fit: contain; background: #fff; border: 1px solid #ddd; }
+  .legend span { display: inline-block; margin: 2px 6px 2px 0; font-size: 12px; }
+  .legend i { display: inline-block; width: 10px; height: 10px; margin-right: 3px; border-radius: 50%; }
+</style></head><body>
+<div id="wrap"><canvas id="map"></canvas><div id="tip"></div></div>
+<aside><h2>__TITLE__</h2><div class="legend" id="legend"></div>
+<p id="help">Hover a point to see its image; click it to list its neighbours.</p><div id="side"></div></aside>
+<script>
+"use strict";
+const DATA = __DATA__;
+const P = DATA.points; P.forEach((p, i) => p.i = i);
+const canvas = document.getElementById("map"), ctx = canvas.getContext("2d"), tip = document.getElementById("tip");
+let selected = null, pad = 20;
+const colour = (p) => DATA.palette[p.c] || "#999";
+const esc = (s) => String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c]));
+function xy(p) { return [pad + p.x * (canvas.width - 2 * pad), pad + (1 - p.y) * (canvas.height - 2 * pad)]; }
+function draw() {
+  canvas.width = canvas.clientWidth * devicePixelRatio; canvas.height = canvas.clientHeight * devicePixelRatio;
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const r = Math.max(2, Math.min(7, 300 / Math.sqrt(P.length))) * devicePixelRatio;
+  const near = selected && selected.nn ? new Set(selected.nn.map(n => n[0])) : new Set();
+  for (const p of P) { const [x, y] = xy(p); ctx.globalAlpha = selected ? (p === selected || near.has(p.i) ? 1 : .25) : .85;
+    ctx.fillStyle = colour(p); ctx.beginPath(); ctx.arc(x, y, r, 0, 7); ctx.fill(); }
+  ctx.globalAlpha = 1;
+  if (selected) { const [x, y] = xy(selected); ctx.strokeStyle = "#000"; ctx.lineWidth = 2; ctx.beginPath(); ctx.arc(x, y, r + 4, 0, 7); ctx.stroke(); }
+}
+function nearest(e) {
+  const b = canvas.getBoundingClientRect(), mx = (e.clientX - b.left) * devicePixelRatio, my = (e.clientY - b.top) * devicePixelRatio;
+  let best = null, bd = (12 * devicePixelRatio) ** 2;
+  for (const p of P) { const [x, y] = xy(p), d = (x - mx) ** 2 + (y - my) ** 2; if (d < bd) { bd = d; best = p; } }
+  return best;
+}
+canvas.addEventListener("mousemove", (e) => {
+  const p = nearest(e);
+  if (!p) { tip.style.display = "none"; return; }
+  tip.innerHTML = (p.t ? `<img src="${p.t}">` : "") + `<b>${esc(p.name)}</b><br>${esc(p.c || "no class")} · id ${p.id}`;
+  Object.assign(tip.style, {display: "block", left: (e.offsetX + 14) + "px", top: (e.offsetY + 14) + "px"});
+});
+canvas.addEventListener("mouseleave", () => tip.style.display = "none");
+canvas.addEventListener("click", (e) => { const p = nearest(e); if (p) select(p); });
+function select(p) {
+  selected = p; draw();
+  let h = `<h2>${esc(p.name)}</h2>` + (p.t ? `<img src="${p.t}" style="max-width:100%">` : "") + `<div>${esc(p.c || "no class")} · id ${p.id}</div>`;
+  if (DATA.serve) h += `<p><a href="${esc(DATA.serve)}/#id=${p.id}" target="_blank">open in simsearch serve</a></p>`;
+  if (p.nn) h += "<h2>Neighbours</h2>" + p.nn.map(([j, s]) => { const q = P[j];
+    return `<div class="nn" data-j="${j}">${q.t ? `<img src="${q.t}">` : ""}<div>${s.toFixed(3)}<br>${esc(q.name)}<br><small>${esc(q.c)}</small></div></div>`; }).join("");
+  const side = document.getElementById("side"); side.innerHTML = h;
+  side.querySelectorAll(".nn").forEach(el => el.onclick = () => select(P[Number(el.dataset.j)]));
+}
+document.getElementById("legend").innerHTML = Object.entries(DATA.palette).map(([c, col]) => `<span><i style="background:${col}"></i>${esc(c)}</span>`).join("");
+window.addEventListener("resize", draw); draw();
+</script></body></html>
+"""

@@ -1,0 +1,109 @@
+"""Localizer metrics: box IoU, CorLoc, top-1 accuracy, per-class scores and a confusion matrix.
+
+Plain numpy over (x1, y1, x2, y2) boxes, so the same code scores pixels or
+normalised coordinates: IoU does not change when both axes are scaled.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+CORLOC_IOU = 0.5  # the localisation literature's threshold for "the box found the object"
+
+
+def box_iou(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float]) -> np.ndarray:
+    """IoU of matching rows of two (n, 4) arrays of x1, y1, x2, y2 boxes (or of two single boxes).
+
+    Degenerate boxes (zero area) have IoU 0 with everything rather than NaN.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    single = a.ndim == 1
+    a, b = np.atleast_2d(a), np.atleast_2d(b)
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a + area_b - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return iou[0] if single else iou
+
+
+def corloc(ious: np.ndarray | Sequence[float], threshold: float = CORLOC_IOU) -> float:
+    """Share of images whose predicted box overlaps the target with IoU >= threshold."""
+    ious = np.asarray(ious, dtype=np.float64)
+    return float((ious >= threshold).mean()) if ious.size else 0.0
+
+
+def accuracy(actual: Sequence[str], predicted: Sequence[str]) -> float:
+    """Top-1 classification accuracy."""
+    if len(actual) != len(predicted):
+        raise ValueError("actual and predicted differ in length")
+    return float(np.mean([a == p for a, p in zip(actual, predicted)])) if len(actual) else 0.0
+
+
+def confusion_matrix(actual: Sequence[str], predicted: Sequence[str],
+                     classes: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(classes, matrix) with matrix[i, j] = images of actual class i predicted as class j."""
+    if classes is None:
+        classes = sorted(set(actual) | set(predicted))
+    classes = list(classes)
+    where = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for a, p in zip(actual, predicted):
+        if a in where and p in where:
+            matrix[where[a], where[p]] += 1
+    return classes, matrix
+
+
+@dataclass
+class ClassScore:
+    label: str
+    n: int  # images whose target has this class
+    accuracy: float  # share of those predicted as this class (recall)
+    mean_iou: float
+    corloc: float
+    predicted: int  # images predicted as this class (any actual class)
+
+
+@dataclass
+class Evaluation:
+    """What `simsearch evaluate` prints."""
+
+    n: int
+    accuracy: float
+    mean_iou: float
+    corloc: float
+    per_class: list[ClassScore] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)  # rows: actual, columns: predicted
+    extra: dict = field(default_factory=dict)  # who was evaluated: split, head version, unseen classes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_predictions(actual: Sequence[str], predicted: Sequence[str],
+                         actual_boxes: np.ndarray, predicted_boxes: np.ndarray) -> Evaluation:
+    """Score one prediction per image against one target per image."""
+    actual, predicted = list(actual), list(predicted)
+    ious = box_iou(np.asarray(actual_boxes).reshape(-1, 4), np.asarray(predicted_boxes).reshape(-1, 4))
+    classes, matrix = confusion_matrix(actual, predicted)
+    per_class = []
+    for c in sorted(set(actual)):
+        mask = np.array([a == c for a in actual])
+        per_class.append(ClassScore(
+            c, int(mask.sum()), accuracy([a for a, m in zip(actual, mask) if m], [p for p, m in zip(predicted, mask) if m]),
+            float(ious[mask].mean()), corloc(ious[mask]), sum(p == c for p in predicted)))
+    return Evaluation(
+        n=len(actual),
+        accuracy=accuracy(actual, predicted),
+        mean_iou=float(ious.mean()) if ious.size else 0.0,
+        corloc=corloc(ious),
+        per_class=per_class,
+        classes=classes,
+        confusion=matrix.tolist(),
+    )

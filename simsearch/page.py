@@ -1,0 +1,110 @@
+"""A query's result as one self-contained HTML page: the query, then its neighbours.
+
+Pictures (thumbnails and box crops) are embedded as data URIs, so the page can be
+mailed or moved; each card links to the full image by a path relative to the
+page, which works while the page sits beside the data it was made from.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import os
+import urllib.parse
+from pathlib import Path
+
+from simsearch.query import QueryResult
+from simsearch.read import open_image
+from simsearch.render import Renderer, jpeg_bytes, record_box, thumbnail
+from simsearch.store import Store
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+.muted { color: #666; }
+.query { display: flex; gap: 16px; align-items: flex-start; margin: 16px 0 24px; }
+.query img { max-width: 320px; max-height: 320px; border: 1px solid #ccc; background: #fff; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 14px; }
+.card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px; }
+.pics { display: flex; gap: 6px; height: 128px; align-items: center; }
+.pics img { max-width: 128px; max-height: 128px; border: 1px solid #eee; }
+.pics figure { margin: 0; text-align: center; }
+.pics figcaption { font-size: 11px; color: #888; }
+.score { font-weight: 600; }
+.path { font-size: 12px; word-break: break-all; }
+.tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
+.tag.pred { background: #dde8ff; }
+"""
+
+
+def data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def relative_link(target: str | os.PathLike, page: Path) -> str:
+    """A URL from the page's folder to `target` (relative, so the pair can move together)."""
+    rel = os.path.relpath(Path(target).resolve(), page.resolve().parent)
+    return urllib.parse.quote(Path(rel).as_posix())
+
+
+def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_path: str | os.PathLike) -> str:
+    """The HTML text of the result page that will live at `page_path`."""
+    page = Path(page_path)
+    renderer = Renderer(index_dir)
+    store = Store(index_dir)
+    try:
+        rows = store.images([n.id for n in result.neighbours])
+        query_id = result.query.get("id")
+        query_row = store.image(query_id) if query_id is not None else None
+    finally:
+        store.close()
+
+    query_path = result.query["path"]
+    if query_row is not None:
+        query_jpeg = renderer.thumb(query_row)
+    else:  # an outside file: not cached, it belongs to no record
+        query_jpeg = jpeg_bytes(thumbnail(open_image(query_path), 320))
+    e = html.escape
+    cards = []
+    for n in result.neighbours:
+        row = rows[n.id]
+        box = record_box(n.objects, n.prediction, n.width, n.height)
+        classes = sorted({o["label"] for o in n.objects})
+        tags = "".join(f'<span class="tag">{e(c)}</span>' for c in classes)
+        if n.prediction:
+            tags += (f'<span class="tag pred" title="predicted">{e(str(n.prediction["label"]))} '
+                     f'{float(n.prediction["score"]):.2f}</span>')
+        crop_caption = f"{box.source}{': ' + box.label if box.label else ''}"
+        cards.append(f"""
+<div class="card" data-rank="{n.rank}" data-id="{n.id}">
+  <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span></div>
+  <div class="pics">
+    <figure><img class="thumb" alt="thumbnail of {e(Path(n.path).name)}" src="{data_uri(renderer.thumb(row))}"><figcaption>image</figcaption></figure>
+    <figure><img class="crop" data-source="{e(box.source)}" alt="box crop" src="{data_uri(renderer.crop(row, box))}"><figcaption>{e(crop_caption)}</figcaption></figure>
+  </div>
+  <div>{tags or '<span class="muted">no classes</span>'}</div>
+  <div class="path"><a href="{relative_link(n.path, page)}">{e(Path(n.path).name)}</a> <span class="muted">{n.width}&times;{n.height}</span></div>
+</div>""")
+    title = f"Images like {Path(query_path).name}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
+<body>
+<h1>{e(title)}</h1>
+<div class="muted">index {e(str(index_dir))} &middot; {len(result.neighbours)} neighbours &middot; score = cosine similarity</div>
+<div class="query"><img id="query" alt="query image" src="{data_uri(query_jpeg)}">
+  <div><div><b>query</b></div><div class="path"><a href="{relative_link(query_path, page)}">{e(str(query_path))}</a></div></div></div>
+<div class="grid">{''.join(cards)}
+</div>
+</body></html>
+"""
+
+
+def write_query_page(index_dir: str | os.PathLike, result: QueryResult, out: str | os.PathLike) -> Path:
+    """Write the result page to `out` (its folder is created); returns the path written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = render_query_page(index_dir, result, out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,75 @@
+"""Figures: a grid of images with the actual box in red and the predicted box in blue (the seed's Figure 3).
+
+Drawn with PIL rather than matplotlib so the colours are exact pixels: a test can
+check that the boxes are really there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from simsearch.errors import BadInputError
+from simsearch.read import open_image
+from simsearch.store import Store
+
+log = logging.getLogger(__name__)
+
+ACTUAL = (255, 0, 0)  # red
+PREDICTED = (0, 0, 255)  # blue
+CAPTION_HEIGHT = 34  # two lines of PIL's default font
+
+
+@dataclass
+class PlotReport:
+    path: str
+    images: int
+    width: int
+    height: int
+
+
+def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int = 16, split: str = "val",
+               seed: int = 0, tile: int = 256, columns: int | None = None,
+               head_dir: str | os.PathLike | None = None) -> PlotReport:
+    """Write boxes.png: `n` images of `split` (chosen by `seed`), each captioned actual vs predicted."""
+    from simsearch.localize import evaluation_ids, examples, load_maps, open_localizer
+
+    if n < 1:
+        raise BadInputError("--n must be at least 1")
+    store = Store(index_dir)
+    try:
+        localizer = open_localizer(store, head_dir)
+        ids = evaluation_ids(store, localizer.spec, split)
+        ids = sorted(random.Random(seed).sample(ids, min(n, len(ids))))
+        truth = examples(store, ids, localizer.spec.target)
+        labels, scores, boxes = localizer.predict_maps(load_maps(store, truth.ids))
+        paths = store.images(truth.ids)
+    finally:
+        store.close()
+    if not truth.ids:
+        raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
+    columns = columns or min(4, len(truth.ids))
+    rows = -(-len(truth.ids) // columns)
+    grid = Image.new("RGB", (columns * tile, rows * (tile + CAPTION_HEIGHT)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for k, image_id in enumerate(truth.ids):
+        x0, y0 = (k % columns) * tile, (k // columns) * (tile + CAPTION_HEIGHT)
+        # Squashed to a square tile, as the backbone saw it: normalised boxes map straight on.
+        grid.paste(open_image(paths[image_id]["path"]).resize((tile, tile), Image.BILINEAR), (x0, y0))
+        for box, colour in ((truth.boxes[k], ACTUAL), (boxes[k], PREDICTED)):
+            x1, y1, x2, y2 = (float(v) * (tile - 1) for v in box)
+            draw.rectangle((x0 + x1, y0 + y1, x0 + x2, y0 + y2), outline=colour, width=3)
+        predicted = localizer.spec.classes[int(labels[k])]
+        draw.text((x0 + 4, y0 + tile + 2), f"actual: {truth.labels[k]}", fill=ACTUAL, font=font)
+        draw.text((x0 + 4, y0 + tile + 17), f"predicted: {predicted} ({scores[k]:.2f})", fill=PREDICTED, font=font)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "boxes.png"
+    grid.save(path)
+    log.info("wrote %s (%d images)", path, len(truth.ids))
+    return PlotReport(str(path), len(truth.ids), grid.width, grid.height)

@@ -1,0 +1,181 @@
+"""Pictures of records: box crops, cached thumbnails and box overlays.
+
+A record's *box* is what a person would want to see of it: the localizer's
+predicted box when it has one, else the largest ground-truth box, else the whole
+image. Thumbnails and crops are small JPEGs cached under `INDEX/thumbs/`, keyed
+by the file's sha256 and the box, so a changed file or a new prediction never
+shows a stale picture.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from simsearch.read import open_image
+
+log = logging.getLogger(__name__)
+
+THUMBS_DIR = "thumbs"
+THUMB_SIZE = 256  # longest side, pixels: sharp on a high-DPI card 128 px wide
+JPEG_QUALITY = 85
+GT_COLOUR = (220, 30, 30)  # ground truth: red, as in the seed's figures
+PRED_COLOUR = (30, 90, 230)  # prediction: blue
+
+
+@dataclass(frozen=True)
+class Box:
+    """A rectangle in image pixels, and where it came from."""
+
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    label: str = ""
+    source: str = "image"  # "predicted", "ground truth" or "image" (the whole picture)
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.xmax - self.xmin) * max(0.0, self.ymax - self.ymin)
+
+    def clipped(self, width: int, height: int) -> "Box":
+        x0, x1 = sorted((min(max(self.xmin, 0), width), min(max(self.xmax, 0), width)))
+        y0, y1 = sorted((min(max(self.ymin, 0), height), min(max(self.ymax, 0), height)))
+        return Box(x0, y0, x1, y1, self.label, self.source)
+
+
+def _as_box(obj, source: str) -> Box:
+    """A Box from a GroundTruthObject, a {"label", "box": [x0, y0, x1, y1]} dict or a prediction dict."""
+    if isinstance(obj, dict):
+        x0, y0, x1, y1 = obj["box"]
+        return Box(float(x0), float(y0), float(x1), float(y1), str(obj.get("label") or ""), source)
+    return Box(obj.xmin, obj.ymin, obj.xmax, obj.ymax, obj.label, source)
+
+
+def record_box(objects, prediction: dict | None, width: int, height: int) -> Box:
+    """The box to show for a record: predicted, else largest ground truth, else the whole image.
+
+    `objects` are GroundTruthObjects or dicts with "label" and "box" (as in query results).
+    """
+    if prediction and prediction.get("box") and None not in prediction["box"]:
+        box = _as_box(prediction, "predicted").clipped(width, height)
+        if box.area > 0:
+            return box
+    boxes = [_as_box(o, "ground truth").clipped(width, height) for o in objects or []]
+    boxes = [b for b in boxes if b.area > 0]
+    if boxes:
+        return max(boxes, key=lambda b: b.area)
+    return Box(0, 0, width, height, "", "image")
+
+
+def record_class(objects, prediction: dict | None) -> str:
+    """One class name per record: the predicted label, else the largest ground-truth label, else ''."""
+    if prediction and prediction.get("label"):
+        return str(prediction["label"])
+    boxes = [_as_box(o, "ground truth") for o in objects or []]
+    return max(boxes, key=lambda b: b.area).label if boxes else ""
+
+
+def predictions_of(store, ids) -> dict[int, dict]:
+    """The localizer's {label, score, box} per record id, where it has run (else empty)."""
+    if not store.db["predictions"].exists():
+        return {}
+    rows = store._rows_for("SELECT image_id, label, score, xmin, ymin, xmax, ymax FROM predictions "
+                           "WHERE image_id IN ({})", list(ids))
+    return {r[0]: {"label": r[1], "score": r[2], "box": [r[3], r[4], r[5], r[6]]} for r in rows}
+
+
+def crop(image: Image.Image, box: Box, margin: float = 0.05) -> Image.Image:
+    """The box's pixels with a little context around them (a tight crop hides the edges)."""
+    w, h = image.size
+    mx, my = (box.xmax - box.xmin) * margin, (box.ymax - box.ymin) * margin
+    left, top = max(0, int(box.xmin - mx)), max(0, int(box.ymin - my))
+    right, bottom = min(w, int(round(box.xmax + mx))), min(h, int(round(box.ymax + my)))
+    if right - left < 1 or bottom - top < 1:
+        return image.copy()
+    return image.crop((left, top, right, bottom))
+
+
+def thumbnail(image: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
+    im = image.copy()
+    im.thumbnail((size, size), Image.BICUBIC, reducing_gap=3.0)
+    return im
+
+
+def jpeg_bytes(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        return ImageFont.load_default()
+
+
+def overlay(image: Image.Image, objects=(), prediction: dict | None = None, width: int | None = None) -> Image.Image:
+    """The image with ground-truth boxes in red and the predicted box in blue, each labelled."""
+    im = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(im)
+    line = width or max(2, round(max(im.size) / 250))
+    font = _font(max(12, round(max(im.size) / 40)))
+    boxes = [(_as_box(o, "ground truth"), GT_COLOUR) for o in objects or []]
+    if prediction and prediction.get("box") and None not in prediction["box"]:
+        label = f"{prediction.get('label', '')} {prediction.get('score', 0):.2f}".strip()
+        boxes.append((Box(*map(float, prediction["box"]), label, "predicted"), PRED_COLOUR))
+    for box, colour in boxes:
+        draw.rectangle((box.xmin, box.ymin, box.xmax, box.ymax), outline=colour, width=line)
+        if box.label:
+            x0, y0, x1, y1 = draw.textbbox((box.xmin + line, box.ymin + line), box.label, font=font)
+            draw.rectangle((x0 - 2, y0 - 2, x1 + 2, y1 + 2), fill=colour)
+            draw.text((box.xmin + line, box.ymin + line), box.label, fill=(255, 255, 255), font=font)
+    return im
+
+
+class Renderer:
+    """Thumbnails and crops of one index's records, cached as JPEGs in INDEX/thumbs/.
+
+    `record` arguments are rows of the `images` table (id, path, sha256, width,
+    height); objects and prediction are as in query results. When the index folder
+    is read-only the pictures are still made, just not kept.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, size: int = THUMB_SIZE):
+        self.dir = Path(index_dir) / THUMBS_DIR
+        self.size = size
+
+    def _cached(self, name: str, make) -> bytes:
+        path = self.dir / name
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
+        data = jpeg_bytes(make())
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # readers never see half a file
+        except OSError as e:
+            log.debug("thumbnail cache not writable (%s); serving uncached", e)
+        return data
+
+    def thumb(self, record: dict) -> bytes:
+        """The whole image, longest side `size`."""
+        key = record["sha256"][:16]
+        return self._cached(f"{record['id']}-thumb{self.size}-{key}.jpg",
+                            lambda: thumbnail(open_image(record["path"]), self.size))
+
+    def crop(self, record: dict, box: Box) -> bytes:
+        """The record's box (see `record_box`), longest side `size`."""
+        coords = f"{record['sha256']}:{box.xmin:.1f},{box.ymin:.1f},{box.xmax:.1f},{box.ymax:.1f}"
+        key = hashlib.sha1(coords.encode()).hexdigest()[:16]
+        return self._cached(f"{record['id']}-crop{self.size}-{key}.jpg",
+                            lambda: thumbnail(crop(open_image(record["path"]), box), self.size))

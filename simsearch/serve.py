@@ -1,0 +1,369 @@
+"""A small local web app to browse an index: upload or pick an image, see its neighbours.
+
+`create_app(index_dir)` returns a FastAPI app: one plain HTML+JS page at `/`
+(no build step) over a JSON API under `/api` (documented at `/docs`). Files are
+only ever served by record id, from paths the index itself recorded; nothing the
+client sends is used as a path. Uploads are capped (413 above the cap).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import mimetypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from simsearch import index as faiss_index
+from simsearch.errors import BadInputError, NotFoundError, SimsearchError
+from simsearch.query import Neighbour, Searcher
+from simsearch.read import open_image
+from simsearch.render import Renderer, jpeg_bytes, overlay, record_box
+from simsearch.serve_ui import PAGE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes: a large phone photo, far below anything abusive
+FILTER_POOL = 500  # neighbours fetched before a class filter is applied, so filtered lists still fill up
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the app answers; the CLI's options map onto these fields."""
+
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD  # larger request bodies get 413
+    default_k: int = 12  # neighbours per search when the client does not say
+    max_k: int = 200  # a ceiling on k so one request cannot ask for the whole index
+    device: str = "auto"  # for embedding uploaded images and regions
+    weights: str | None = None  # the weights file the index was built with, if not the default
+
+
+class _UploadCap:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413.
+
+    A declared Content-Length over the limit is refused before anything is read;
+    a body streamed without one is counted as it arrives and cut off at the limit.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        seen, over, started = 0, False, False
+
+        async def counting_receive():
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    raise _TooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over:
+                return  # the app's own error response is replaced by the 413 below
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except _TooLarge:
+            pass
+        if over and not started:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = (f'{{"detail": "upload too large: the limit is {self.limit // (1024 * 1024)} MB; '
+                f'send a smaller image"}}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Browser:
+    """The library side of the app: searches and pictures, safe to call from worker threads."""
+
+    def __init__(self, index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()):
+        self.index_dir = Path(index_dir)
+        self.config = config
+        self._lock = threading.RLock()  # one SQLite connection and one model, shared by request threads
+        self.searcher = Searcher(index_dir, device=config.device, weights=config.weights)
+        self.renderer = Renderer(index_dir)
+
+    def _fresh(self) -> Searcher:
+        """The searcher, reopened if a build changed the index since it was loaded."""
+        if self.searcher.store.generation != self.searcher.loaded_generation:
+            self.searcher.close()
+            self.searcher = Searcher(self.index_dir, device=self.config.device, weights=self.config.weights)
+        return self.searcher
+
+    # ------------------------------------------------------------ records
+
+    def info(self) -> dict:
+        with self._lock:
+            store = self._fresh().store
+            summary = store.summary()
+            spec = store.spec
+            labels = dict(summary["labels"])
+            if store.db["predictions"].exists():
+                for r in store.db.query("SELECT label, count(*) AS n FROM predictions GROUP BY label"):
+                    labels.setdefault(r["label"], 0)
+            return {"index": str(self.index_dir), "images": summary["images"], "objects": summary["objects"],
+                    "labels": sorted(labels), "backbone": spec.embedder.backbone, "index_type": spec.index_type,
+                    "max_upload_bytes": self.config.max_upload_bytes}
+
+    def record(self, image_id: int) -> dict:
+        with self._lock:
+            searcher = self._fresh()
+            row = searcher.store.image(image_id)
+            neighbour = searcher.describe([(image_id, 1.0)])[0]
+        return self._public(row, neighbour)
+
+    def records(self, label: str | None = None, offset: int = 0, limit: int = 60) -> dict:
+        """A page of records (id order), optionally only those of one class."""
+        with self._lock:
+            searcher = self._fresh()
+            db = searcher.store.db
+            if label:
+                sql = ("SELECT id FROM images WHERE id IN (SELECT image_id FROM objects WHERE label = :l)"
+                       + (" OR id IN (SELECT image_id FROM predictions WHERE label = :l)"
+                          if db["predictions"].exists() else ""))
+                ids = [r[0] for r in db.execute(sql + " ORDER BY id", {"l": label})]
+            else:
+                ids = [r[0] for r in db.execute("SELECT id FROM images ORDER BY id")]
+            page = ids[offset:offset + limit]
+            rows = searcher.store.images(page)
+            described = {n.id: n for n in searcher.describe([(i, 1.0) for i in page])}
+        return {"total": len(ids), "offset": offset,
+                "records": [self._public(rows[i], described[i]) for i in page if i in described]}
+
+    def _row(self, image_id: int) -> dict:
+        with self._lock:
+            return self._fresh().store.image(image_id)
+
+    def image_file(self, image_id: int) -> Path:
+        """The record's own file: the only way a path reaches the client's response."""
+        path = Path(self._row(image_id)["path"])
+        if not path.is_file():
+            raise NotFoundError(f"record {image_id}: its file {path.name} is gone; rebuild with --prune")
+        return path
+
+    def overlay_jpeg(self, image_id: int) -> bytes:
+        neighbour = self._describe_one(image_id)
+        return jpeg_bytes(overlay(open_image(self.image_file(image_id)), neighbour.objects, neighbour.prediction))
+
+    def thumb(self, image_id: int) -> bytes:
+        return self.renderer.thumb(self._row(image_id))
+
+    def crop(self, image_id: int) -> bytes:
+        row = self._row(image_id)
+        n = self._describe_one(image_id)
+        return self.renderer.crop(row, record_box(n.objects, n.prediction, row["width"], row["height"]))
+
+    def _describe_one(self, image_id: int) -> Neighbour:
+        with self._lock:
+            found = self._fresh().describe([(image_id, 1.0)])
+        if not found:
+            raise NotFoundError(f"no record with id {image_id}")
+        return found[0]
+
+    # ------------------------------------------------------------ search
+
+    def search_id(self, image_id: int, k: int, label: str | None = None, box: str | None = None) -> dict:
+        """Neighbours of a record, or of a region of it when `box` is given."""
+        row = self._row(image_id)
+        query = {"id": image_id, "path_name": Path(row["path"]).name, "width": row["width"], "height": row["height"]}
+        if box:
+            image = open_image(self.image_file(image_id))
+            region = parse_box(box, image.size)
+            query["box"] = list(region)
+            xq = self._embed(image.crop(region))
+            exclude: set[int] = set()  # a region's best match may well be its own image: keep it
+        else:
+            with self._lock:
+                _, xq = self._fresh().store.vectors([image_id])
+            exclude = self._same_file(row["sha256"])
+        return {"query": query, "neighbours": self._neighbours(xq, k, label, exclude)}
+
+    def search_upload(self, data: bytes, k: int, label: str | None = None, box: str | None = None) -> dict:
+        """Neighbours of an uploaded image, or of a region of it."""
+        if len(data) > self.config.max_upload_bytes:
+            raise _UploadTooLarge(self.config.max_upload_bytes)
+        if not data:
+            raise BadInputError("the upload is empty; choose an image file")
+        image = open_image(io.BytesIO(data))
+        query: dict = {"upload": True, "width": image.width, "height": image.height}
+        exclude = self._same_file(hashlib.sha256(data).hexdigest())  # the same file is no answer to itself
+        if box:
+            region = parse_box(box, image.size)
+            query["box"] = list(region)
+            image, exclude = image.crop(region), set()
+        return {"query": query, "neighbours": self._neighbours(self._embed(image), k, label, exclude)}
+
+    def _embed(self, image: Image.Image) -> np.ndarray:
+        with self._lock:
+            return self._fresh().embedder.embed_images([image]).vectors[:1]
+
+    def _same_file(self, sha256: str) -> set[int]:
+        with self._lock:
+            return self._fresh().store.ids_with_sha256(sha256)
+
+    def _neighbours(self, xq: np.ndarray, k: int, label: str | None, exclude: set[int]) -> list[dict]:
+        k = max(1, min(int(k), self.config.max_k))
+        with self._lock:
+            searcher = self._fresh()
+            ntotal = searcher.index.ntotal
+            wanted = min(ntotal, (max(FILTER_POOL, k * 20) if label else k) + len(exclude))
+            scores, ids = faiss_index.search(searcher.index, np.ascontiguousarray(xq, dtype=np.float32), wanted)
+            hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
+            described = searcher.describe(hits)
+            rows = searcher.store.images([n.id for n in described])
+        if label:
+            described = [n for n in described if label in _labels(n)]
+        out = []
+        for rank, n in enumerate(described[:k], 1):
+            n.rank = rank
+            out.append(self._public(rows[n.id], n))
+        return out
+
+    @staticmethod
+    def _public(row: dict, n: Neighbour) -> dict:
+        """What the client sees of a record: no filesystem path beyond the file's name."""
+        box = record_box(n.objects, n.prediction, row["width"], row["height"])
+        return {
+            "rank": n.rank, "id": n.id, "name": Path(row["path"]).name, "score": n.score,
+            "width": row["width"], "height": row["height"], "split": row["split"], "dataset": row["dataset"],
+            "classes": sorted({o["label"] for o in n.objects}), "objects": n.objects, "prediction": n.prediction,
+            "box": {"xmin": box.xmin, "ymin": box.ymin, "xmax": box.xmax, "ymax": box.ymax,
+                    "label": box.label, "source": box.source},
+            "thumb_url": f"/api/records/{n.id}/thumb", "crop_url": f"/api/records/{n.id}/crop",
+            "image_url": f"/api/records/{n.id}/image", "overlay_url": f"/api/records/{n.id}/image?overlay=true",
+        }
+
+
+def _labels(n: Neighbour) -> set[str]:
+    found = {o["label"] for o in n.objects}
+    if n.prediction and n.prediction.get("label"):
+        found.add(n.prediction["label"])
+    return found
+
+
+class _UploadTooLarge(SimsearchError):
+    def __init__(self, limit: int):
+        super().__init__(f"upload too large: the limit is {limit // (1024 * 1024)} MB; send a smaller image")
+
+
+def parse_box(text: str, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """'xmin,ymin,xmax,ymax' in image pixels -> an integer box clipped to the image."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise BadInputError(f"box must be 'xmin,ymin,xmax,ymax' in pixels, got {text!r}") from None
+    w, h = size
+    x0, x1 = sorted((max(0, min(w, x0)), max(0, min(w, x1))))
+    y0, y1 = sorted((max(0, min(h, y0)), max(0, min(h, y1))))
+    box = (int(x0), int(y0), int(round(x1)), int(round(y1)))
+    if box[2] - box[0] < 8 or box[3] - box[1] < 8:
+        raise BadInputError("the box is smaller than 8x8 pixels inside the image; draw a larger one")
+    return box
+
+
+def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()):
+    """The FastAPI app for one index (raises NotFoundError now if there is no index there)."""
+    browser = Browser(index_dir, config)
+    app = FastAPI(
+        title="simsearch",
+        summary="Browse an image-similarity index: neighbours with box crops and scores.",
+        version=__import__("simsearch").__version__,
+    )
+    app.state.browser = browser
+
+    @app.exception_handler(SimsearchError)
+    async def _simsearch_error(request: Request, exc: SimsearchError):
+        status = 404 if isinstance(exc, NotFoundError) else 413 if isinstance(exc, _UploadTooLarge) else 400
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    jpeg = {"media_type": "image/jpeg", "headers": {"Cache-Control": "max-age=300"}}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE
+
+    @app.get("/api/info", summary="What the index holds: counts, classes, backbone")
+    def info() -> dict:
+        return browser.info()
+
+    @app.get("/api/records", summary="A page of records, optionally of one class")
+    def records(label: Optional[str] = None, offset: int = Query(0, ge=0),
+                limit: int = Query(60, ge=1, le=500)) -> dict:
+        return browser.records(label or None, offset, limit)
+
+    @app.get("/api/records/{image_id}", summary="One record: classes, boxes, prediction")
+    def record(image_id: int) -> dict:
+        return browser.record(image_id)
+
+    @app.get("/api/records/{image_id}/image", summary="The record's full image (optionally with its boxes drawn)")
+    def image(image_id: int, overlay: bool = False):
+        if overlay:
+            return Response(browser.overlay_jpeg(image_id), **jpeg)
+        path = browser.image_file(image_id)
+        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+
+    @app.get("/api/records/{image_id}/thumb", summary="Thumbnail of the whole image (JPEG)")
+    def thumb(image_id: int):
+        return Response(browser.thumb(image_id), **jpeg)
+
+    @app.get("/api/records/{image_id}/crop", summary="Crop of the record's box: predicted, else ground truth (JPEG)")
+    def crop_(image_id: int):
+        return Response(browser.crop(image_id), **jpeg)
+
+    @app.get("/api/search", summary="Neighbours of a record (or of a region of it)")
+    def search(id: int = Query(..., description="record id"),
+               k: int = Query(config.default_k, ge=1, le=config.max_k),
+               label: Optional[str] = Query(None, description="keep only neighbours of this class"),
+               box: Optional[str] = Query(None, description="xmin,ymin,xmax,ymax in the record's pixels")) -> dict:
+        return browser.search_id(id, k, label or None, box or None)
+
+    @app.post("/api/search", summary="Neighbours of an uploaded image (or of a region of it)")
+    async def search_upload(file: UploadFile = File(..., description="an image file"),
+                            k: int = Form(config.default_k, ge=1, le=config.max_k),
+                            label: Optional[str] = Form(None), box: Optional[str] = Form(None)) -> dict:
+        data = await file.read(config.max_upload_bytes + 1)
+        if len(data) > config.max_upload_bytes:
+            raise HTTPException(413, f"upload too large: the limit is {config.max_upload_bytes // (1024 * 1024)} MB")
+        return await run_in_threadpool(browser.search_upload, data, k, label or None, box or None)
+
+    # Oversized bodies are refused before FastAPI parses (and spools) them.
+    app.add_middleware(_UploadCap, limit=config.max_upload_bytes)
+    return app
+
+
+def run(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
+        config: ServeConfig = ServeConfig(), log_level: str = "warning") -> None:
+    """Serve the app with uvicorn until interrupted (localhost only unless `host` says otherwise)."""
+    import uvicorn
+
+    app = create_app(index_dir, config)
+    log.info("serving %s on http://%s:%d", index_dir, host, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,200 @@
+"""The page `simsearch serve` shows at `/`: plain HTML and JavaScript over the /api endpoints.
+
+Kept in a Python string (not a package data file) so an editable or wheel
+install always has it, with no build step and no front-end toolchain.
+"""
+from __future__ import annotations
+
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>simsearch</title>
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #f6f6f6; }
+  header { background: #223; color: #fff; padding: 10px 20px; display: flex; gap: 16px; align-items: baseline; }
+  header h1 { font-size: 18px; margin: 0; }
+  header .muted { color: #aab; }
+  main { display: grid; grid-template-columns: 360px 1fr; gap: 20px; padding: 16px 20px; }
+  .panel { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 12px; }
+  .controls label { display: block; margin: 8px 0 2px; font-weight: 600; }
+  .controls input, .controls select { width: 100%; box-sizing: border-box; }
+  .row { display: flex; gap: 6px; }
+  #stage { position: relative; display: inline-block; margin-top: 10px; cursor: crosshair; user-select: none; }
+  #stage img { display: block; max-width: 334px; max-height: 334px; }
+  #sel { position: absolute; border: 2px solid #1e5ae6; background: rgba(30,90,230,.15); display: none; pointer-events: none; }
+  .hint { color: #777; font-size: 12px; }
+  #status { margin: 6px 0; color: #555; min-height: 1.4em; }
+  #status.error { color: #b00; }
+  .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr)); gap: 12px; }
+  .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; cursor: pointer; }
+  .card:hover { border-color: #1e5ae6; box-shadow: 0 1px 4px rgba(0,0,0,.15); }
+  .pics { display: flex; gap: 6px; height: 112px; align-items: center; }
+  .pics img { max-width: 112px; max-height: 112px; border: 1px solid #eee; }
+  .score { font-weight: 600; }
+  .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
+  .tag.pred { background: #dde8ff; }
+  .name { font-size: 12px; word-break: break-all; color: #555; }
+  #picker { display: grid; grid-template-columns: repeat(auto-fill, 64px); gap: 4px; max-height: 280px; overflow: auto; margin-top: 6px; }
+  #picker img { width: 64px; height: 64px; object-fit: cover; cursor: pointer; border: 1px solid #ddd; }
+  h2 { font-size: 15px; margin: 0 0 8px; }
+</style></head>
+<body>
+<header><h1>simsearch</h1><span id="info" class="muted"></span><a class="muted" href="/docs">API</a></header>
+<main>
+  <section class="panel controls">
+    <h2>Query</h2>
+    <label for="file">Upload an image</label>
+    <input type="file" id="file" accept="image/*">
+    <label for="rid">or a record id</label>
+    <div class="row"><input type="number" id="rid" min="1" placeholder="id"><button id="go">Search</button></div>
+    <div class="row">
+      <div style="flex:2"><label for="label">Class filter</label><select id="label"><option value="">all classes</option></select></div>
+      <div style="flex:1"><label for="k">Neighbours</label><input type="number" id="k" value="12" min="1" max="200"></div>
+    </div>
+    <div id="stage"><img id="qimg" alt="" hidden><div id="sel"></div></div>
+    <div class="hint">Drag on the query image to search with just that region.
+      <button id="clearbox" hidden>Whole image</button></div>
+    <h2 style="margin-top:14px">Pick from the index</h2>
+    <div id="picker"></div>
+  </section>
+  <section>
+    <div id="status">Upload an image or pick one from the index.</div>
+    <div id="results" class="grid"></div>
+  </section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let query = null;   // {file: File} or {id: number}
+let box = null;     // [xmin, ymin, xmax, ymax] in the query image's pixels
+
+function esc(s) { return String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c])); }
+function status(text, error) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
+
+async function api(url, options) {
+  const r = await fetch(url, options);
+  const body = await r.json().catch(() => ({detail: r.statusText}));
+  if (!r.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
+  return body;
+}
+
+async function loadInfo() {
+  const info = await api("/api/info");
+  $("info").textContent = `${info.images} images · ${info.backbone} · ${info.index_type}`;
+  for (const l of info.labels) { const o = document.createElement("option"); o.value = o.textContent = l; $("label").append(o); }
+  await loadPicker();
+}
+
+async function loadPicker() {
+  const label = $("label").value;
+  const page = await api("/api/records?limit=200" + (label ? "&label=" + encodeURIComponent(label) : ""));
+  $("picker").replaceChildren(...page.records.map(r => {
+    const img = document.createElement("img");
+    img.src = r.thumb_url; img.title = `${r.id}: ${r.name}`; img.loading = "lazy";
+    img.onclick = () => searchId(r.id);
+    return img;
+  }));
+}
+
+function showQuery(src) {
+  const img = $("qimg"); img.hidden = false; img.src = src;
+  setBox(null);
+}
+
+function setBox(b) {
+  box = b; $("clearbox").hidden = !b;
+  if (!b) $("sel").style.display = "none";
+}
+
+function searchId(id) {
+  query = {id: Number(id)}; $("rid").value = id; $("file").value = "";
+  showQuery(`/api/records/${id}/image`);
+  location.hash = "id=" + id;
+  return run();
+}
+
+async function run() {
+  if (!query) return;
+  const k = $("k").value || 12, label = $("label").value;
+  status("Searching…");
+  try {
+    let result;
+    if (query.file) {
+      const form = new FormData();
+      form.append("file", query.file); form.append("k", k);
+      if (label) form.append("label", label);
+      if (box) form.append("box", box.join(","));
+      result = await api("/api/search", {method: "POST", body: form});
+    } else {
+      const params = new URLSearchParams({id: query.id, k});
+      if (label) params.set("label", label);
+      if (box) params.set("box", box.join(","));
+      result = await api("/api/search?" + params);
+    }
+    render(result);
+  } catch (e) { status(e.message, true); $("results").replaceChildren(); }
+}
+
+function render(result) {
+  const n = result.neighbours.length;
+  const what = result.query.box ? "region " + result.query.box.join(",") : "whole image";
+  status(`${n} neighbour${n === 1 ? "" : "s"} (${what})` + ($("label").value ? ` of class ${$("label").value}` : ""));
+  $("results").replaceChildren(...result.neighbours.map(card));
+}
+
+function card(r) {
+  const div = document.createElement("div");
+  div.className = "card"; div.dataset.id = r.id; div.title = "Search from this image";
+  let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
+  if (r.prediction) tags += `<span class="tag pred" title="predicted">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
+  div.innerHTML = `
+    <div><span class="score">#${r.rank} · ${r.score.toFixed(3)}</span> <span class="name">id ${r.id}</span></div>
+    <div class="pics"><img class="thumb" src="${r.thumb_url}" alt="thumbnail">
+      <img class="crop" src="${r.crop_url}" alt="crop" title="${esc(r.box.source)}${r.box.label ? ": " + esc(r.box.label) : ""}"></div>
+    <div>${tags || '<span class="name">no classes</span>'}</div>
+    <div class="name">${esc(r.name)} · <a href="${r.overlay_url}" target="_blank">full image</a></div>`;
+  div.querySelector("a").onclick = (e) => e.stopPropagation();
+  div.onclick = () => { window.scrollTo(0, 0); searchId(r.id); };
+  return div;
+}
+
+// Drawing a box: screen coordinates on the shown image, scaled to its natural pixels.
+(function () {
+  const stage = $("stage"), img = $("qimg"), sel = $("sel");
+  let start = null;
+  const pos = (e) => { const r = img.getBoundingClientRect();
+    return [Math.min(Math.max(e.clientX - r.left, 0), r.width), Math.min(Math.max(e.clientY - r.top, 0), r.height)]; };
+  stage.addEventListener("mousedown", (e) => { if (img.hidden) return; e.preventDefault(); start = pos(e); });
+  window.addEventListener("mousemove", (e) => {
+    if (!start) return; const p = pos(e);
+    Object.assign(sel.style, {display: "block", left: Math.min(start[0], p[0]) + "px", top: Math.min(start[1], p[1]) + "px",
+      width: Math.abs(p[0] - start[0]) + "px", height: Math.abs(p[1] - start[1]) + "px"});
+  });
+  window.addEventListener("mouseup", (e) => {
+    if (!start) return; const p = pos(e), s = start; start = null;
+    if (Math.abs(p[0] - s[0]) < 6 || Math.abs(p[1] - s[1]) < 6) { sel.style.display = "none"; return; }
+    const fx = img.naturalWidth / img.clientWidth, fy = img.naturalHeight / img.clientHeight;
+    setBox([Math.round(Math.min(s[0], p[0]) * fx), Math.round(Math.min(s[1], p[1]) * fy),
+            Math.round(Math.max(s[0], p[0]) * fx), Math.round(Math.max(s[1], p[1]) * fy)]);
+    run();
+  });
+})();
+
+$("file").onchange = () => {
+  const f = $("file").files[0]; if (!f) return;
+  query = {file: f}; $("rid").value = ""; location.hash = "";
+  showQuery(URL.createObjectURL(f)); run();
+};
+$("go").onclick = () => { if ($("rid").value) searchId($("rid").value); };
+$("rid").onkeydown = (e) => { if (e.key === "Enter") $("go").click(); };
+$("label").onchange = () => { loadPicker(); run(); };
+$("k").onchange = run;
+$("clearbox").onclick = () => { setBox(null); run(); };
+
+loadInfo().then(() => {
+  const m = location.hash.match(/id=(\d+)/);
+  if (m) searchId(m[1]);
+}).catch(e => status(e.message, true));
+</script>
+</body></html>
+"""

@@ -1,0 +1,71 @@
+"""The benchmark scripts start, and the recall tuning they report on does what it says."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script", ["bench_embed", "bench_compare", "bench_query", "bench_map", "run_all"])
+def test_script_help(script):
+    out = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--quick" in out.stdout
+
+
+def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 20, n)] + rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16,Flat"])
+def test_tune_params_reaches_target_measured_against_exact(factory):
+    faiss = pytest.importorskip("faiss")
+    from simsearch import index as faiss_index
+
+    both = _clustered(4100, 64, 0)
+    xb, xq = both[:4000], both[4000:]  # held-out queries from the same mixture
+    ids = np.arange(100, 4100, dtype=np.int64)
+    index = faiss_index.build(xb, ids, factory)
+    params, recall = faiss_index.tune_params(index, xb, ids, target=0.95)
+    assert recall >= 0.95
+    # Check independently on fresh queries: the tuned breadth holds up against exact search.
+    _, truth = faiss.knn(xq, xb, 10, faiss.METRIC_INNER_PRODUCT)
+    _, found = index.search(xq, 10)
+    fresh = np.mean([len(set(ids[t]) & set(f)) / 10 for t, f in zip(truth, found)])
+    assert fresh >= 0.9
+    # And it is the narrowest breadth on the ladder that reaches it, not simply the widest.
+    if params.nprobe:
+        assert params.nprobe < 64
+    else:
+        assert params.efsearch < faiss_index.EFSEARCH_LADDER[-1]
+
+
+def test_tune_params_exact_index_needs_nothing():
+    from simsearch import index as faiss_index
+
+    xb = _clustered(500, 32, 0)
+    index = faiss_index.build(xb, np.arange(500), "Flat")
+    params, recall = faiss_index.tune_params(index, xb, np.arange(500))
+    assert (params.nprobe, params.efsearch, recall) == (None, None, 1.0)
+
+
+def test_draft_decode_keeps_full_size(tmp_path):
+    from PIL import Image
+
+    from simsearch.read import open_image
+
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (1600, 1200), (200, 30, 30)).save(path, quality=90)
+    im = open_image(path, draft=lambda w, h: (224, 168))
+    assert im.size[0] < 1600 and im.size[0] >= 224  # decoded at a reduced scale, still covering the target
+    assert im.info["full_size"] == (1600, 1200)
+    assert open_image(path).info["full_size"] == (1600, 1200)

@@ -1,0 +1,112 @@
+"""The serve page in a real headless Chromium (Debian's package) driven by Playwright.
+
+Skips with a reason when chromium or playwright is missing; never downloads a browser.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("SIMSEARCH_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium"),
+                               args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(real_index: Path):
+    import uvicorn
+
+    from simsearch.serve import ServeConfig, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(real_index, ServeConfig(device="cpu")),
+                                        host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "server did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_upload_shows_neighbour_cards(browser, server, photos_dir: Path, tmp_path: Path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "/")
+    page.wait_for_selector("#picker img")  # the index's thumbnails loaded through the API
+    page.set_input_files("#file", str(photos_dir / "motorcycle_left.png"))
+    page.wait_for_selector(".card")
+    cards = page.locator(".card")
+    assert cards.count() == 12
+    assert "motorcycle_right.png" in cards.first.inner_text()
+    # every card's crop and thumbnail really decoded
+    page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
+    shot = tmp_path / "serve-upload.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("SIMSEARCH_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / shot.name)
+
+    # draw a box on the query image: the search reruns on that region
+    box = page.locator("#qimg").bounding_box()
+    page.mouse.move(box["x"] + 20, box["y"] + 20)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=5)
+    page.mouse.up()
+    page.wait_for_function("document.getElementById('status').textContent.includes('region')")
+
+    # clicking a neighbour searches from it
+    second = cards.nth(1).get_attribute("data-id")
+    cards.nth(1).click()
+    page.wait_for_function(f"location.hash === '#id={second}' && document.querySelectorAll('.card').length > 0 "
+                           f"&& document.getElementById('status').textContent.includes('whole image')")
+    assert second not in [c.get_attribute("data-id") for c in page.locator(".card").all()]
+    if os.environ.get("SIMSEARCH_SCREENSHOTS"):
+        page.screenshot(path=str(Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / "serve-by-id.png"), full_page=True)
+    assert not errors, errors
+    page.close()
+
+
+def test_map_page_hover_and_click(browser, real_index: Path, tmp_path: Path):
+    from simsearch.maps import MapConfig, build_map
+
+    build_map(real_index, tmp_path / "map", MapConfig(method="tsne"))
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / "map" / "map.html").as_uri())
+    point = page.evaluate("(() => { const p = P[0], [x, y] = xy(p); const b = canvas.getBoundingClientRect();"
+                          " return [b.left + x / devicePixelRatio, b.top + y / devicePixelRatio]; })()")
+    page.mouse.move(*point)
+    page.wait_for_selector("#tip img", state="visible")
+    page.mouse.click(*point)
+    page.wait_for_selector("#side .nn")
+    assert page.locator("#side .nn").count() == 8
+    if os.environ.get("SIMSEARCH_SCREENSHOTS"):
+        page.screenshot(path=str(Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / "map.png"))
+    assert not errors, errors
+    page.close()

@@ -1,0 +1,199 @@
+"""End to end on real photos and VOC files with real ImageNet weights (efficientnet-lite0)."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from simsearch import index as faiss_index
+from simsearch.build import BuildConfig, build_index
+from simsearch.embed import EmbedConfig
+from simsearch.errors import NotFoundError, SpecMismatchError
+from simsearch.query import Searcher, search
+from simsearch.store import DB_NAME, Store
+
+LITE0 = EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)
+
+
+def neighbour_names(index_dir: Path, query, k: int) -> list[str]:
+    return [Path(n.path).name for n in Searcher(index_dir).search(query, k).neighbours]
+
+
+def test_motorcycle_views_are_each_others_nearest(real_index: Path, shared_data: Path):
+    photos = shared_data / "photos"
+    assert neighbour_names(real_index, photos / "motorcycle_left.png", 1) == ["motorcycle_right.png"]
+    assert neighbour_names(real_index, photos / "motorcycle_right.png", 1) == ["motorcycle_left.png"]
+
+
+def test_aeroplanes_are_each_others_top_two(real_index: Path, voc2007_dir: Path):
+    jpegs = voc2007_dir / "JPEGImages"
+    assert "000033.jpg" in neighbour_names(real_index, jpegs / "000032.jpg", 2)
+    assert "000032.jpg" in neighbour_names(real_index, jpegs / "000033.jpg", 2)
+
+
+def test_query_by_id_matches_query_by_file_and_excludes_itself(real_index: Path):
+    store = Store(real_index)
+    (row,) = store.db.query("SELECT id, path FROM images WHERE path LIKE '%motorcycle_left.png'")
+    store.close()
+    by_id = search(real_index, row["id"], 3)
+    by_file = search(real_index, row["path"], 3)
+    assert row["id"] not in [n.id for n in by_id.neighbours]
+    assert [n.id for n in by_id.neighbours] == [n.id for n in by_file.neighbours]
+    assert by_id.neighbours[0].score == pytest.approx(by_file.neighbours[0].score, abs=0.02)
+    assert [n.rank for n in by_id.neighbours] == [1, 2, 3]
+
+
+def test_voc_objects_land_in_sqlite(real_index: Path):
+    db = sqlite3.connect(real_index / DB_NAME)
+    rows = db.execute(
+        "SELECT o.label, o.xmin, o.ymin, o.xmax, o.ymax, o.difficult FROM objects o JOIN images i ON i.id = o.image_id "
+        "WHERE i.path LIKE '%VOC2007/JPEGImages/000001.jpg' ORDER BY o.id"
+    ).fetchall()
+    assert rows == [("dog", 48, 240, 195, 371, 0), ("person", 8, 12, 352, 498, 0)]
+    (w, h, split, source) = db.execute(
+        "SELECT width, height, split, source FROM images WHERE path LIKE '%000001.jpg'").fetchone()
+    assert (w, h, split, source) == (353, 500, "trainval", "voc")
+    n_images, n_vectors = db.execute("SELECT (SELECT count(*) FROM images), (SELECT count(*) FROM embeddings)").fetchone()
+    assert n_images == n_vectors == 29
+
+
+def test_neighbours_carry_ground_truth(real_index: Path, voc2007_dir: Path):
+    result = search(real_index, voc2007_dir / "JPEGImages" / "000032.jpg", 1)
+    top = result.neighbours[0]
+    assert {o["label"] for o in top.objects} == {"aeroplane"}
+    assert all(len(o["box"]) == 4 for o in top.objects)
+
+
+def test_spec_json_is_written_and_checked(real_index: Path):
+    spec = Store(real_index).spec
+    assert spec.embedder.backbone == "efficientnet-lite0" and spec.embedder.dim == 1280
+    assert spec.index_type == "Flat"
+    assert (real_index / "spec.json").read_text().count("efficientnet-lite0") == 1
+
+
+def _voc_copy(tmp_path: Path, voc2007_dir: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(voc2007_dir, data / "VOC2007")
+    return data
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path: Path, voc2007_dir: Path):
+    data = _voc_copy(tmp_path, voc2007_dir)
+    good = (data / "VOC2007" / "JPEGImages" / "000001.jpg").read_bytes()
+    (data / "VOC2007" / "JPEGImages" / "999999.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (data / "VOC2007" / "Annotations" / "000002.xml").write_text("<annotation><object>")  # malformed XML
+    report = build_index(BuildConfig(data, tmp_path / "idx", LITE0))
+    skipped = {Path(s["path"]).name: s["reason"] for s in report.skipped}
+    assert set(skipped) == {"999999.jpg", "000002.xml"}
+    assert report.ntotal == 13  # all 13 good images, 000002 without its boxes
+    store = Store(tmp_path / "idx")
+    assert {Path(s["path"]).name for s in store.skipped()} == {"999999.jpg", "000002.xml"}
+    assert store.count("images") == 13
+
+
+def test_incremental_rebuild_embeds_only_what_changed(tmp_path: Path, photos_dir: Path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    for name in ("coffee.png", "chelsea.png", "rocket.jpg"):
+        shutil.copy(photos_dir / name, data / name)
+    index_dir = tmp_path / "idx"
+    first = build_index(BuildConfig(data, index_dir, LITE0))
+    assert (first.added, first.unchanged) == (3, 0)
+
+    again = build_index(BuildConfig(data, index_dir, LITE0))
+    assert (again.added, again.replaced, again.unchanged) == (0, 0, 3)
+
+    shutil.copy(photos_dir / "astronaut.png", data / "astronaut.png")
+    Image.open(photos_dir / "coffee.png").rotate(90).save(data / "coffee.png")  # same path, new bytes
+    os.utime(data / "rocket.jpg")  # new timestamp, same bytes: no need to embed again
+    third = build_index(BuildConfig(data, index_dir, LITE0))
+    assert (third.added, third.replaced, third.unchanged) == (1, 1, 2)
+
+    (data / "chelsea.png").unlink()
+    kept = build_index(BuildConfig(data, index_dir, LITE0))
+    assert kept.ntotal == 4  # without --prune, records of deleted files stay
+    pruned = build_index(BuildConfig(data, index_dir, LITE0, prune=True))
+    assert pruned.pruned == 1 and pruned.ntotal == 3
+    assert faiss_index.load(index_dir).ntotal == 3
+    assert sorted(Path(n.path).name for n in Searcher(index_dir).search(data / "rocket.jpg", 10).neighbours) == [
+        "astronaut.png", "coffee.png"]
+
+
+def test_other_backbone_is_refused(tmp_path: Path, photos_dir: Path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    shutil.copy(photos_dir / "coffee.png", data / "coffee.png")
+    build_index(BuildConfig(data, tmp_path / "idx", LITE0))
+    other = EmbedConfig("resnet50", weights="random", device="cpu", quiet=True)
+    with pytest.raises(SpecMismatchError, match="efficientnet-lite0"):
+        build_index(BuildConfig(data, tmp_path / "idx", other))
+
+
+def test_searching_a_missing_index_says_how_to_build_one(tmp_path: Path):
+    with pytest.raises(NotFoundError, match="build-index"):
+        Searcher(tmp_path / "nothing")
+
+
+def test_stale_faiss_file_is_rebuilt_from_sqlite(tmp_path: Path, photos_dir: Path):
+    data = tmp_path / "photos"
+    data.mkdir()
+    for name in ("coffee.png", "chelsea.png"):
+        shutil.copy(photos_dir / name, data / name)
+    index_dir = tmp_path / "idx"
+    build_index(BuildConfig(data, index_dir, LITE0))
+    faiss_index.save(faiss_index.build(*reversed(Store(index_dir).vectors()), "Flat"), index_dir, generation=-5)
+    searcher = Searcher(index_dir)
+    assert searcher.index.ntotal == 2
+    assert faiss_index.saved_generation(index_dir) == searcher.store.generation
+
+
+def _jpeg_variants(source: Path, out: Path, n: int) -> None:
+    """n distinct real JPEGs (different bytes) from one photo."""
+    base = Image.open(source).convert("RGB")
+    for i in range(n):
+        buf = io.BytesIO()
+        base.rotate(i * 7, expand=False).save(buf, "JPEG", quality=60 + i % 35)
+        (out / f"img_{i:03d}.jpg").write_bytes(buf.getvalue())
+
+
+def test_build_killed_midway_then_rerun_has_one_record_per_image(tmp_path: Path, photos_dir: Path):
+    data = tmp_path / "many"
+    data.mkdir()
+    _jpeg_variants(photos_dir / "coffee.png", data, 40)
+    index_dir = tmp_path / "idx"
+    cmd = [sys.executable, "-m", "simsearch.cli", "build-index", str(data), "--index", str(index_dir),
+           "--model", "efficientnet-lite0", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db_path = index_dir / DB_NAME
+    deadline = time.time() + 120
+    committed = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db_path.exists():
+            try:
+                committed = sqlite3.connect(db_path, timeout=1).execute("SELECT count(*) FROM images").fetchone()[0]
+            except sqlite3.OperationalError:
+                committed = 0
+            if committed >= 4:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"build finished before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < committed < 40
+
+    subprocess.run(cmd, check=True, capture_output=True)
+    store = Store(index_dir)
+    paths = [r[0] for r in store.db.execute("SELECT path FROM images")]
+    assert len(paths) == len(set(paths)) == 40
+    assert store.count("embeddings") == 40
+    assert faiss_index.load(index_dir).ntotal == 40
+    assert faiss_index.saved_generation(index_dir) == store.generation

@@ -1,0 +1,121 @@
+"""maps (t-SNE/UMAP projections and their files) and pairs, on real and synthetic vectors."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+pytest.importorskip("sklearn")
+from simsearch.errors import BadInputError  # noqa: E402
+from simsearch.maps import MapConfig, build_map, project  # noqa: E402
+
+
+def clustered(n: int, d: int = 64, clusters: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d)) * 4
+    labels = rng.integers(0, clusters, n)
+    x = (centres[labels] + rng.normal(size=(n, d))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_same_seed_same_coordinates_and_clusters_stay_apart(method: str):
+    if method == "umap":
+        pytest.importorskip("umap")
+    x, labels = clustered(90)
+    a = project(x, MapConfig(method=method, seed=3)).coords
+    b = project(x, MapConfig(method=method, seed=3)).coords
+    assert a.shape == (90, 2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, project(x, MapConfig(method=method, seed=4)).coords)
+    # each point's nearest point on the map comes from its own cluster
+    d = ((a[:, None] - a[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert (labels[d.argmin(1)] == labels).mean() > 0.95
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_tiny_indexes_adjust_and_too_tiny_is_refused(method: str):
+    if method == "umap":
+        pytest.importorskip("umap")
+    x, _ = clustered(5)
+    result = project(x, MapConfig(method=method))
+    assert result.coords.shape == (5, 2) and np.isfinite(result.coords).all()
+    assert result.pca_dims == 5
+    assert ("perplexity" if method == "tsne" else "n_neighbors") in result.adjusted
+    with pytest.raises(BadInputError, match="at least 3"):
+        project(x[:2], MapConfig(method=method))
+
+
+def test_map_of_a_real_index(real_index: Path, tmp_path: Path):
+    from simsearch.store import Store
+
+    report = build_map(real_index, tmp_path / "map", MapConfig(method="tsne", seed=0))
+    store = Store(real_index)
+    ids = sorted(r[0] for r in store.db.execute("SELECT id FROM images"))
+    gt_labels = {r[0] for r in store.db.execute("SELECT label FROM objects")}
+    store.close()
+    with open(tmp_path / "map" / "coords.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["id"]) for r in rows) == ids and report.points == len(ids)
+    assert set(rows[0]) == {"id", "path", "x", "y", "class"}
+    assert {r["class"] for r in rows if r["class"]} <= gt_labels and any(r["class"] for r in rows)
+    import pandas as pd
+
+    parquet = pd.read_parquet(tmp_path / "map" / "coords.parquet")
+    np.testing.assert_allclose(parquet["x"].to_numpy(), [float(r["x"]) for r in rows], rtol=1e-6)
+    for name in ("scatter.png", "thumbs.png"):
+        with Image.open(tmp_path / "map" / name) as im:
+            assert im.width > 500 and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50  # a real picture, not blank
+    html = (tmp_path / "map" / "map.html").read_text()
+    assert html.count('"nn":') == len(ids) and html.count("data:image/jpeg") == len(ids)
+    again = build_map(real_index, tmp_path / "again", MapConfig(method="tsne", seed=0))
+    assert (tmp_path / "again" / "coords.csv").read_text() == (tmp_path / "map" / "coords.csv").read_text()
+    assert again.points == report.points
+
+
+def test_pairs_skip_identical_files_and_find_the_motorcycles(real_index: Path, tmp_path: Path):
+    from simsearch.cli import app
+
+    run = CliRunner().invoke(app, ["pairs", "--index", str(real_index), "--n", "4", "--out", str(tmp_path)])
+    assert run.exit_code == 0, run.output
+    import json
+
+    pairs = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(pairs) == 4
+    assert {Path(pairs[0]["a_path"]).name, Path(pairs[0]["b_path"]).name} == {"motorcycle_left.png", "motorcycle_right.png"}
+    assert [p["score"] for p in pairs] == sorted((p["score"] for p in pairs), reverse=True)
+    assert len({(p["a_id"], p["b_id"]) for p in pairs}) == 4
+    with Image.open(tmp_path / "pairs.png") as im:
+        assert im.height > 200
+
+
+def test_pairs_never_pair_a_file_with_its_copy(tmp_path: Path, photos_dir: Path):
+    import shutil
+
+    from simsearch.build import BuildConfig, build_index
+    from simsearch.embed import EmbedConfig
+    from simsearch.pairs import most_similar_pairs
+
+    data = tmp_path / "d"
+    data.mkdir()
+    for name in ("coffee.png", "chelsea.png", "rocket.jpg"):
+        shutil.copy(photos_dir / name, data / name)
+    shutil.copy(photos_dir / "coffee.png", data / "coffee-copy.png")
+    build_index(BuildConfig(data, tmp_path / "idx", EmbedConfig("resnet50", weights="random", device="cpu", quiet=True)))
+    pairs = most_similar_pairs(tmp_path / "idx", n=10)
+    names = [{Path(p.a_path).name, Path(p.b_path).name} for p in pairs]
+    assert {"coffee.png", "coffee-copy.png"} not in names
+    assert len(pairs) == 5  # 4 files, 6 pairs, minus the identical one
+
+
+def test_map_cli_errors_are_one_line(tmp_path: Path):
+    from simsearch.cli import app
+
+    run = CliRunner().invoke(app, ["map", "--index", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
+    assert run.exit_code == 1
+    assert run.output.strip().startswith("error:") and len(run.output.strip().splitlines()) == 1

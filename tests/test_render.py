@@ -1,0 +1,118 @@
+"""render (boxes, crops, cache, overlays) and the query page built from real photos."""
+from __future__ import annotations
+
+import base64
+import io
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from simsearch.read import GroundTruthObject
+from simsearch.render import Box, Renderer, crop, overlay, record_box, record_class
+
+
+def test_record_box_prefers_prediction_then_largest_truth_then_whole_image():
+    small = GroundTruthObject("cup", 10, 10, 20, 20)
+    large = GroundTruthObject("chair", 30, 30, 90, 80)
+    pred = {"label": "dog", "score": 0.9, "box": [5, 6, 50, 60]}
+    assert record_box([small, large], pred, 100, 100) == Box(5, 6, 50, 60, "dog", "predicted")
+    assert record_box([small, large], None, 100, 100) == Box(30, 30, 90, 80, "chair", "ground truth")
+    assert record_box([], None, 100, 80) == Box(0, 0, 100, 80, "", "image")
+    # boxes reaching outside the image are clipped to it
+    assert record_box([GroundTruthObject("x", -5, -5, 150, 50)], None, 100, 100).xmax == 100
+    assert record_class([small, large], None) == "chair"
+    assert record_class([small], pred) == "dog"
+    assert record_class([], None) == ""
+
+
+def test_crop_takes_the_box_with_a_margin():
+    image = Image.new("RGB", (200, 100))
+    assert crop(image, Box(50, 20, 150, 80), margin=0.0).size == (100, 60)
+    assert crop(image, Box(50, 20, 150, 80), margin=0.1).size == (120, 72)
+    assert crop(image, Box(0, 0, 200, 100), margin=0.1).size == (200, 100)  # never beyond the image
+
+
+def test_overlay_draws_truth_red_and_prediction_blue():
+    image = Image.new("RGB", (200, 200), "white")
+    out = np.asarray(overlay(image, [GroundTruthObject("a", 10, 10, 100, 100)],
+                             {"label": "b", "score": 0.5, "box": [120, 120, 190, 190]}, width=3))
+    assert tuple(out[60, 11]) == (220, 30, 30)  # left edge of the red box, below its label
+    assert tuple(out[170, 189]) == (30, 90, 230)  # right edge of the blue box
+
+
+def test_renderer_caches_by_content(tmp_path: Path):
+    picture = tmp_path / "p.png"
+    Image.new("RGB", (600, 300), (10, 200, 30)).save(picture)
+    record = {"id": 7, "path": str(picture), "sha256": "a" * 64, "width": 600, "height": 300}
+    renderer = Renderer(tmp_path / "index", size=128)
+    thumb = renderer.thumb(record)
+    assert Image.open(io.BytesIO(thumb)).size == (128, 64)
+    cached = list((tmp_path / "index" / "thumbs").iterdir())
+    assert len(cached) == 1
+    picture.unlink()  # served from the cache now
+    assert renderer.thumb(record) == thumb
+    with pytest.raises(Exception):
+        renderer.thumb({**record, "sha256": "b" * 64})  # another file content: not served from the old entry
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cards, self.links, self.crops = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div" and a.get("class") == "card":
+            self.cards.append((int(a["data-rank"]), int(a["data-id"])))
+        if tag == "img" and a.get("class") == "crop":
+            self.crops.append(a["src"])
+        if tag == "a":
+            self.links.append(a["href"])
+
+
+def test_query_page_from_real_photos_holds_the_neighbours_crops(real_index: Path, photos_dir: Path, tmp_path: Path):
+    from simsearch.page import write_query_page
+    from simsearch.query import Searcher
+    from simsearch.store import Store
+
+    searcher = Searcher(real_index, device="cpu")
+    result = searcher.search(photos_dir / "motorcycle_left.png", 5)
+    searcher.close()
+    page = write_query_page(real_index, result, tmp_path / "out" / "page.html")
+    parsed = _Images()
+    parsed.feed(page.read_text())
+    assert [c[1] for c in parsed.cards] == [n.id for n in result.neighbours]
+    assert [c[0] for c in parsed.cards] == [1, 2, 3, 4, 5]
+    assert Path(result.neighbours[0].path).name == "motorcycle_right.png"
+
+    store = Store(real_index)
+    rows = store.images([n.id for n in result.neighbours])
+    store.close()
+    renderer = Renderer(real_index)
+    for n, src in zip(result.neighbours, parsed.crops):
+        assert src.startswith("data:image/jpeg;base64,")
+        embedded = base64.b64decode(src.split(",", 1)[1])
+        box = record_box(n.objects, n.prediction, n.width, n.height)
+        assert embedded == renderer.crop(rows[n.id], box)  # the neighbour's own crop, not any picture
+        if n.objects:  # a VOC neighbour: the crop is its largest box, not the whole image
+            assert box.source in ("ground truth", "predicted")
+            w, h = Image.open(io.BytesIO(embedded)).size
+            assert abs(w / h - (box.xmax - box.xmin) / (box.ymax - box.ymin)) < 0.15
+    # links to the full images are relative to the page and reach the files
+    for n in result.neighbours:
+        assert any((page.parent / unquote(href)).resolve() == Path(n.path).resolve() for href in parsed.links)
+
+
+def test_query_html_option_writes_the_page(real_index: Path, tmp_path: Path):
+    from simsearch.cli import app
+
+    out = tmp_path / "q.html"
+    run = CliRunner().invoke(app, ["query", "--id", "1", "--index", str(real_index), "-k", "3", "--html", str(out)])
+    assert run.exit_code == 0, run.output
+    text = out.read_text()
+    assert text.count('class="card"') == 3 and text.count('class="crop"') == 3

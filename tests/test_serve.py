@@ -1,0 +1,90 @@
+"""The serve app in-process (FastAPI's TestClient) over a real efficientnet-lite0 index."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from simsearch.serve import ServeConfig, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(real_index: Path) -> TestClient:
+    return TestClient(create_app(real_index, ServeConfig(device="cpu", max_upload_bytes=2 * 1024 * 1024)))
+
+
+def _id_of(client: TestClient, name: str) -> int:
+    records = client.get("/api/records?limit=500").json()["records"]
+    return next(r["id"] for r in records if r["name"] == name)
+
+
+def test_page_and_openapi(client: TestClient):
+    page = client.get("/")
+    assert page.status_code == 200 and "<script>" in page.text and "/api/search" in page.text
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/search", "/api/records/{image_id}/crop", "/api/info"} <= set(paths)
+    assert "post" in paths["/api/search"] and "get" in paths["/api/search"]
+
+
+def test_upload_finds_the_other_motorcycle_view(client: TestClient, photos_dir: Path):
+    data = (photos_dir / "motorcycle_left.png").read_bytes()
+    r = client.post("/api/search", files={"file": ("m.png", data, "image/png")}, data={"k": "4"})
+    assert r.status_code == 200, r.text
+    neighbours = r.json()["neighbours"]
+    assert [n["rank"] for n in neighbours] == [1, 2, 3, 4]
+    assert neighbours[0]["name"] == "motorcycle_right.png"
+    assert all(n["name"] != "motorcycle_left.png" for n in neighbours)  # the same file is no answer
+    scores = [n["score"] for n in neighbours]
+    assert scores == sorted(scores, reverse=True)
+    crop = client.get(neighbours[0]["crop_url"])
+    assert crop.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(crop.content)).size) == 256
+
+
+def test_search_by_id_region_and_class_filter(client: TestClient):
+    plane = _id_of(client, "000032.jpg")
+    r = client.get(f"/api/search?id={plane}&k=3").json()
+    assert "000033.jpg" in [n["name"] for n in r["neighbours"][:2]]
+    assert plane not in [n["id"] for n in r["neighbours"]]
+    region = client.get(f"/api/search?id={plane}&k=3&box=100,50,400,200").json()
+    assert region["query"]["box"] == [100, 50, 400, 200]
+    filtered = client.get(f"/api/search?id={plane}&k=5&label=person").json()["neighbours"]
+    assert filtered and all("person" in n["classes"] for n in filtered)
+    assert client.get(f"/api/search?id={plane}&box=1,2,3").status_code == 400
+    assert client.get("/api/search?id=999999").status_code == 404
+
+
+def test_only_index_files_are_served(client: TestClient):
+    record = client.get("/api/records?limit=1").json()["records"][0]
+    full = client.get(record["image_url"])
+    assert full.status_code == 200 and len(full.content) > 1000
+    for url in ["/api/records/..%2F..%2F..%2Fetc%2Fpasswd/image", "/api/records/1/../../../../etc/passwd",
+                "/../../../etc/passwd", "/api/records/%2Fetc%2Fpasswd/image", "/api/image?path=/etc/passwd",
+                "/static/..%2F..%2Fetc%2Fpasswd"]:
+        r = client.get(url)
+        assert r.status_code in (404, 422), url
+        assert b"root:" not in r.content
+    assert "path" not in record  # the API never hands out filesystem paths either
+
+
+def test_oversized_uploads_are_refused(client: TestClient):
+    big = b"\xff" * (2 * 1024 * 1024 + 10)
+    r = client.post("/api/search", files={"file": ("big.jpg", big, "image/jpeg")})
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: cut off while streaming
+        for _ in range(40):
+            yield b"\0" * 65536
+
+    r = client.post("/api/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413
+
+
+def test_not_an_image_is_a_clear_400(client: TestClient):
+    r = client.post("/api/search", files={"file": ("x.jpg", b"not an image", "image/jpeg")})
+    assert r.status_code == 400 and "cannot decode" in r.json()["detail"]
