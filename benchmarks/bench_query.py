@@ -243,7 +243,7 @@ def main() -> None:
         type_rows += compare_index_types(n, args.dim, n_queries, n <= args.hnsw_max, args.pq or not args.quick,
                                          args.target)
     notes = [NOISE_NOTE, f"{n_queries} held-out queries from the same gaussian mixture, recall against Flat",
-             "recall@10_default: faiss/simsearch default breadth; recall@10: after tune_params on a database sample",
+             "recall@10_default: faiss/simsearch default breadth; recall@10: after tune_params (nudged copies of a database sample)",
              "size_mb: serialized index (vectors + structure); rss_delta_mb: resident growth while building",
              f"HNSW built up to {args.hnsw_max} vectors only"]
     print_table(f"query: index types at {', '.join(map(str, sizes))} x {args.dim}-d", type_rows,
