@@ -75,9 +75,10 @@ def build_index(config: BuildConfig) -> BuildReport:
     started = time.perf_counter()
     result = scan(config.data)
     report = BuildReport(index_dir=str(config.index_dir), scanned=len(result.records))
+    # The backbone loads first: when its weights are missing, no empty index folder is left behind.
+    embedder = embedder_from_config(config.embed)
     store = Store(config.index_dir, create=True)
     try:
-        embedder = embedder_from_config(config.embed)
         report.precision, report.device = embedder.precision_name, str(embedder.device)
         saved = store.spec
         if saved is not None:
