@@ -50,6 +50,19 @@ def clustered(n: int, dim: int, seed: int, clusters: int = 1000, spread: float =
 
 # ---------------------------------------------------------------- part 1: the library against its floor
 
+def side_by_side(query: str, raw_name: str, raw, lib, n: int, round_size: int, warmup: int) -> list[dict]:
+    """Latency rows for the raw floor and the library, interleaved in rounds so a burst of load
+    from other jobs hits both sides alike."""
+    raw_t, lib_t = [], []
+    for start in range(0, n, round_size):
+        m = min(round_size, n - start)
+        raw_t += latencies(lambda j: raw(start + j), m, warmup=warmup)
+        lib_t += latencies(lambda j: lib(start + j), m, warmup=warmup)
+    raw_s, lib_s = summarise_latency(raw_t), summarise_latency(lib_t)
+    return [{"query": query, "path": raw_name, **raw_s},
+            {"query": query, "path": "Searcher.search", **lib_s, "p50_vs_raw": lib_s["p50_ms"] / raw_s["p50_ms"]}]
+
+
 def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Path:
     """An index folder with n synthetic records (Lite0's spec), committed the way build-index commits."""
     from simsearch.build import sync_faiss
@@ -102,17 +115,7 @@ def library_vs_raw(n: int, factory: str | None, queries: int, image_queries: int
         def lib_by_id(i: int):
             return searcher.search(int(picks[i]), k)
 
-        rows = []
-        # Interleaved in rounds so a burst of load from other jobs hits both sides alike.
-        raw_t, lib_t = [], []
-        for start in range(0, queries, 50):
-            m = min(50, queries - start)
-            raw_t += latencies(lambda j: raw_by_id(start + j), m, warmup=2)
-            lib_t += latencies(lambda j: lib_by_id(start + j), m, warmup=2)
-        raw_s, lib_s = summarise_latency(raw_t), summarise_latency(lib_t)
-        rows.append({"query": "by id", "path": "raw faiss + SQLite rows", **raw_s})
-        rows.append({"query": "by id", "path": "Searcher.search", **lib_s,
-                     "p50_vs_raw": lib_s["p50_ms"] / raw_s["p50_ms"]})
+        rows = side_by_side("by id", "raw faiss + SQLite rows", raw_by_id, lib_by_id, queries, 50, 2)
 
         jpegs = sorted(replicated_jpegs(max(image_queries, 60)).glob("*.jpg"))[:image_queries]
         embedder = searcher.embedder  # load the backbone once, outside the timings
@@ -125,15 +128,8 @@ def library_vs_raw(n: int, factory: str | None, queries: int, image_queries: int
         def lib_by_image(i: int):
             return searcher.search(jpegs[i], k)
 
-        raw_t, lib_t = [], []
-        for start in range(0, image_queries, 10):
-            m = min(10, image_queries - start)
-            raw_t += latencies(lambda j: raw_by_image(start + j), m, warmup=1)
-            lib_t += latencies(lambda j: lib_by_image(start + j), m, warmup=1)
-        raw_s, lib_s = summarise_latency(raw_t), summarise_latency(lib_t)
-        rows.append({"query": "by image", "path": "raw decode+embed+faiss+SQLite", **raw_s})
-        rows.append({"query": "by image", "path": "Searcher.search", **lib_s,
-                     "p50_vs_raw": lib_s["p50_ms"] / raw_s["p50_ms"]})
+        rows += side_by_side("by image", "raw decode+embed+faiss+SQLite", raw_by_image, lib_by_image,
+                             image_queries, 10, 1)
         for r in rows:
             r.update(n=n, index_type=searcher.spec.index_type)
         searcher.close()

@@ -7,7 +7,6 @@ most the batch in flight; running again finishes the job with no duplicates.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from simsearch import index as faiss_index
 from simsearch.embed import EmbedConfig, embedder_from_config, iter_file_batches
 from simsearch.errors import BadInputError
-from simsearch.read import ImageRecord, Skipped, scan
+from simsearch.read import ImageRecord, Skipped, file_sha256, scan
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.store import NewImage, Store
 
@@ -55,14 +54,6 @@ class BuildReport:
     images_per_second: float = 0.0
     precision: str = ""
     device: str = ""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # Steps that run after new images are committed (the localizer registers one), so that

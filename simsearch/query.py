@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from simsearch import index as faiss_index
-from simsearch.build import file_sha256
 from simsearch.embed import Embedder, load_backbone
 from simsearch.errors import NotFoundError, SimsearchError
-from simsearch.read import open_image
+from simsearch.read import file_sha256, open_image
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.store import Store
 

@@ -12,6 +12,7 @@ entries so the build can record and report them.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -29,6 +30,15 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 VOC_SPLITS = ("train", "val", "test")  # preferred over "trainval", which only says "not test"
 # Guards against decompression bombs without refusing real large photos.
 Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Content identity: what incremental builds and query self-exclusion compare."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
