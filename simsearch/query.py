@@ -107,8 +107,7 @@ class Searcher:
             raise SimsearchError("k must be at least 1")
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         if isinstance(query, (int, np.integer)):
-            described, excluded = self.store.record_and_twins(int(query))
-            _, xq = self.store.vectors([int(query)])
+            described, xq, excluded = self.store.query_record(int(query))
         else:
             path = Path(query)
             if not path.is_file():
