@@ -25,8 +25,8 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .query img { max-width: 320px; max-height: 320px; border: 1px solid #ccc; background: #fff; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(280px, 1fr)); gap: 14px; }
 .card { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 10px; }
-.pics { display: flex; gap: 6px; height: 128px; align-items: center; }
-.pics img { max-width: 128px; max-height: 128px; border: 1px solid #eee; }
+.pics { display: flex; gap: 6px; align-items: flex-end; margin: 4px 0; }
+.pics img { max-width: 128px; max-height: 128px; border: 1px solid #eee; display: block; margin: 0 auto; }
 .pics figure { margin: 0; text-align: center; }
 .pics figcaption { font-size: 11px; color: #888; }
 .score { font-weight: 600; }
@@ -73,7 +73,8 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
         if n.prediction:
             tags += (f'<span class="tag pred" title="predicted">{e(str(n.prediction["label"]))} '
                      f'{float(n.prediction["score"]):.2f}</span>')
-        crop_caption = f"{box.source}{': ' + box.label if box.label else ''}"
+        crop_caption = (f"{box.source} box{': ' + box.label if box.label else ''}" if box.source != "image"
+                        else "no box: whole image")
         cards.append(f"""
 <div class="card" data-rank="{n.rank}" data-id="{n.id}">
   <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span></div>
