@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/simsearch sample-photos $(DEMO_DATA)
 	$(BIN)/simsearch build-index $(DEMO_DATA) --index $(DEMO_INDEX) --model efficientnet-lite0
 	$(BIN)/simsearch query $(DEMO_DATA)/images/motorcycle_left.png --index $(DEMO_INDEX) -k 5 --format table
-	$(BIN)/simsearch query $(DEMO_DATA)/images/motorcycle_left.png --index $(DEMO_INDEX) -k 8 --html $(DEMO_OUT)/query.html
+	$(BIN)/simsearch query $(DEMO_DATA)/images/motorcycle_left.png --index $(DEMO_INDEX) -k 8 --html $(DEMO_OUT)/query.html > /dev/null
 	@echo "open $(DEMO_OUT)/query.html, or browse with: $(BIN)/simsearch serve --index $(DEMO_INDEX)"
 
 test: setup
