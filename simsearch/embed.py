@@ -224,14 +224,10 @@ class Embedder:
     @torch.inference_mode()
     def embed_batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> EmbeddedBatch:
         """Embed preprocessed images; a list may mix input sizes (one forward pass per size)."""
-        if isinstance(images, torch.Tensor):
-            groups = {tuple(images.shape[2:]): list(range(len(images)))}
-            tensors: Sequence[torch.Tensor] = images
-        else:
-            tensors = images
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for i, t in enumerate(tensors):
-                groups.setdefault(tuple(t.shape[1:]), []).append(i)
+        tensors: Sequence[torch.Tensor] = images
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault(tuple(t.shape[1:]), []).append(i)
         _, grid_h, grid_w = self.spec.feature_shape
         vectors = torch.empty(len(tensors), self.spec.dim)
         maps = torch.empty(len(tensors), *self.spec.feature_shape, dtype=torch.float16)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.errors import BadInputError
-from simsearch.render import Renderer, predictions_of, record_class
+from simsearch.render import Renderer, record_class
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def load_points(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, l
         id_list = [int(i) for i in ids]
         rows = store.images(id_list)
         objects = store.objects(id_list)
-        predicted = predictions_of(store, id_list)
+        predicted = store.predictions(id_list)
     finally:
         store.close()
     records = []

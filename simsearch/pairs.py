@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from simsearch import index as faiss_index
 from simsearch.errors import BadInputError
 from simsearch.query import Searcher
-from simsearch.render import Renderer, _font, predictions_of, record_box
+from simsearch.render import Renderer, _font, record_box
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def pairs_figure(index_dir: str | os.PathLike, pairs: list[Pair], out: str | os.
     store = Store(index_dir)
     try:
         ids = [i for p in pairs for i in (p.a_id, p.b_id)]
-        rows, objects, predicted = store.images(ids), store.objects(ids), predictions_of(store, ids)
+        rows, objects, predicted = store.images(ids), store.objects(ids), store.predictions(ids)
     finally:
         store.close()
     pad, caption = 10, 44

@@ -5,10 +5,8 @@ backbone loaded, so repeated queries pay only for the search and one lookup.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,14 +105,16 @@ class Searcher:
             raise SimsearchError("k must be at least 1")
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         if isinstance(query, (int, np.integer)):
-            described, xq, excluded = self.store.query_record(int(query))
+            record = self.store.image(int(query))
+            _, xq = self.store.vectors([int(query)])
+            described = {"id": record["id"], "path": record["path"], "sha256": record["sha256"]}
         else:
             path = Path(query)
             if not path.is_file():
                 raise NotFoundError(f"{path}: no such image file")
             xq = self.vector_of_file(path)[None, :]
             described = {"path": str(path), "sha256": file_sha256(path)}
-            excluded = self.store.ids_with_sha256(described["sha256"])
+        excluded = self.store.ids_with_sha256(described["sha256"])
         scores, ids = faiss_index.search(self.index, xq, k + len(excluded))
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in excluded][:k]
         return QueryResult(described, self.describe(hits))
@@ -122,47 +122,19 @@ class Searcher:
     def describe(self, hits: list[tuple[int, float]]) -> list[Neighbour]:
         """Attach paths, ground truth and predictions to (id, score) hits."""
         ids = [i for i, _ in hits]
-        rows = self.records(ids)
+        rows, objects, predictions = self.store.images(ids), self.store.objects(ids), self.store.predictions(ids)
         neighbours = []
         for rank, (i, score) in enumerate(hits, 1):
             row = rows.get(i)
             if row is None:
                 continue  # removed since the FAISS file was written
-            neighbours.append(Neighbour(rank, i, row[1], round(score, 6), *row[2:6], *_extras(row)))
+            neighbours.append(Neighbour(
+                rank, i, row["path"], round(score, 6), row["width"], row["height"], row["split"], row["dataset"],
+                [{"label": o.label, "box": [o.xmin, o.ymin, o.xmax, o.ymax], "difficult": o.difficult,
+                  "truncated": o.truncated} for o in objects.get(i, [])],
+                predictions.get(i),
+            ))
         return neighbours
-
-    def records(self, ids: list[int]) -> dict[int, tuple]:
-        """id -> (id, path, width, height, split, dataset, objects JSON, prediction columns...), in one query.
-
-        One statement instead of one per table (images, objects, predictions): each
-        round trip costs more right after a FAISS search has flushed the CPU caches
-        than it does in isolation, and a query pays it once per result page.
-        """
-        if not ids:
-            return {}
-        marks = ",".join("?" * len(ids))
-        try:
-            cursor = self.store.db.execute(_RECORDS_SQL.format(marks=marks, join=_PREDICTIONS_JOIN), ids)
-        except sqlite3.OperationalError:  # no localizer has run on this index: no predictions table
-            cursor = self.store.db.execute(_RECORDS_SQL.format(marks=marks, join=_NO_PREDICTIONS), ids)
-        return {row[0]: row for row in cursor}
-
-
-_OBJECTS_JSON = ("(SELECT json_group_array(json_array(o.label, o.xmin, o.ymin, o.xmax, o.ymax, o.difficult, "
-                 "o.truncated)) FROM objects o WHERE o.image_id = i.id)")
-_RECORDS_SQL = ("SELECT i.id, i.path, i.width, i.height, i.split, i.dataset, " + _OBJECTS_JSON +
-                ", {join} WHERE i.id IN ({marks})")
-_PREDICTIONS_JOIN = "p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax FROM images i LEFT JOIN predictions p ON p.image_id = i.id"
-_NO_PREDICTIONS = "NULL, NULL, NULL, NULL, NULL, NULL FROM images i"
-
-
-def _extras(row: tuple) -> tuple[list[dict], dict | None]:
-    """Ground-truth objects and the prediction from a `Searcher.records` row."""
-    objects = [{"label": label, "box": [x0, y0, x1, y1], "difficult": bool(d), "truncated": bool(t)}
-               for label, x0, y0, x1, y1, d, t in json.loads(row[6])] if row[6] != "[]" else []
-    label, score, *box = row[7:13]
-    prediction = None if label is None else {"label": label, "score": score, "box": box}
-    return objects, prediction
 
 
 _OPEN: dict[str, Searcher] = {}

@@ -81,15 +81,6 @@ def record_class(objects, prediction: dict | None) -> str:
     return max(boxes, key=lambda b: b.area).label if boxes else ""
 
 
-def predictions_of(store, ids) -> dict[int, dict]:
-    """The localizer's {label, score, box} per record id, where it has run (else empty)."""
-    if not store.db["predictions"].exists():
-        return {}
-    rows = store._rows_for("SELECT image_id, label, score, xmin, ymin, xmax, ymax FROM predictions "
-                           "WHERE image_id IN ({})", list(ids))
-    return {r[0]: {"label": r[1], "score": r[2], "box": [r[3], r[4], r[5], r[6]]} for r in rows}
-
-
 def crop(image: Image.Image, box: Box, margin: float = 0.05) -> Image.Image:
     """The box's pixels with a little context around them (a tight crop hides the edges)."""
     w, h = image.size
