@@ -136,27 +136,21 @@ class Browser:
     def record(self, image_id: int) -> dict:
         with self._lock:
             searcher = self._fresh()
-            row = searcher.store.image(image_id)
+            searcher.store.image(image_id)  # NotFoundError with its hint when the id is unknown
             neighbour = searcher.describe([(image_id, 1.0)])[0]
-        return self._public(row, neighbour)
+        return self._public(neighbour)
 
     def records(self, label: str | None = None, offset: int = 0, limit: int = 60) -> dict:
         """A page of records (id order), optionally only those of one class."""
         with self._lock:
             searcher = self._fresh()
-            db = searcher.store.db
             if label:
-                sql = ("SELECT id FROM images WHERE id IN (SELECT image_id FROM objects WHERE label = :l)"
-                       + (" OR id IN (SELECT image_id FROM predictions WHERE label = :l)"
-                          if db["predictions"].exists() else ""))
-                ids = [r[0] for r in db.execute(sql + " ORDER BY id", {"l": label})]
+                ids = sorted(searcher.store.ids_with_label(label))
             else:
-                ids = [r[0] for r in db.execute("SELECT id FROM images ORDER BY id")]
+                ids = [r[0] for r in searcher.store.db.execute("SELECT id FROM images ORDER BY id")]
             page = ids[offset:offset + limit]
-            rows = searcher.store.images(page)
-            described = {n.id: n for n in searcher.describe([(i, 1.0) for i in page])}
-        return {"total": len(ids), "offset": offset,
-                "records": [self._public(rows[i], described[i]) for i in page if i in described]}
+            described = searcher.describe([(i, 1.0) for i in page])
+        return {"total": len(ids), "offset": offset, "records": [self._public(n) for n in described]}
 
     def _row(self, image_id: int) -> dict:
         with self._lock:
@@ -237,36 +231,25 @@ class Browser:
             wanted = min(ntotal, (max(FILTER_POOL, k * 20) if label else k) + len(exclude))
             scores, ids = faiss_index.search(searcher.index, np.ascontiguousarray(xq, dtype=np.float32), wanted)
             hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
-            described = searcher.describe(hits)
-            rows = searcher.store.images([n.id for n in described])
-        if label:
-            described = [n for n in described if label in _labels(n)]
-        out = []
-        for rank, n in enumerate(described[:k], 1):
-            n.rank = rank
-            out.append(self._public(rows[n.id], n))
-        return out
+            if label:  # filter ids first: only the k kept are described
+                keep = searcher.store.ids_with_label(label)
+                hits = [h for h in hits if h[0] in keep]
+            described = searcher.describe(hits[:k])
+        return [self._public(n) for n in described]
 
     @staticmethod
-    def _public(row: dict, n: Neighbour) -> dict:
+    def _public(n: Neighbour) -> dict:
         """What the client sees of a record: no filesystem path beyond the file's name."""
-        box = record_box(n.objects, n.prediction, row["width"], row["height"])
+        box = record_box(n.objects, n.prediction, n.width, n.height)
         return {
-            "rank": n.rank, "id": n.id, "name": Path(row["path"]).name, "score": n.score,
-            "width": row["width"], "height": row["height"], "split": row["split"], "dataset": row["dataset"],
+            "rank": n.rank, "id": n.id, "name": Path(n.path).name, "score": n.score,
+            "width": n.width, "height": n.height, "split": n.split, "dataset": n.dataset,
             "classes": sorted({o["label"] for o in n.objects}), "objects": n.objects, "prediction": n.prediction,
             "box": {"xmin": box.xmin, "ymin": box.ymin, "xmax": box.xmax, "ymax": box.ymax,
                     "label": box.label, "source": box.source},
             "thumb_url": f"/api/records/{n.id}/thumb", "crop_url": f"/api/records/{n.id}/crop",
             "image_url": f"/api/records/{n.id}/image", "overlay_url": f"/api/records/{n.id}/image?overlay=true",
         }
-
-
-def _labels(n: Neighbour) -> set[str]:
-    found = {o["label"] for o in n.objects}
-    if n.prediction and n.prediction.get("label"):
-        found.add(n.prediction["label"])
-    return found
 
 
 class _UploadTooLarge(SimsearchError):

@@ -281,6 +281,15 @@ class Store:
             return {}
         return {r[0]: {"label": r[1], "score": r[2], "box": [r[3], r[4], r[5], r[6]]} for r in rows}
 
+    def ids_with_label(self, label: str) -> set[int]:
+        """Records with this class in their ground truth or their prediction: what a class filter keeps."""
+        try:
+            rows = self.db.execute("SELECT image_id FROM objects WHERE label = ?1 "
+                                   "UNION SELECT image_id FROM predictions WHERE label = ?1", [label]).fetchall()
+        except sqlite3.OperationalError:  # no localizer has run: ground truth only
+            rows = self.db.execute("SELECT image_id FROM objects WHERE label = ?", [label]).fetchall()
+        return {r[0] for r in rows}
+
     def ids_with_sha256(self, sha256: str) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT id FROM images WHERE sha256 = ?", [sha256])}
 

@@ -88,3 +88,10 @@ def test_oversized_uploads_are_refused(client: TestClient):
 def test_not_an_image_is_a_clear_400(client: TestClient):
     r = client.post("/api/search", files={"file": ("x.jpg", b"not an image", "image/jpeg")})
     assert r.status_code == 400 and "cannot decode" in r.json()["detail"]
+
+
+def test_records_page_filtered_by_class(client: TestClient):
+    planes = client.get("/api/records?label=aeroplane").json()
+    assert planes["total"] == len(planes["records"]) >= 2
+    assert all("aeroplane" in r["classes"] for r in planes["records"])
+    assert client.get("/api/records?label=no-such-class").json()["total"] == 0
