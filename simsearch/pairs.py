@@ -6,6 +6,7 @@ global top-n pairs are found exactly from each record's top neighbours: if
 """
 from __future__ import annotations
 
+import heapq
 import io
 import logging
 import os
@@ -13,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from simsearch import index as faiss_index
@@ -53,19 +53,27 @@ def most_similar_pairs(index_dir: str | os.PathLike, n: int = 10, batch: int = 4
         biggest_group = store.db.execute(
             "SELECT max(c) FROM (SELECT count(*) AS c FROM images GROUP BY sha256)").fetchone()[0] or 1
         k = int(min(len(ids), n + biggest_group))
-        best: dict[tuple[int, int], float] = {}
+        # A min-heap of the n best pairs so far: memory stays O(n) however large the index,
+        # and a row stops at its first neighbour that cannot beat the n-th best.
+        heap: list[tuple[float, tuple[int, int]]] = []
+        kept: set[tuple[int, int]] = set()
         for start in range(0, len(ids), batch):
             scores, hits = faiss_index.search(searcher.index, xb[start:start + batch], k)
             for a, row_scores, row_hits in zip(ids[start:start + batch], scores, hits):
                 a = int(a)
-                for s, b in zip(row_scores, row_hits):
+                for s, b in zip(row_scores, row_hits):  # best first
+                    if len(heap) == n and s <= heap[0][0]:
+                        break
                     b = int(b)
-                    if b < 0 or b == a or sha.get(a) == sha.get(b):
-                        continue
                     key = (min(a, b), max(a, b))
-                    if s > best.get(key, -np.inf):
-                        best[key] = float(s)
-        top = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+                    if b < 0 or b == a or sha.get(a) == sha.get(b) or key in kept:
+                        continue
+                    kept.add(key)
+                    if len(heap) < n:
+                        heapq.heappush(heap, (float(s), key))
+                    else:
+                        heapq.heapreplace(heap, (float(s), key))
+        top = sorted(((key, score) for score, key in heap), key=lambda kv: (-kv[1], kv[0]))
         rows = store.images([i for pair, _ in top for i in pair])
     finally:
         searcher.close()
