@@ -18,7 +18,7 @@ def synth_command(
     out: Path = typer.Argument(..., help="VOC year folder to write (JPEGImages/, Annotations/, ImageSets/Main/)."),
     n: int = typer.Option(2000, "--n", min=1, help="Composites to write."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same images."),
-    sources: List[Path] = typer.Option([Path("../shared/data")], "--sources", help="Folders with VOC or box-list datasets (object crops) and plain photos (backgrounds); repeatable."),
+    sources: List[Path] = typer.Option(..., "--sources", help="Folders with VOC or box-list datasets (object crops) and plain photos (backgrounds); repeatable, at least one."),
     backgrounds: List[Path] = typer.Option([], "--backgrounds", help="Folders of background photos; default: the box-less images under --sources."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Comma-separated classes to paste; default: the --top-classes with most crops."),
     top_classes: int = typer.Option(8, "--top-classes", min=1, help="How many classes when --classes is not given."),
