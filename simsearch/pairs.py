@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from simsearch import index as faiss_index
 from simsearch.errors import BadInputError
 from simsearch.query import Searcher
-from simsearch.render import Renderer, _font, record_box
+from simsearch.render import Renderer, font, record_box
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def pairs_figure(index_dir: str | os.PathLike, pairs: list[Pair], out: str | os.
     nrows = (len(pairs) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * pair_w, nrows * pair_h), "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font(14)
+    caption_font = font(14)
     for i, p in enumerate(pairs):
         x0, y0 = (i % columns) * pair_w, (i // columns) * pair_h
         for j, image_id in enumerate((p.a_id, p.b_id)):
@@ -112,8 +112,8 @@ def pairs_figure(index_dir: str | os.PathLike, pairs: list[Pair], out: str | os.
             ty = y0 + pad + (cell - tile.height) // 2
             sheet.paste(tile, (tx, ty))
             draw.text((x0 + pad + j * (cell + pad), y0 + pad + cell + 20), Path(row["path"]).name[:30],
-                      fill=(80, 80, 80), font=font)
-        draw.text((x0 + pad, y0 + pad + cell + 3), f"#{p.rank}  score {p.score:.3f}", fill=(0, 0, 0), font=font)
+                      fill=(80, 80, 80), font=caption_font)
+        draw.text((x0 + pad, y0 + pad + cell + 3), f"#{p.rank}  score {p.score:.3f}", fill=(0, 0, 0), font=caption_font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)

@@ -11,17 +11,18 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from simsearch.errors import BadInputError
 from simsearch.read import open_image
+from simsearch.render import font
 from simsearch.store import Store
 
 log = logging.getLogger(__name__)
 
 ACTUAL = (255, 0, 0)  # red
 PREDICTED = (0, 0, 255)  # blue
-CAPTION_HEIGHT = 34  # two lines of PIL's default font
+CAPTION_HEIGHT = 34  # two caption lines
 
 
 @dataclass
@@ -56,17 +57,17 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
     rows = -(-len(truth.ids) // columns)
     grid = Image.new("RGB", (columns * tile, rows * (tile + CAPTION_HEIGHT)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
+    caption_font = font(12)
     for k, image_id in enumerate(truth.ids):
         x0, y0 = (k % columns) * tile, (k // columns) * (tile + CAPTION_HEIGHT)
-        # Squashed to a square tile, as the backbone saw it: normalised boxes map straight on.
+        # Squashed to a square tile: boxes are normalised to the whole image, so they map straight on.
         grid.paste(open_image(paths[image_id]["path"]).resize((tile, tile), Image.BILINEAR), (x0, y0))
         for box, colour in ((truth.boxes[k], ACTUAL), (boxes[k], PREDICTED)):
             x1, y1, x2, y2 = (float(v) * (tile - 1) for v in box)
             draw.rectangle((x0 + x1, y0 + y1, x0 + x2, y0 + y2), outline=colour, width=3)
         predicted = localizer.spec.classes[int(labels[k])]
-        draw.text((x0 + 4, y0 + tile + 2), f"actual: {truth.labels[k]}", fill=ACTUAL, font=font)
-        draw.text((x0 + 4, y0 + tile + 17), f"predicted: {predicted} ({scores[k]:.2f})", fill=PREDICTED, font=font)
+        draw.text((x0 + 4, y0 + tile + 2), f"actual: {truth.labels[k]}", fill=ACTUAL, font=caption_font)
+        draw.text((x0 + 4, y0 + tile + 17), f"predicted: {predicted} ({scores[k]:.2f})", fill=PREDICTED, font=caption_font)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "boxes.png"

@@ -104,7 +104,8 @@ def jpeg_bytes(image: Image.Image, quality: int = JPEG_QUALITY) -> bytes:
     return buffer.getvalue()
 
 
-def _font(size: int):
+def font(size: int):
+    """A scalable font where Pillow has one: captions stay readable on large images."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the small bitmap font
@@ -116,7 +117,7 @@ def overlay(image: Image.Image, objects=(), prediction: dict | None = None, widt
     im = image.convert("RGB").copy()
     draw = ImageDraw.Draw(im)
     line = width or max(2, round(max(im.size) / 250))
-    font = _font(max(12, round(max(im.size) / 40)))
+    label_font = font(max(12, round(max(im.size) / 40)))
     boxes = [(_as_box(o, "ground truth"), GT_COLOUR) for o in objects or []]
     if prediction and prediction.get("box") and None not in prediction["box"]:
         label = f"{prediction.get('label', '')} {prediction.get('score', 0):.2f}".strip()
@@ -124,9 +125,9 @@ def overlay(image: Image.Image, objects=(), prediction: dict | None = None, widt
     for box, colour in boxes:
         draw.rectangle((box.xmin, box.ymin, box.xmax, box.ymax), outline=colour, width=line)
         if box.label:
-            x0, y0, x1, y1 = draw.textbbox((box.xmin + line, box.ymin + line), box.label, font=font)
+            x0, y0, x1, y1 = draw.textbbox((box.xmin + line, box.ymin + line), box.label, font=label_font)
             draw.rectangle((x0 - 2, y0 - 2, x1 + 2, y1 + 2), fill=colour)
-            draw.text((box.xmin + line, box.ymin + line), box.label, fill=(255, 255, 255), font=font)
+            draw.text((box.xmin + line, box.ymin + line), box.label, fill=(255, 255, 255), font=label_font)
     return im
 
 
