@@ -78,11 +78,11 @@ def build_index(config: BuildConfig) -> BuildReport:
             store.save_spec(IndexSpec(embedder.spec, index_type="pending"))
         if config.embed.weights and Path(config.embed.weights).is_file():
             store.set_meta("weights_path", str(Path(config.embed.weights).resolve()))  # for query-by-image
-        todo, unchanged = _plan(store, result.records)
+        known = store.known_files()
+        todo, unchanged = _plan(store, known, result.records)
         report.unchanged = unchanged
         skipped: list[Skipped] = list(result.skipped)
         new_ids: list[int] = []
-        known = store.known_files()
         embed_started = time.perf_counter()
         if todo:
             for batch in iter_file_batches([r.path for r, _ in todo], embedder, config.embed):
@@ -116,9 +116,9 @@ def build_index(config: BuildConfig) -> BuildReport:
     return report
 
 
-def _plan(store: Store, records: list[ImageRecord]) -> tuple[list[tuple[ImageRecord, tuple[str, int, int]]], int]:
-    """Which records need embedding: new paths, and files whose bytes changed."""
-    known = store.known_files()
+def _plan(store: Store, known: dict[str, tuple[int, str, int, int]], records: list[ImageRecord]
+          ) -> tuple[list[tuple[ImageRecord, tuple[str, int, int]]], int]:
+    """Which records need embedding: new paths, and files whose bytes changed (`known`: path -> stored row)."""
     todo = []
     unchanged = 0
     for record in records:
@@ -152,14 +152,15 @@ def sync_faiss(store: Store, embedder_spec, index_type: str | None = None) -> In
     """Make index.faiss reflect exactly the vectors in SQLite, rebuilding when stale."""
     if index_type:
         store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
-    ids, xb = store.vectors()
-    if len(ids) == 0:
+    count = store.count("embeddings")
+    if count == 0:
         raise BadInputError(
             f"no images could be indexed (see the skipped files: simsearch info --index {store.dir})"
         )
-    factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(len(ids), embedder_spec.dim)
+    factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(count, embedder_spec.dim)
     saved = store.spec
     if faiss_index.saved_generation(store.dir) != store.generation or saved is None or saved.index_type != factory:
+        ids, xb = store.vectors()  # read only when rebuilding: a no-change run must not load every vector
         index = faiss_index.build(xb, ids, factory)
         # The breadth that reaches the recall target on a sample of this very index, not a guess.
         params, _ = faiss_index.tune_params(index, xb, ids)
