@@ -59,3 +59,28 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path: Path):
     assert not (tmp_path / "idx").exists()  # nothing half-made left behind
     no_index = runner.invoke(app, ["info", "--index", str(tmp_path / "absent")])
     assert no_index.exit_code == 1 and "Traceback" not in no_index.output
+
+
+@pytest.mark.parametrize("args, says", [
+    (["query", "x.png", "--bogus"], "No such option: --bogus"),
+    (["frobnicate"], "No such command"),
+    (["query", "--id", "abc"], "Invalid value for '--id'"),
+    (["build-index"], "Missing argument"),
+])
+def test_usage_mistakes_are_one_line_and_exit_1(args: list[str], says: str):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "simsearch.cli", *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_bare_command_prints_the_overview():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "simsearch.cli"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "build-index" in run.stdout

@@ -76,5 +76,28 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _click_errors() -> tuple[type, type]:
+    """(UsageError, ClickException) of the click typer runs on: vendored in new typer, click itself in old."""
+    bases = {c.__name__: c for c in typer.BadParameter.__mro__}
+    return bases["UsageError"], bases["ClickException"]
+
+
 def main() -> None:
-    app()
+    """Console entry: a usage mistake gets what a library error gets, one line and exit code 1."""
+    usage_error, click_exception = _click_errors()
+    try:
+        code = app(standalone_mode=False)
+    except usage_error as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `simsearch`: the overview, not an error
+            typer.echo(e.ctx.get_help() if e.ctx else "")
+            sys.exit(0)
+        where = e.ctx.command_path if e.ctx else "simsearch"
+        typer.echo(f"error: {e.format_message()} (see: {where} --help)", err=True)
+        code = 1
+    except click_exception as e:
+        typer.echo(f"error: {e.format_message()}", err=True)
+        code = 1
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
