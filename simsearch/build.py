@@ -11,15 +11,16 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from simsearch import index as faiss_index
 from simsearch.embed import EmbedConfig, embedder_from_config, iter_file_batches
-from simsearch.errors import BadInputError
-from simsearch.read import ImageRecord, Skipped, file_sha256, scan
+from simsearch.errors import BadInputError, NotFoundError
+from simsearch.read import ImageRecord, Skipped, file_sha256, fit_objects, scan
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.store import NewImage, Store
+from simsearch.writelock import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class BuildReport:
     added: int = 0
     replaced: int = 0
     unchanged: int = 0
+    moved: int = 0  # known files found at a new path: kept their vectors, not embedded again
     pruned: int = 0
     skipped: list[dict] = field(default_factory=list)
     index_type: str = ""
@@ -64,12 +66,14 @@ POST_BUILD_HOOKS: list[Callable[[Store, list[int], BuildConfig], None]] = []
 def build_index(config: BuildConfig) -> BuildReport:
     """Index (or update the index of) every image under `config.data`."""
     started = time.perf_counter()
+    if config.prune and not Path(config.data).exists():
+        return _prune_vanished(config, started)
     result = scan(config.data)
     report = BuildReport(index_dir=str(config.index_dir), scanned=len(result.records))
     # The backbone loads first: when its weights are missing, no empty index folder is left behind.
     embedder = embedder_from_config(config.embed)
-    store = Store(config.index_dir, create=True)
-    try:
+    Path(config.index_dir).mkdir(parents=True, exist_ok=True)
+    with writer_lock(config.index_dir, "build-index"), Store(config.index_dir, create=True) as store:
         report.precision, report.device = embedder.precision_name, str(embedder.device)
         saved = store.spec
         if saved is not None:
@@ -79,9 +83,10 @@ def build_index(config: BuildConfig) -> BuildReport:
         if config.embed.weights and Path(config.embed.weights).is_file():
             store.set_meta("weights_path", str(Path(config.embed.weights).resolve()))  # for query-by-image
         known = store.known_files()
-        todo, unchanged = _plan(store, known, result.records)
-        report.unchanged = unchanged
         skipped: list[Skipped] = list(result.skipped)
+        plan = _plan(store, known, result.records)
+        todo, report.unchanged, report.moved = plan.todo, plan.unchanged, plan.moved
+        skipped += plan.skipped
         new_ids: list[int] = []
         embed_started = time.perf_counter()
         if todo:
@@ -93,6 +98,8 @@ def build_index(config: BuildConfig) -> BuildReport:
                 for row, i in enumerate(batch.indices):
                     record, (sha, size, mtime) = todo[i]
                     width, height = batch.sizes[row]
+                    record, problems = _fitted(record, width, height)
+                    skipped += problems
                     items.append(NewImage(record, sha, size, mtime, width, height,
                                           batch.embedded.vectors[row], batch.embedded.maps[row]))
                 report.replaced += sum(str(it.record.path) in known for it in items)
@@ -102,6 +109,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.images_per_second = embedded / max(time.perf_counter() - embed_started, 1e-9) if embedded else 0.0
         if config.prune:
             report.pruned = _prune(store, config.data, result.records)
+        skipped = _merged(skipped)
         store.record_skipped(skipped)
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
         spec = sync_faiss(store, embedder.spec, config.index_type)
@@ -110,46 +118,100 @@ def build_index(config: BuildConfig) -> BuildReport:
 
         for hook in POST_BUILD_HOOKS:
             hook(store, new_ids, config)
-    finally:
-        store.close()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _plan(store: Store, known: dict[str, tuple[int, str, int, int]], records: list[ImageRecord]
-          ) -> tuple[list[tuple[ImageRecord, tuple[str, int, int]]], int]:
-    """Which records need embedding: new paths, and files whose bytes changed (`known`: path -> stored row)."""
-    todo = []
-    unchanged = 0
+def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:
+    """`--prune` on a folder that is gone: drop its records (a moved or deleted folder); nothing to embed."""
+    report = BuildReport(index_dir=str(config.index_dir))
+    if not (Path(config.index_dir) / "simsearch.sqlite").exists():
+        raise NotFoundError(f"{config.data}: no such folder, and no index at {config.index_dir} to prune")
+    with writer_lock(config.index_dir, "build-index"), Store(config.index_dir) as store:
+        saved = store.spec
+        if saved is None or saved.index_type == "pending":
+            raise NotFoundError(f"{config.data}: no such folder (and the index was never finished)")
+        report.pruned = _prune(store, config.data, [])
+        log.info("%s is gone: pruned its %d records", config.data, report.pruned)
+        if store.count("embeddings"):
+            spec = sync_faiss(store, saved.embedder, config.index_type)
+            report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _fitted(record: ImageRecord, width: int, height: int) -> tuple[ImageRecord, list[Skipped]]:
+    """The record with its boxes clipped to the decoded image; boxes with nothing inside are reported."""
+    objects, problems = fit_objects(record.objects, width, height)
+    if not problems:
+        return (replace(record, objects=objects) if objects != record.objects else record), []
+    where = record.annotation or record.path
+    return replace(record, objects=objects), [Skipped(where, f"{p} ({width}x{height} image)") for p in problems]
+
+
+def _merged(skipped: list[Skipped]) -> list[Skipped]:
+    """One entry per file (the table is keyed by path): its reasons joined, in order, without repeats."""
+    reasons: dict[Path, list[str]] = {}
+    for item in skipped:
+        seen = reasons.setdefault(Path(item.path), [])
+        if item.reason not in seen:
+            seen.append(item.reason)
+    return [Skipped(path, "; ".join(why)) for path, why in reasons.items()]
+
+
+@dataclass
+class _Plan:
+    todo: list[tuple[ImageRecord, tuple[str, int, int]]]  # to embed, with (sha256, size, mtime_ns)
+    unchanged: int = 0
+    moved: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _plan(store: Store, known: dict[str, tuple[int, str, int, int]], records: list[ImageRecord]) -> _Plan:
+    """Which records need embedding: new paths, and files whose bytes changed (`known`: path -> stored row).
+
+    A file that cannot be read is skipped and reported, never fatal. A new path whose
+    bytes match a record whose own file is gone is that record, moved: it keeps its id
+    and vector instead of being embedded again beside a dead twin.
+    """
+    plan = _Plan([])
     for record in records:
         try:
             stat = os.stat(record.path)
-        except OSError:
-            continue  # vanished between scan and now: the next run prunes it
-        entry = known.get(str(record.path))
-        if entry and entry[2] == stat.st_size and entry[3] == stat.st_mtime_ns:
-            unchanged += 1  # same size and timestamp: trusted without reading the bytes
+            entry = known.get(str(record.path))
+            if entry and entry[2] == stat.st_size and entry[3] == stat.st_mtime_ns:
+                plan.unchanged += 1  # same size and timestamp: trusted without reading the bytes
+                continue
+            sha = file_sha256(record.path)
+        except OSError as e:
+            plan.skipped.append(Skipped(record.path, f"cannot be read ({e.strerror or e})"))
             continue
-        sha = file_sha256(record.path)
         if entry and entry[1] == sha:
             store.touch(str(record.path), stat.st_size, stat.st_mtime_ns)
-            unchanged += 1
+            plan.unchanged += 1
             continue
-        todo.append((record, (sha, stat.st_size, stat.st_mtime_ns)))
-    return todo, unchanged
+        if entry is None:
+            gone = [i for path, i in store.paths_with_sha256(sha).items() if not os.path.exists(path)]
+            if gone:
+                store.move_image(gone[0], record, stat.st_size, stat.st_mtime_ns)
+                plan.moved += 1
+                continue
+        plan.todo.append((record, (sha, stat.st_size, stat.st_mtime_ns)))
+    return plan
 
 
 def _prune(store: Store, data: Path, records: list[ImageRecord]) -> int:
     """Remove records under `data` that the scan no longer found (deleted or moved files)."""
-    root = str(Path(data).resolve())
+    root = os.path.abspath(data)
+    roots = {root, str(Path(data).resolve())}  # the folder as given and as its links resolve
     present = {str(r.path) for r in records}
     gone = [i for path, (i, *_rest) in store.known_files().items()
-            if (path == root or path.startswith(root.rstrip(os.sep) + os.sep)) and path not in present]
+            if any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots) and path not in present]
     return store.remove_images(gone)
 
 
 def sync_faiss(store: Store, embedder_spec, index_type: str | None = None) -> IndexSpec:
-    """Make index.faiss reflect exactly the vectors in SQLite, rebuilding when stale."""
+    """Make index.faiss reflect exactly the vectors in SQLite, rebuilding when stale or damaged."""
     if index_type:
         store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
     count = store.count("embeddings")
@@ -159,12 +221,15 @@ def sync_faiss(store: Store, embedder_spec, index_type: str | None = None) -> In
         )
     factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(count, embedder_spec.dim)
     saved = store.spec
-    if faiss_index.saved_generation(store.dir) != store.generation or saved is None or saved.index_type != factory:
-        ids, xb = store.vectors()  # read only when rebuilding: a no-change run must not load every vector
+    # verify=True: build-index vouches for the file it leaves, so its checksum is read, not assumed.
+    if faiss_index.saved_generation(store.dir, verify=True) != store.generation or saved is None \
+            or saved.index_type != factory:
+        # Generation and vectors from one read transaction: the stamp can only name what the file holds.
+        generation, ids, xb = store.vector_snapshot()
         index = faiss_index.build(xb, ids, factory)
         # The breadth that reaches the recall target on a sample of this very index, not a guess.
         params, _ = faiss_index.tune_params(index, xb, ids)
-        faiss_index.save(index, store.dir, store.generation)
+        faiss_index.save(index, store.dir, generation)
     else:
         params = faiss_index.SearchParams(saved.nprobe, saved.efsearch)
     spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simsearch.errors import BadInputError, NotFoundError, SimsearchError, WeightsUnavailableError
-from simsearch.read import file_sha256, open_image
+from simsearch.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.spec import EmbedderSpec, Preprocess
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class EmbedConfig:
     batch_size: int = 32  # images per forward pass
     workers: int = -1  # DataLoader decode processes; -1: one per spare core (at least 1)
     quiet: bool = False  # no progress bar
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images (after JPEG draft decode) are skipped, not decoded
 
 
 @dataclass
@@ -274,9 +275,11 @@ class Decoded:
 class ImageFileDataset(Dataset):
     """Decodes and preprocesses files in DataLoader workers, so the model never waits on JPEG."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], pre: Preprocess):
+    def __init__(self, paths: Sequence[str | os.PathLike], pre: Preprocess,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.paths = list(paths)
         self.pre = pre
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -285,7 +288,7 @@ class ImageFileDataset(Dataset):
         try:
             # JPEG draft decode: the model input is ~224 px, so decoding every pixel of a larger
             # photo is wasted work (measured 1.8x faster decode on 640x480 photos).
-            im = open_image(self.paths[i], draft=self.pre.input_size)
+            im = open_image(self.paths[i], draft=self.pre.input_size, max_pixels=self.max_pixels)
             width, height = im.info["full_size"]  # the file's upright size, not the draft's
             return Decoded(i, preprocess(im, self.pre), width, height)
         except SimsearchError as e:
@@ -318,7 +321,7 @@ def iter_file_batches(
 
     workers = default_workers() if config.workers < 0 else config.workers
     loader = DataLoader(
-        ImageFileDataset(paths, embedder.spec.preprocess),
+        ImageFileDataset(paths, embedder.spec.preprocess, config.max_pixels),
         batch_size=config.batch_size,
         num_workers=workers,
         collate_fn=_collate,

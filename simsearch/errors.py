@@ -20,3 +20,15 @@ class SpecMismatchError(SimsearchError):
 
 class WeightsUnavailableError(SimsearchError):
     """Pretrained weights could be neither found locally nor downloaded."""
+
+
+class ImageTooLargeError(BadInputError):
+    """An image whose header declares more pixels than the decoder is allowed to allocate."""
+
+
+class IndexDamagedError(SimsearchError):
+    """A file of the index folder is unreadable or inconsistent; the message says how to repair it."""
+
+
+class IndexBusyError(SimsearchError):
+    """Another process is writing to the index (a build, localize or train-localizer run)."""

@@ -6,6 +6,7 @@ and searches return `D, I` (scores, ids). Ids are the SQLite record ids
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.errors import BadInputError
+from simsearch.errors import BadInputError, IndexDamagedError
 
 log = logging.getLogger(__name__)
 
@@ -174,35 +175,80 @@ def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save(index, index_dir: str | os.PathLike, generation: int) -> None:
-    """Write atomically, then stamp with the store generation it reflects."""
+    """Write atomically, then stamp with the store generation it reflects and the file's checksum.
+
+    The stamp names the file by size and sha256, so a FAISS file that is truncated,
+    damaged, or written by another process after the stamp is never trusted.
+    """
     faiss = _faiss()
     index_dir = Path(index_dir)
-    tmp = index_dir / (FAISS_NAME + ".tmp")
+    tmp = index_dir / (FAISS_NAME + f".{os.getpid()}.tmp")
     faiss.write_index(_to_cpu(index), str(tmp))
+    state = {"generation": generation, "ntotal": int(index.ntotal), "size": tmp.stat().st_size,
+             "sha256": _sha256(tmp)}
     os.replace(tmp, index_dir / FAISS_NAME)
-    state_tmp = index_dir / (STATE_NAME + ".tmp")
-    state_tmp.write_text(json.dumps({"generation": generation, "ntotal": int(index.ntotal)}))
+    state_tmp = index_dir / (STATE_NAME + f".{os.getpid()}.tmp")
+    state_tmp.write_text(json.dumps(state))
     os.replace(state_tmp, index_dir / STATE_NAME)
 
 
-def saved_generation(index_dir: str | os.PathLike) -> int | None:
-    """The store generation the saved FAISS file reflects, or None when there is none."""
-    index_dir = Path(index_dir)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state(index_dir: Path) -> dict | None:
     try:
         state = json.loads((index_dir / STATE_NAME).read_text())
-    except (OSError, ValueError):
+        return {"generation": int(state["generation"]), "ntotal": int(state["ntotal"]),
+                "size": int(state["size"]), "sha256": str(state["sha256"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, damaged, or written before the checksum existed: not trusted
+
+
+def saved_generation(index_dir: str | os.PathLike, verify: bool = False) -> int | None:
+    """The store generation the saved FAISS file reflects, or None when there is no file to trust.
+
+    The file must have the stamped size; with `verify` its sha256 is checked too
+    (build-index does, since it vouches for the index; opening for a query reads the
+    size only, so a large index opens fast, and `load` checks ntotal).
+    """
+    index_dir = Path(index_dir)
+    state = _state(index_dir)
+    if state is None:
         return None
-    return int(state["generation"]) if (index_dir / FAISS_NAME).exists() else None
+    try:
+        size = (index_dir / FAISS_NAME).stat().st_size
+    except OSError:
+        return None
+    if size != state["size"] or (verify and _sha256(index_dir / FAISS_NAME) != state["sha256"]):
+        log.warning("%s does not match its stamp (damaged or replaced): it will be rebuilt", index_dir / FAISS_NAME)
+        return None
+    return state["generation"]
 
 
 def load(index_dir: str | os.PathLike, use_gpu: bool = True):
-    """Memory-mapped where the index type allows it, so opening a large index is instant."""
+    """Memory-mapped where the index type allows it, so opening a large index is instant.
+
+    Raises IndexDamagedError when faiss cannot read the file or it holds another
+    count of vectors than stamped: the caller rebuilds it from SQLite.
+    """
     faiss = _faiss()
-    path = str(Path(index_dir) / FAISS_NAME)
+    index_dir = Path(index_dir)
+    path = str(index_dir / FAISS_NAME)
+    state = _state(index_dir)
     try:
-        index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:
-        index = faiss.read_index(path)
+        try:
+            index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            index = faiss.read_index(path)
+    except RuntimeError as e:
+        raise IndexDamagedError(f"{path} cannot be read ({str(e).splitlines()[0]})") from e
+    if state is None or index.ntotal != state["ntotal"]:
+        raise IndexDamagedError(f"{path} holds {index.ntotal} vectors, not the {state and state['ntotal']} stamped")
     return _to_gpu(index) if use_gpu else index
 
 

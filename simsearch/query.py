@@ -14,10 +14,11 @@ import numpy as np
 
 from simsearch import index as faiss_index
 from simsearch.embed import Embedder, load_backbone
-from simsearch.errors import NotFoundError, SimsearchError
-from simsearch.read import file_sha256, open_image
+from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError
+from simsearch.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.store import Store
+from simsearch.writelock import try_writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,34 +50,58 @@ class Searcher:
     """An opened index, ready to answer many queries."""
 
     def __init__(self, index_dir: str | os.PathLike, device: str = "auto", precision: str = "auto",
-                 weights: str | None = None):
+                 weights: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.store = Store(index_dir)
         spec = self.store.spec
         if spec is None or spec.index_type == "pending":
+            self.store.close()
             raise NotFoundError(
                 f"{index_dir}: the index was never finished; run simsearch build-index again with --index {index_dir}"
             )
         self.spec: IndexSpec = spec
-        self.device, self.precision, self.weights = device, precision, weights
+        self.device, self.precision, self.weights, self.max_pixels = device, precision, weights, max_pixels
         self._embedder: Embedder | None = None
-        self.loaded_generation = self.store.generation
-        self.index = self._open_faiss()
+        self.loaded_generation, self.index = self._open_faiss()
 
-    def _open_faiss(self):
-        if faiss_index.saved_generation(self.store.dir) == self.store.generation:
-            index = faiss_index.load(self.store.dir)
-        else:
-            # A build was interrupted after committing vectors: FAISS is rebuilt from SQLite,
-            # the source of truth, rather than answering from a stale file.
-            log.warning("index.faiss is stale; rebuilding it from %s", self.store.dir)
-            ids, xb = self.store.vectors()
-            index = faiss_index.build(xb, ids, self.spec.index_type)
+    def _open_faiss(self) -> tuple[int, object]:
+        """(generation, index): the saved file when it is current and sound, else rebuilt from SQLite."""
+        generation = self.store.generation
+        index = None
+        if faiss_index.saved_generation(self.store.dir) == generation:
             try:
-                faiss_index.save(index, self.store.dir, self.store.generation)
-            except OSError:
-                pass  # read-only index folder: the in-memory rebuild still answers correctly
+                index = faiss_index.load(self.store.dir)
+            except IndexDamagedError as e:
+                log.warning("%s; rebuilding it from %s", e, self.store.dir / "simsearch.sqlite")
+        if index is None:
+            # Interrupted, damaged or stale: FAISS is derived data, rebuilt from SQLite (the source of
+            # truth), with the generation read in the same transaction as the vectors.
+            log.warning("index.faiss is stale or damaged; rebuilding it from %s", self.store.dir)
+            generation, ids, xb = self.store.vector_snapshot()
+            index = faiss_index.build(xb, ids, self.spec.index_type)
+            self._save_quietly(index, generation)
         faiss_index.apply_params(index, faiss_index.SearchParams(self.spec.nprobe, self.spec.efsearch))
-        return index
+        return generation, index
+
+    def _save_quietly(self, index, generation: int) -> None:
+        """Keep the rebuilt file for the next process, unless a writer is busy or the folder is read-only."""
+        try:
+            lock = try_writer_lock(self.store.dir, "query (saving a rebuilt index.faiss)")
+        except OSError:
+            return  # read-only index folder: the in-memory rebuild still answers correctly
+        if lock is None:
+            return  # a build is running and will write its own
+        try:
+            faiss_index.save(index, self.store.dir, generation)
+        except OSError:
+            pass
+        finally:
+            os.close(lock)
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.store.close()
@@ -97,12 +122,13 @@ class Searcher:
         return self._embedder
 
     def vector_of_file(self, path: str | os.PathLike) -> np.ndarray:
-        return self.embedder.embed_images([open_image(path)]).vectors[0]
+        image = open_image(path, draft=self.spec.embedder.preprocess.input_size, max_pixels=self.max_pixels)
+        return self.embedder.embed_images([image]).vectors[0]
 
     def search(self, query: int | str | os.PathLike, k: int = 10) -> QueryResult:
         """Neighbours of a record id (int) or an image file (path), best first."""
         if k < 1:
-            raise SimsearchError("k must be at least 1")
+            raise BadInputError("k must be at least 1")
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         if isinstance(query, (int, np.integer)):
             record = self.store.image(int(query))

@@ -14,22 +14,30 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import stat
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps
 
-from simsearch.errors import BadInputError, NotFoundError
+from simsearch.errors import BadInputError, ImageTooLargeError, NotFoundError, SimsearchError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VOC_SPLITS = ("train", "val", "test")  # preferred over "trainval", which only says "not test"
-# Guards against decompression bombs without refusing real large photos.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+# Pixels decoded at most for one image: a 64 MP photo (a 61 MP full-frame camera's) decodes to
+# ~190 MB of RGB; a few-hundred-KB PNG declaring 19000x19000 would cost gigabytes, and is refused
+# from its header before a pixel is decoded. JPEGs count the pixels of their draft (reduced) decode.
+DEFAULT_MAX_PIXELS = 64_000_000
+# open_image checks every header against its own `max_pixels`, which users may raise; PIL's
+# global guard would overrule them, so it is off.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -67,6 +75,7 @@ class ImageRecord:
     dataset: str  # e.g. "VOC2007", "indoor-boxes", or the scanned folder's name
     split: str | None = None
     objects: list[GroundTruthObject] = field(default_factory=list)
+    annotation: Path | None = None  # the XML or box-list file the objects came from
 
 
 @dataclass(frozen=True)
@@ -87,17 +96,85 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def open_image(path: str | os.PathLike, draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+def unreadable_reason(path: Path) -> str | None:
+    """Why `path` cannot be read as an image file (None: a regular file we may open).
+
+    Only regular files are ever opened: a FIFO blocks a reader forever, a link to
+    /dev/zero never ends, and a folder named `x.jpg` is not a file at all.
+    """
+    try:
+        info = os.stat(path)  # follows links: a link to a regular file is fine
+    except FileNotFoundError:
+        return "broken link (its target does not exist)" if os.path.islink(path) else "vanished while scanning"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder, not an image file"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) or \
+            stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file"
+        return f"{kind}, not an image file"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
+
+
+def fit_box(coords: Sequence[float], width: float | None = None, height: float | None = None
+            ) -> tuple[tuple[float, float, float, float] | None, str | None]:
+    """A box clipped to the image, or (None, why) when nothing usable is left of it.
+
+    Negative and out-of-image coordinates are clipped (labelling tools overshoot by a
+    pixel or two); NaN, infinite, inverted and empty boxes are dropped with a reason.
+    """
+    x0, y0, x1, y1 = (float(v) for v in coords)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return None, "a coordinate is not a finite number"
+    if x1 < x0 or y1 < y0:
+        return None, "inverted box (max < min)"
+    x0, y0 = max(0.0, x0), max(0.0, y0)
+    if width is not None and height is not None:
+        x1, y1 = min(float(width), x1), min(float(height), y1)
+    if x1 <= x0 or y1 <= y0:
+        return None, "empty box, or no part of it inside the image"
+    return (x0, y0, x1, y1), None
+
+
+def fit_objects(objects: Sequence[GroundTruthObject], width: float | None = None, height: float | None = None
+                ) -> tuple[list[GroundTruthObject], list[str]]:
+    """`objects` with each box fitted to the image (see `fit_box`), and why any were dropped."""
+    kept: list[GroundTruthObject] = []
+    problems: list[str] = []
+    for number, obj in enumerate(objects, 1):
+        box, why = fit_box((obj.xmin, obj.ymin, obj.xmax, obj.ymax), width, height)
+        if box is None:
+            problems.append(f"object {number} ({obj.label!r}) dropped: {why}")
+        elif box != (obj.xmin, obj.ymin, obj.xmax, obj.ymax):
+            kept.append(replace(obj, xmin=box[0], ymin=box[1], xmax=box[2], ymax=box[3]))
+        else:
+            kept.append(obj)
+    return kept, problems
+
+
+def open_image(path: str | os.PathLike | BinaryIO,
+               draft: Callable[[int, int], tuple[int, int]] | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               name: str | None = None) -> Image.Image:
     """Decode an image as upright 8-bit RGB, whatever its mode or EXIF orientation.
 
-    Raises BadInputError for files PIL cannot fully decode (truncated, not an image),
-    so callers can skip them without catching PIL's many exception types.
+    Raises BadInputError for anything that is not a fully decodable image (truncated,
+    not an image, a decompression bomb, a plugin choking on hostile bytes), so a bad
+    file is one skipped item for the caller, never a crash.
 
     `draft` maps the file's stored (width, height) to the smallest size the caller
     needs; JPEGs then decode at 1/2, 1/4 or 1/8 scale when that still covers it,
     several times faster than a full decode that is shrunk anyway. The image is then
     smaller than the file: `image.info["full_size"]` always holds the full upright size.
+
+    `max_pixels` is checked against the header before any pixel is decoded (after the
+    draft scale, so a large JPEG that decodes small is fine): memory stays bounded
+    whatever the file claims. `name` names an in-memory file in messages.
     """
+    label = name or path
     try:
         with Image.open(path) as im:
             width, height = im.size
@@ -105,15 +182,23 @@ def open_image(path: str | os.PathLike, draft: Callable[[int, int], tuple[int, i
             full_size = (height, width) if rotated else (width, height)
             if draft is not None and im.format == "JPEG":
                 im.draft("RGB", draft(width, height))
+            if max_pixels and im.size[0] * im.size[1] > max_pixels:
+                raise ImageTooLargeError(
+                    f"{label}: {width}x{height} pixels ({width * height / 1e6:.0f} MP) is over the limit of "
+                    f"{max_pixels / 1e6:.0f} MP; pass --max-pixels to allow larger images")
             im.load()  # force the full decode now: truncated files fail here, not later
             im = ImageOps.exif_transpose(im)
             im = _to_rgb(im)
             im.info["full_size"] = full_size
             return im
+    except SimsearchError:
+        raise
     except FileNotFoundError as e:
-        raise NotFoundError(f"{path}: no such image file") from e
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadInputError(f"{path}: cannot decode image ({e})") from e
+        raise NotFoundError(f"{label}: no such image file") from e
+    except MemoryError as e:
+        raise BadInputError(f"{label}: not enough memory to decode this image") from e
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on hostile bytes; all mean "unusable"
+        raise BadInputError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -128,7 +213,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def scan(root: str | os.PathLike) -> ScanResult:
-    """Find every usable image below `root`, reading VOC and box-list annotations."""
+    """Find every usable image below `root`, reading VOC and box-list annotations.
+
+    Links are followed, but each real folder is read once (a link back to a parent
+    would otherwise loop forever) and each file is listed once however many links
+    reach it. Anything that is not a regular file is reported as skipped, not opened.
+    """
     root = Path(root)
     if not root.exists():
         raise NotFoundError(f"{root}: no such folder. Give a VOC year folder, a VOCdevkit/ or a folder of images.")
@@ -141,8 +231,7 @@ def scan(root: str | os.PathLike) -> ScanResult:
     skipped: list[Skipped] = []
     claimed: set[Path] = set()  # dataset folders whose images were read with their annotations
 
-    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-        here = Path(dirpath)
+    for here, dirnames, _ in _walk(root, skipped):
         if _is_voc_year(here):
             result = read_voc_year(here)
         elif _is_box_dataset(here):
@@ -154,20 +243,57 @@ def scan(root: str | os.PathLike) -> ScanResult:
         claimed.add(here.resolve())
         dirnames[:] = []  # a dataset's own subfolders (segmentation masks etc.) are not photos
 
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
+    for here, dirnames, filenames in _walk(root, None):
         if here.resolve() in claimed:
             dirnames[:] = []
             continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = here / name
-            if is_image_file(path) and not name.startswith("."):
+            if not is_image_file(path) or name.startswith("."):
+                continue
+            why = unreadable_reason(path)
+            if why:
+                skipped.append(Skipped(path.absolute(), why))
+            else:
                 records.append(ImageRecord(path.resolve(), "folder", root.resolve().name))
 
+    records = _one_per_file(records)
     records.sort(key=lambda r: str(r.path))
     log.info("scanned %s: %d images, %d skipped", root, len(records), len(skipped))
     return ScanResult(records, skipped)
+
+
+def _walk(root: Path, skipped: list[Skipped] | None) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """os.walk following links, each real folder once; unreadable folders go to `skipped`."""
+    seen: set[tuple[int, int]] = set()
+
+    def failed(error: OSError) -> None:
+        if skipped is not None and error.filename:
+            skipped.append(Skipped(Path(error.filename).absolute(), f"folder cannot be read ({error.strerror})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=failed):
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:  # reached again through a link: already read
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield Path(dirpath), dirnames, filenames
+
+
+def _one_per_file(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The first record of each resolved path: two links to one file are one image."""
+    seen: set[Path] = set()
+    unique = []
+    for record in records:
+        if record.path not in seen:
+            seen.add(record.path)
+            unique.append(record)
+    return unique
 
 
 def _is_voc_year(folder: Path) -> bool:
@@ -182,21 +308,53 @@ def read_voc_year(folder: str | os.PathLike) -> ScanResult:
     """Read one VOC year folder: every JPEG, its XML objects and its split."""
     folder = Path(folder)
     splits = _voc_splits(folder)
+    return _read_dataset(folder / "JPEGImages", lambda stem: folder / "Annotations" / f"{stem}.xml",
+                         parse_voc_xml, "voc", folder.name, splits)
+
+
+def _read_dataset(images: Path, annotation_of: Callable[[str], Path],
+                  parse: Callable[..., list[GroundTruthObject]], source: str, dataset: str,
+                  splits: dict[str, str]) -> ScanResult:
+    """Every image file of `images` with the objects of its annotation file.
+
+    A broken annotation costs only its boxes (the image is still indexed), a bad box
+    only itself; both are reported, without repeating the path in the reason.
+    """
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
-    for path in sorted((folder / "JPEGImages").iterdir()):
-        if not is_image_file(path):
+    try:
+        entries = sorted(images.iterdir())
+    except OSError as e:
+        return ScanResult([], [Skipped(images.absolute(), f"folder cannot be read ({e.strerror or e})")])
+    for path in entries:
+        if not is_image_file(path) or path.name.startswith("."):
             continue
-        xml = folder / "Annotations" / f"{path.stem}.xml"
+        why = unreadable_reason(path)
+        if why:
+            skipped.append(Skipped(path.absolute(), why))
+            continue
+        listing = annotation_of(path.stem)
         objects: list[GroundTruthObject] = []
-        if xml.exists():
+        problems: list[str] = []
+        if os.path.lexists(listing):
+            why = unreadable_reason(listing)
             try:
-                objects = parse_voc_xml(xml)
+                if why:
+                    raise BadInputError(f"{listing}: {why}")
+                objects = parse(listing, problems)
             except BadInputError as e:
                 # The image is still worth indexing; only its boxes are lost, and that is reported.
-                skipped.append(Skipped(xml.resolve(), str(e)))
-        records.append(ImageRecord(path.resolve(), "voc", folder.name, splits.get(path.stem), objects))
+                problems = [_without_path(str(e), listing)]
+        if problems:
+            skipped.append(Skipped(listing.absolute(), "; ".join(problems)))
+        records.append(ImageRecord(path.resolve(), source, dataset, splits.get(path.stem), objects,
+                                   listing.absolute() if objects or problems else None))
     return ScanResult(records, skipped)
+
+
+def _without_path(message: str, path: Path) -> str:
+    """A reason as printed beside its path: without the path a second time."""
+    return message.removeprefix(f"{path}: ")
 
 
 def _voc_splits(folder: Path) -> dict[str, str]:
@@ -213,14 +371,18 @@ def _voc_splits(folder: Path) -> dict[str, str]:
     return splits
 
 
-def parse_voc_xml(path: str | os.PathLike) -> list[GroundTruthObject]:
-    """Parse a VOC annotation, tolerating empty tags and float coordinates."""
+def parse_voc_xml(path: str | os.PathLike, problems: list[str] | None = None) -> list[GroundTruthObject]:
+    """Parse a VOC annotation, tolerating empty tags and float coordinates.
+
+    An object with a bad box (non-numeric, NaN, inverted) is left out and described
+    in `problems` when given; only an unreadable or malformed file raises.
+    """
     try:
         tree = ET.parse(path)
-    except (ET.ParseError, OSError) as e:
+    except (ET.ParseError, OSError, ValueError) as e:
         raise BadInputError(f"{path}: broken VOC XML ({e})") from e
     objects = []
-    for obj in tree.getroot().iter("object"):
+    for number, obj in enumerate(tree.getroot().iter("object"), 1):
         name = (obj.findtext("name") or "").strip()
         box = obj.find("bndbox")
         if not name or box is None:
@@ -228,11 +390,22 @@ def parse_voc_xml(path: str | os.PathLike) -> list[GroundTruthObject]:
         try:
             coords = [float((box.findtext(tag) or "").strip()) for tag in ("xmin", "ymin", "xmax", "ymax")]
         except ValueError as e:
-            raise BadInputError(f"{path}: object {name!r} has a non-numeric box ({e})") from e
+            _problem(problems, f"object {number} ({name!r}) dropped: non-numeric box ({e})")
+            continue
+        fitted, why = fit_box(coords)
+        if fitted is None:
+            _problem(problems, f"object {number} ({name!r}) dropped: {why}")
+            continue
         objects.append(
-            GroundTruthObject(name, *coords, difficult=_flag(obj, "difficult"), truncated=_flag(obj, "truncated"))
+            GroundTruthObject(name, *fitted, difficult=_flag(obj, "difficult"), truncated=_flag(obj, "truncated"))
         )
     return objects
+
+
+def _problem(problems: list[str] | None, text: str) -> None:
+    if problems is not None:
+        problems.append(text)
+    log.info(text)
 
 
 def _flag(obj: ET.Element, tag: str) -> bool:
@@ -246,34 +419,36 @@ def _flag(obj: ET.Element, tag: str) -> bool:
 def read_box_dataset(folder: str | os.PathLike) -> ScanResult:
     """Read an `images/` + `ground-truth/NAME.txt` dataset (`class left top right bottom`)."""
     folder = Path(folder)
-    records: list[ImageRecord] = []
-    skipped: list[Skipped] = []
-    for path in sorted((folder / "images").iterdir()):
-        if not is_image_file(path):
-            continue
-        listing = folder / "ground-truth" / f"{path.stem}.txt"
-        objects: list[GroundTruthObject] = []
-        if listing.exists():
-            try:
-                objects = parse_box_list(listing)
-            except BadInputError as e:
-                skipped.append(Skipped(listing.resolve(), str(e)))
-        records.append(ImageRecord(path.resolve(), "boxes", folder.name, None, objects))
-    return ScanResult(records, skipped)
+    return _read_dataset(folder / "images", lambda stem: folder / "ground-truth" / f"{stem}.txt",
+                         parse_box_list, "boxes", folder.name, {})
 
 
-def parse_box_list(path: str | os.PathLike) -> list[GroundTruthObject]:
-    """Parse `class left top right bottom` lines; class names may contain spaces."""
+def parse_box_list(path: str | os.PathLike, problems: list[str] | None = None) -> list[GroundTruthObject]:
+    """Parse `class left top right bottom` lines; class names may contain spaces.
+
+    A bad line (too short, non-numeric, NaN, inverted box) is left out and described
+    in `problems` when given; the other lines still count.
+    """
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read box list ({e.strerror or e})") from e
     objects = []
-    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) < 5:
-            raise BadInputError(f"{path}:{number}: expected 'class left top right bottom', got {line!r}")
+            _problem(problems, f"line {number} dropped: expected 'class left top right bottom', got {line[:80]!r}")
+            continue
         try:
             coords = [float(v) for v in parts[-4:]]
-        except ValueError as e:
-            raise BadInputError(f"{path}:{number}: non-numeric box in {line!r}") from e
-        objects.append(GroundTruthObject(" ".join(parts[:-4]), *coords))
+        except ValueError:
+            _problem(problems, f"line {number} dropped: non-numeric box in {line[:80]!r}")
+            continue
+        fitted, why = fit_box(coords)
+        if fitted is None:
+            _problem(problems, f"line {number} dropped: {why}")
+            continue
+        objects.append(GroundTruthObject(" ".join(parts[:-4]), *fitted))
     return objects

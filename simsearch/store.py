@@ -13,14 +13,14 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import sqlite_utils
 
-from simsearch.errors import NotFoundError
+from simsearch.errors import IndexDamagedError, NotFoundError
 from simsearch.read import GroundTruthObject, ImageRecord, Skipped
 from simsearch.spec import IndexSpec
 
@@ -89,6 +89,53 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger "id" names no record
+
+
+def damaged(path: Path, error: BaseException) -> IndexDamagedError:
+    """The one message for a damaged database: what SQLite found, and how to recover."""
+    found = str(error)
+    try:  # a fresh connection: the failing one may be in any state
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
+            found = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.Error as e:
+        found = f"{error}; quick_check: {e}"
+    return IndexDamagedError(
+        f"{path} is damaged ({found}). Its images are all still on disk: move the folder {path.parent} "
+        f"away and run simsearch build-index again to rebuild it")
+
+
+class _CheckedConnection(sqlite3.Connection):
+    """Turns SQLite's 'not a database' / 'malformed' errors into IndexDamagedError with advice.
+
+    Only the plain DatabaseError type means damage: its subclasses (a missing table,
+    a constraint) are ordinary and pass through.
+    """
+
+    def execute(self, *args, **kwargs):
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise self._translated(e) from e
+
+    def executemany(self, *args, **kwargs):
+        try:
+            return super().executemany(*args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise self._translated(e) from e
+
+    def executescript(self, *args, **kwargs):
+        try:
+            return super().executescript(*args, **kwargs)
+        except sqlite3.DatabaseError as e:
+            raise self._translated(e) from e
+
+    def _translated(self, error: sqlite3.DatabaseError) -> BaseException:
+        if type(error) is sqlite3.DatabaseError or "malformed" in str(error):
+            return damaged(self.path, error)
+        return error
+
+
 class Store:
     """The SQLite side of one index folder."""
 
@@ -102,14 +149,27 @@ class Store:
                 )
             self.dir.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: every write below runs in an explicit BEGIN ... COMMIT of our own.
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")  # readers (query, serve) never block a running build
-        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process intact
-        conn.execute("PRAGMA foreign_keys=ON")
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30,
+                               factory=_CheckedConnection)
+        conn.path = path
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")  # readers (query, serve) never block a running build
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process intact
+            conn.execute("PRAGMA foreign_keys=ON")
+            if create:
+                conn.executescript(SCHEMA)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: fails on garbage
+        except BaseException:
+            conn.close()
+            raise
         self.db = sqlite_utils.Database(conn)
-        if create:
-            conn.executescript(SCHEMA)
         self._columns: list[str] | None = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.db.conn.close()
@@ -182,12 +242,7 @@ class Store:
                 )
                 image_id = int(cur.lastrowid)
                 ids.append(image_id)
-                conn.executemany(
-                    "INSERT INTO objects(image_id, label, xmin, ymin, xmax, ymax, difficult, truncated)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(image_id, o.label, o.xmin, o.ymin, o.xmax, o.ymax, int(o.difficult), int(o.truncated))
-                     for o in item.record.objects],
-                )
+                self._insert_objects(conn, image_id, item.record.objects)
                 conn.execute("INSERT INTO embeddings(image_id, vector) VALUES (?, ?)",
                              [image_id, np.ascontiguousarray(item.vector, dtype=np.float32).tobytes()])
                 conn.execute("INSERT INTO feature_maps(image_id, data) VALUES (?, ?)",
@@ -195,6 +250,30 @@ class Store:
                 conn.execute("DELETE FROM skipped WHERE path = ?", [path])
             self._bump(conn)
         return ids
+
+    def move_image(self, image_id: int, record: ImageRecord, size: int, mtime_ns: int) -> None:
+        """A known file found at a new path (same bytes): keep its id and vector, take the new path and boxes."""
+        path = str(record.path)
+        with self.transaction() as conn:
+            conn.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ?, split = ?, source = ?, dataset = ?"
+                         " WHERE id = ?", [path, size, mtime_ns, record.split, record.source, record.dataset,
+                                           int(image_id)])
+            conn.execute("DELETE FROM objects WHERE image_id = ?", [int(image_id)])
+            self._insert_objects(conn, int(image_id), record.objects)
+            conn.execute("DELETE FROM skipped WHERE path = ?", [path])
+
+    def paths_with_sha256(self, sha256: str) -> dict[str, int]:
+        """path -> id of every record with these bytes."""
+        return {r[0]: r[1] for r in self.db.execute("SELECT path, id FROM images WHERE sha256 = ?", [sha256])}
+
+    @staticmethod
+    def _insert_objects(conn: sqlite3.Connection, image_id: int, objects: Sequence[GroundTruthObject]) -> None:
+        conn.executemany(
+            "INSERT INTO objects(image_id, label, xmin, ymin, xmax, ymax, difficult, truncated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(image_id, o.label, o.xmin, o.ymin, o.xmax, o.ymax, int(o.difficult), int(o.truncated))
+             for o in objects],
+        )
 
     def touch(self, path: str, size: int, mtime_ns: int) -> None:
         """A file whose timestamp changed but whose bytes did not: no need to embed it again."""
@@ -236,6 +315,26 @@ class Store:
         xb = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
         return id_array, xb
 
+    def vector_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(generation, ids, xb) read in one transaction: the vectors are exactly that generation's.
+
+        A FAISS file stamped with a generation read before or after the vectors could
+        claim to hold images it does not (a build committing in between).
+        """
+        with self._read_transaction():
+            generation = self.generation
+            ids, xb = self.vectors()
+        return generation, ids, xb
+
+    @contextmanager
+    def _read_transaction(self) -> Iterator[None]:
+        conn = self.db.conn
+        conn.execute("BEGIN")  # deferred: in WAL mode a consistent snapshot that blocks no writer
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+
     def feature_maps(self, ids: Sequence[int]) -> np.ndarray:
         """(n, C, H, W) float16 maps in the order of `ids`."""
         spec = self.spec
@@ -250,14 +349,15 @@ class Store:
 
     def _rows_for(self, sql: str, ids: Sequence[int]) -> list[tuple]:
         rows: list[tuple] = []
-        ids = [int(i) for i in ids]
+        ids = [int(i) for i in ids if 0 <= int(i) <= MAX_ID]
         for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
             chunk = ids[start:start + 900]
             rows += self.db.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
         return rows
 
     def image(self, image_id: int) -> dict:
-        rows = list(self.db.query("SELECT * FROM images WHERE id = ?", [int(image_id)]))
+        rows = list(self.db.query("SELECT * FROM images WHERE id = ?", [int(image_id)])) \
+            if 0 <= int(image_id) <= MAX_ID else []
         if not rows:
             raise NotFoundError(f"no record with id {image_id} in {self.dir}; `simsearch info` shows the ids")
         return rows[0]

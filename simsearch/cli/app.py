@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,10 @@ def reported() -> Iterator[None]:
         yield
     except SimsearchError as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except sqlite3.DatabaseError as e:  # damage found mid-read, past the store's own checks
+        typer.echo(f"error: an index database is damaged ({e}); move the index folder away and run "
+                   "simsearch build-index again", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: work committed so far is kept; run the same command again to finish", err=True)

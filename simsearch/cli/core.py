@@ -10,6 +10,10 @@ import typer
 from simsearch.cli.app import app, echo_json, echo_table, reported
 
 INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
+MAX_PIXELS_OPTION = typer.Option(
+    64, "--max-pixels", min=1,
+    help="Largest image to decode, in megapixels (JPEGs count their reduced decode); larger ones are skipped, "
+         "so a decompression bomb cannot exhaust memory.")
 
 
 @app.command("build-index")
@@ -23,7 +27,8 @@ def build_index_command(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes; -1 = one per spare core."),
     index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
-    prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone."),
+    prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone (all of them when DATA itself is gone)."),
+    max_pixels: int = MAX_PIXELS_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index every image under DATA. Run again to add new or changed files only."""
@@ -31,12 +36,13 @@ def build_index_command(
     from simsearch.embed import EmbedConfig
 
     with reported():
-        embed = EmbedConfig(model, weights, device, precision, batch_size, workers, quiet)
+        embed = EmbedConfig(model, weights, device, precision, batch_size, workers, quiet,
+                            max_pixels=max_pixels * 1_000_000)
         report = build_index(BuildConfig(data, index, embed, index_type, prune))
     echo_json(asdict(report))
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}): {report.added} added, "
-        f"{report.replaced} replaced, {report.unchanged} unchanged, {report.pruned} pruned, "
+        f"{report.replaced} replaced, {report.unchanged} unchanged, {report.moved} moved, {report.pruned} pruned, "
         f"{len(report.skipped)} skipped; {report.images_per_second:.1f} img/s ({report.precision} on {report.device})",
         err=True,
     )
@@ -56,6 +62,7 @@ def query_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding the query image)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="The weights file the index was built with, if not the default."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page of the result (thumbnails and box crops) to this file."),
+    max_pixels: int = MAX_PIXELS_OPTION,
 ) -> None:
     """Images like this one: neighbours with scores, classes and boxes."""
     from simsearch.errors import BadInputError
@@ -66,7 +73,7 @@ def query_command(
             raise BadInputError("give either an image file or --id ID (not both)")
         if fmt not in ("json", "table"):
             raise BadInputError(f"unknown format {fmt!r}; use json or table")
-        searcher = Searcher(index, device=device, weights=weights)
+        searcher = Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000)
         result = searcher.search(record_id if record_id is not None else image, k)
         if html is not None:
             from simsearch.page import write_query_page
