@@ -25,16 +25,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from simsearch import build as _build
-from simsearch.errors import BadInputError, NotFoundError, SpecMismatchError
+from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError, SpecMismatchError
 from simsearch.metrics import Evaluation, evaluate_predictions
 from simsearch.read import GroundTruthObject
 from simsearch.spec import EmbedderSpec
 from simsearch.store import Store
+from simsearch.writelock import writer_lock
 
 log = logging.getLogger(__name__)
 
-HEAD_WEIGHTS = "localizer.pt"
-HEAD_SPEC = "localizer.json"
+HEAD_FILE = "localizer.pt"  # {"format", "spec" (HeadSpec JSON), "state" (weights)}: one file, one rename
+HEAD_FORMAT = 2
+LEGACY_SPEC = "localizer.json"  # format 1 kept the spec in a second file, which a kill could leave stale
 TARGETS = ("largest",)  # how one image's objects become its training target(s)
 
 PREDICTIONS_SCHEMA = """
@@ -100,7 +102,7 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """Everything `localizer.json` records: what the head predicts and whose features it reads."""
+    """Everything a saved head records: what the head predicts and whose features it reads."""
 
     classes: tuple[str, ...]
     backbone: str  # EmbedderSpec.backbone of the features it was trained on
@@ -147,28 +149,42 @@ class Localizer:
 
     @staticmethod
     def exists(folder: str | os.PathLike) -> bool:
-        return (Path(folder) / HEAD_SPEC).is_file() and (Path(folder) / HEAD_WEIGHTS).is_file()
+        return (Path(folder) / HEAD_FILE).is_file()
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str = "cpu") -> "Localizer":
+        """The head saved in `folder`: weights and spec from one file, so they can never disagree."""
         folder = Path(folder)
-        if not cls.exists(folder):
+        path = folder / HEAD_FILE
+        if not path.is_file():
             raise NotFoundError(f"{folder}: no localizer head here. Train one: simsearch train-localizer --index {folder}")
-        spec = HeadSpec.from_json((folder / HEAD_SPEC).read_text())
-        head = LocalizerHead(spec.feature_shape[0], len(spec.classes), spec.feature_shape[1:], spec.width, spec.hidden)
-        state = torch.load(folder / HEAD_WEIGHTS, map_location="cpu", weights_only=True)
-        head.load_state_dict(state)
+        retrain = f"train it again: simsearch train-localizer --index {folder}"
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: torch raises many types
+            raise IndexDamagedError(f"{path} cannot be read ({type(e).__name__}); {retrain}") from e
+        if not isinstance(saved, dict) or saved.get("format") != HEAD_FORMAT:
+            raise IndexDamagedError(f"{path} was written by an older simsearch (weights and spec in two files); "
+                                    f"{retrain}")
+        try:
+            spec = HeadSpec.from_json(saved["spec"])
+            head = LocalizerHead(spec.feature_shape[0], len(spec.classes), spec.feature_shape[1:], spec.width,
+                                 spec.hidden)
+            head.load_state_dict(saved["state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise IndexDamagedError(f"{path} is inconsistent ({str(e).splitlines()[0]}); {retrain}") from e
         return cls(head, spec, device)
 
     def save(self, folder: str | os.PathLike) -> None:
-        """Weights first, spec last, each replaced atomically: a spec never names weights that are not there."""
+        """Weights and spec in one file, replaced atomically: a kill leaves the old head or the new one."""
         folder = Path(folder)
-        tmp = folder / (HEAD_WEIGHTS + ".tmp")
-        torch.save({k: v.cpu() for k, v in self.head.state_dict().items()}, tmp)
-        os.replace(tmp, folder / HEAD_WEIGHTS)
-        tmp = folder / (HEAD_SPEC + ".tmp")
-        tmp.write_text(self.spec.to_json() + "\n")
-        os.replace(tmp, folder / HEAD_SPEC)
+        tmp = folder / f"{HEAD_FILE}.{os.getpid()}.tmp"
+        state = {k: v.cpu() for k, v in self.head.state_dict().items()}
+        torch.save({"format": HEAD_FORMAT, "spec": self.spec.to_json(), "state": state}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the rename must not land before the bytes do
+        os.replace(tmp, folder / HEAD_FILE)
+        (folder / LEGACY_SPEC).unlink(missing_ok=True)  # the old layout's second file, now meaningless
 
     @torch.inference_mode()
     def predict_maps(self, maps: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -402,7 +418,8 @@ def train(config: TrainConfig) -> TrainReport:
         {"config": settings, "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
          "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2)},
     )
-    Localizer(head.cpu(), spec).save(config.index_dir)
+    with writer_lock(config.index_dir, "train-localizer"):
+        Localizer(head.cpu(), spec).save(config.index_dir)
     return TrainReport(str(config.index_dir), version, classes, int(len(train_idx)), int(len(val_idx)), len(history),
                        best[1] + 1, best[0], best_row["val_accuracy"], best_row["val_corloc"], seconds, history)
 
@@ -487,15 +504,12 @@ def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = 
              ids: Sequence[int] | None = None) -> LocalizeReport:
     """Predict class, score and box for every record (or `ids`) and store them in `predictions`."""
     started = time.perf_counter()
-    store = Store(index_dir)
-    try:
+    with writer_lock(index_dir, "localize"), Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
         if ids is None:
             ids = [r[0] for r in store.db.execute("SELECT image_id FROM feature_maps ORDER BY image_id")]
         predictions = predict_records(store, localizer, ids)
         write_predictions(store, predictions)
-    finally:
-        store.close()
     return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started)
 
 

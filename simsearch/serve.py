@@ -3,30 +3,42 @@
 `create_app(index_dir)` returns a FastAPI app: one plain HTML+JS page at `/`
 (no build step) over a JSON API under `/api` (documented at `/docs`). Files are
 only ever served by record id, from paths the index itself recorded; nothing the
-client sends is used as a path. Uploads are capped (413 above the cap).
+client sends is used as a path. Uploads are capped in bytes and in pixels (413
+above either cap); at most `decode_slots` images decode at once. No response
+carries an absolute filesystem path. With `ServeConfig.token` set, every request
+must carry the token (see `_TokenGate`); `run` binds the port before loading
+anything, so a port in use is one clear error.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import hmac
 import io
+import ipaddress
 import logging
+import math
 import mimetypes
 import os
+import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from simsearch import index as faiss_index
-from simsearch.errors import BadInputError, NotFoundError, SimsearchError
+from simsearch.errors import (BadInputError, ImageTooLargeError, IndexBusyError, IndexDamagedError, NotFoundError,
+                               SimsearchError)
 from simsearch.query import Neighbour, Searcher
-from simsearch.read import open_image
+from simsearch.read import DEFAULT_MAX_PIXELS, open_image
 from simsearch.render import Renderer, jpeg_bytes, overlay, record_box
 from simsearch.serve_ui import PAGE
 
@@ -34,6 +46,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes: a large phone photo, far below anything abusive
 FILTER_POOL = 500  # neighbours fetched before a class filter is applied, so filtered lists still fill up
+# A region search decodes JPEGs at a reduced scale that still leaves this many pixels a side (or the
+# whole file when smaller): a box drawn on a 24 MP photo stays sharp at ~1/4 of the decode cost.
+REGION_DECODE_SIDE = 2048
+MAX_ID = 2**63 - 1  # SQLite's integer range: larger ids are refused by validation (422), never an overflow
+TOKEN_COOKIE = "simsearch_token"
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,14 @@ class ServeConfig:
     max_k: int = 200  # a ceiling on k so one request cannot ask for the whole index
     device: str = "auto"  # for embedding uploaded images and regions
     weights: str | None = None  # the weights file the index was built with, if not the default
+    # Largest image decoded, uploads and index files alike (JPEGs count their reduced decode):
+    # a few-hundred-KB PNG declaring 19000x19000 pixels is refused (413) from its header.
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    decode_slots: int = 2  # images decoded (and embedded) at once, so concurrent big uploads cannot add up
+    # Shared secret required on every request when set (Bearer header, or ?token= on the page URL,
+    # which sets a cookie for the page's own requests). The app has no other authentication: set
+    # it whenever the app is reachable from other machines (a --host other than loopback).
+    token: str | None = None
 
 
 class _UploadCap:

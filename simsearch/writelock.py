@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from simsearch.errors import IndexBusyError
+from simsearch.errors import BadInputError, IndexBusyError, NotFoundError
 
 LOCK_NAME = "write.lock"
 
@@ -21,7 +21,12 @@ LOCK_NAME = "write.lock"
 @contextmanager
 def writer_lock(index_dir: str | os.PathLike, what: str = "build-index") -> Iterator[None]:
     """Hold the index's write lock for the block, or raise IndexBusyError naming the holder."""
-    lock = try_writer_lock(index_dir, what)
+    if not Path(index_dir).is_dir():
+        raise NotFoundError(f"{index_dir}: no index here. Build one first: simsearch build-index DATA --index {index_dir}")
+    try:
+        lock = try_writer_lock(index_dir, what)
+    except OSError as e:
+        raise BadInputError(f"cannot write to {index_dir} ({e.strerror or e}); {what} needs a writable index folder") from e
     if lock is None:
         raise IndexBusyError(
             f"another simsearch command is writing to {index_dir} ({holder(index_dir)}); "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -69,7 +70,7 @@ def test_head_learns_far_above_chance(trained):
 
 
 def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
-    from simsearch.localize import HEAD_SPEC, HEAD_WEIGHTS, Localizer, _version, load_maps, localize
+    from simsearch.localize import HEAD_FILE, Localizer, _version, load_maps, localize
     from simsearch.store import Store
 
     index, report = trained
@@ -83,9 +84,8 @@ def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
     finally:
         store.close()
     assert len(stored) == 300 and {r["head_version"] for r in stored.values()} == {report.head_version}
-    # A copy of the two files elsewhere loads to the very same weights and answers.
-    shutil.copy(index / HEAD_WEIGHTS, tmp_path / HEAD_WEIGHTS)
-    shutil.copy(index / HEAD_SPEC, tmp_path / HEAD_SPEC)
+    # A copy of the head file elsewhere loads to the very same weights and answers.
+    shutil.copy(index / HEAD_FILE, tmp_path / HEAD_FILE)
     again = Localizer.load(tmp_path)
     assert _version(again.head) == report.head_version == again.spec.version
     labels, scores, boxes = again.predict_maps(maps)
@@ -149,15 +149,14 @@ def _random_resnet_index(tmp_path: Path, photos_dir: Path) -> Path:
 
 
 def test_head_for_another_backbone_is_refused(trained, tmp_path, photos_dir):
-    from simsearch.localize import HEAD_SPEC, HEAD_WEIGHTS, localize
+    from simsearch.localize import HEAD_FILE, localize
 
     index, _ = trained
     other = _random_resnet_index(tmp_path, photos_dir)
     with pytest.raises(SpecMismatchError, match="efficientnet-lite0 features .* resnet50 features"):
         localize(other, head_dir=index)
-    # Files copied into the other index are refused too, by the CLI in one line and exit code 1.
-    shutil.copy(index / HEAD_WEIGHTS, other / HEAD_WEIGHTS)
-    shutil.copy(index / HEAD_SPEC, other / HEAD_SPEC)
+    # A head copied into the other index is refused too, by the CLI in one line and exit code 1.
+    shutil.copy(index / HEAD_FILE, other / HEAD_FILE)
     result = CliRunner().invoke(app, ["localize", "--index", str(other)])
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1 and "train-localizer" in result.stderr
@@ -165,15 +164,35 @@ def test_head_for_another_backbone_is_refused(trained, tmp_path, photos_dir):
 
 
 def test_other_weights_of_the_same_backbone_are_refused(trained, tmp_path):
-    from simsearch.localize import HEAD_SPEC, HEAD_WEIGHTS, localize
+    from simsearch.localize import HEAD_FILE, HeadSpec, Localizer, localize
 
     index, _ = trained
-    spec = json.loads((index / HEAD_SPEC).read_text())
-    spec["weights_sha256"] = "0" * 64
-    (tmp_path / HEAD_SPEC).write_text(json.dumps(spec))
-    shutil.copy(index / HEAD_WEIGHTS, tmp_path / HEAD_WEIGHTS)
+    head = Localizer.load(index)
+    head.spec = HeadSpec.from_json(head.spec.to_json().replace(head.spec.weights_sha256, "0" * 64))
+    head.save(tmp_path)
+    assert json.loads(torch.load(tmp_path / HEAD_FILE, weights_only=True)["spec"])["weights_sha256"] == "0" * 64
     with pytest.raises(SpecMismatchError):
         localize(index, head_dir=tmp_path)
+
+
+def test_damaged_or_mismatched_head_is_one_clear_error(trained, tmp_path):
+    """A truncated head file, or weights that do not fit the spec (the old two-file layout after a kill)."""
+    from simsearch.errors import IndexDamagedError
+    from simsearch.localize import HEAD_FILE, Localizer, localize
+
+    index, _ = trained
+    data = (index / HEAD_FILE).read_bytes()
+    (tmp_path / HEAD_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexDamagedError, match="train-localizer"):
+        localize(index, head_dir=tmp_path)
+    saved = torch.load(index / HEAD_FILE, weights_only=True)
+    saved["state"] = {k: v[..., :1] if v.ndim else v for k, v in saved["state"].items()}  # wrong shapes
+    torch.save(saved, tmp_path / HEAD_FILE)
+    with pytest.raises(IndexDamagedError, match="inconsistent"):
+        Localizer.load(tmp_path)
+    torch.save(saved["state"], tmp_path / HEAD_FILE)  # format 1: bare weights, spec in localizer.json
+    result = CliRunner().invoke(app, ["localize", "--index", str(index), "--head", str(tmp_path)])
+    assert result.exit_code == 1 and "older simsearch" in result.stderr and "Traceback" not in result.output
 
 
 def test_index_without_boxes_cannot_train(tmp_path, photos_dir):

@@ -10,7 +10,7 @@ import typer
 from simsearch.cli.app import app, echo_json, echo_table, reported
 
 INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
-HEAD_OPTION = typer.Option(None, "--head", help="Folder holding localizer.pt/.json; default: the index folder.")
+HEAD_OPTION = typer.Option(None, "--head", help="Folder holding localizer.pt (a trained head); default: the index folder.")
 
 
 @app.command("synth")
