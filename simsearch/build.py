@@ -87,6 +87,10 @@ def build_index(config: BuildConfig) -> BuildReport:
         plan = _plan(store, known, result.records)
         todo, report.unchanged, report.moved = plan.todo, plan.unchanged, plan.moved
         skipped += plan.skipped
+        # An unchanged image's annotation problems were recorded (with those found against the decoded
+        # image) when it was embedded; the scan's partial list must not replace them.
+        settled = {r.annotation for r in result.records if r.annotation} - {r.annotation for r, _ in todo}
+        skipped = [s for s in skipped if s.path not in settled]
         new_ids: list[int] = []
         embed_started = time.perf_counter()
         if todo:
@@ -193,6 +197,9 @@ def _plan(store: Store, known: dict[str, tuple[int, str, int, int]], records: li
         if entry is None:
             gone = [i for path, i in store.paths_with_sha256(sha).items() if not os.path.exists(path)]
             if gone:
+                row = store.image(gone[0])
+                record, problems = _fitted(record, row["width"], row["height"])
+                plan.skipped += problems
                 store.move_image(gone[0], record, stat.st_size, stat.st_mtime_ns)
                 plan.moved += 1
                 continue

@@ -77,6 +77,10 @@ class Searcher:
             # truth), with the generation read in the same transaction as the vectors.
             log.warning("index.faiss is stale or damaged; rebuilding it from %s", self.store.dir)
             generation, ids, xb = self.store.vector_snapshot()
+            if not len(ids):
+                self.store.close()
+                raise NotFoundError(f"{self.store.dir} holds no images (all were pruned); add some: "
+                                    f"simsearch build-index DATA --index {self.store.dir}")
             index = faiss_index.build(xb, ids, self.spec.index_type)
             self._save_quietly(index, generation)
         faiss_index.apply_params(index, faiss_index.SearchParams(self.spec.nprobe, self.spec.efsearch))

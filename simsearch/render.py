@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,11 @@ def overlay(image: Image.Image, objects=(), prediction: dict | None = None, widt
         label = f"{prediction.get('label', '')} {prediction.get('score', 0):.2f}".strip()
         boxes.append((Box(*map(float, prediction["box"]), label, "predicted"), PRED_COLOUR))
     for box, colour in boxes:
+        if not all(math.isfinite(v) for v in (box.xmin, box.ymin, box.xmax, box.ymax)):
+            continue  # nothing sensible to draw (and PIL would raise)
+        box = box.clipped(*im.size)  # inverted or overshooting boxes from older indexes draw as what is visible
+        if box.area <= 0:
+            continue
         draw.rectangle((box.xmin, box.ymin, box.xmax, box.ymax), outline=colour, width=line)
         if box.label:
             x0, y0, x1, y1 = draw.textbbox((box.xmin + line, box.ymin + line), box.label, font=label_font)

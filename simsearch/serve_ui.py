@@ -8,6 +8,7 @@ from __future__ import annotations
 PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
 <title>simsearch</title>
 <style>
   body { font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; background: #f6f6f6; }
@@ -65,6 +66,9 @@ PAGE = r"""<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
+// Opened as /?token=...: the server has set a cookie for this page's requests, so the token
+// leaves the address bar (and the history) rather than sitting where it can be copied along.
+if (new URLSearchParams(location.search).has("token")) history.replaceState(null, "", location.pathname + location.hash);
 let query = null;   // {file: File} or {id: number}
 let box = null;     // [xmin, ymin, xmax, ymax] in the query image's pixels
 
