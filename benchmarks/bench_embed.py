@@ -41,7 +41,7 @@ def decode_only(paths: list[Path], pre, workers: int, batch_size: int) -> float:
     """Images/s through the same DataLoader build-index uses, with no model behind it."""
     from torch.utils.data import DataLoader
 
-    from simsearch.embed import ImageFileDataset, _collate, default_workers
+    from simsearch.pipeline.embed import ImageFileDataset, _collate, default_workers
 
     workers = default_workers() if workers < 0 else workers
     loader = DataLoader(ImageFileDataset(paths, pre), batch_size=batch_size, num_workers=workers,
@@ -68,8 +68,8 @@ def end_to_end(folder: Path, model: str, weights: str | None, precision: str, de
 
 def _end_to_end_here(folder: Path, model: str, weights: str | None, precision: str, device: str,
                      workers: int, batch_size: int) -> dict:
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
 
     index_dir = Path(tempfile.mkdtemp(prefix="simsearch-bench-index-"))
     try:
@@ -89,7 +89,7 @@ def cuda_rows(models: dict, batch_size: int, seconds: float) -> list[dict]:
 
     if not torch.cuda.is_available():
         return [{"stage": "cuda variants", "status": "skipped: no CUDA GPU visible"}]
-    from simsearch.embed import Embedder
+    from simsearch.pipeline.embed import Embedder
 
     rows = []
     x = torch.randn(batch_size, 3, 224, 224, device="cuda")
@@ -130,7 +130,7 @@ def main() -> None:
 
     import torch
 
-    from simsearch.embed import Embedder, cpu_has_bf16, load_backbone
+    from simsearch.pipeline.embed import Embedder, cpu_has_bf16, load_backbone
 
     progress(f"replicating {n_images} real JPEGs")
     folder = replicated_jpegs(n_images)

@@ -11,7 +11,7 @@ Part 2, index types: build time, size, recall@10 against exact search, and
 latency for exact (Flat), IVF-Flat, HNSW and IVF-PQ at 20k / 200k / 1M synthetic
 2048-d vectors drawn from a gaussian mixture (clustered like real embeddings,
 not uniform noise). Recall is measured on held-out queries from the same mixture,
-at faiss's default breadth and at the breadth `simsearch.index.tune_params`
+at faiss's default breadth and at the breadth `simsearch.storage.faiss_index.tune_params`
 picks for a 0.95 recall@10 target.
 
     python benchmarks/bench_query.py --quick
@@ -65,11 +65,11 @@ def side_by_side(query: str, raw_name: str, raw, lib, n: int, round_size: int, w
 
 def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Path:
     """An index folder with n synthetic records (Lite0's spec), committed the way build-index commits."""
-    from simsearch.build import sync_faiss
-    from simsearch.embed import load_backbone
-    from simsearch.read import GroundTruthObject, ImageRecord
+    from simsearch.pipeline.build import sync_faiss
+    from simsearch.pipeline.embed import load_backbone
+    from simsearch.pipeline.read import GroundTruthObject, ImageRecord
     from simsearch.spec import IndexSpec
-    from simsearch.store import NewImage, Store
+    from simsearch.storage.store import NewImage, Store
 
     spec = load_backbone("efficientnet-lite0").spec
     index_dir = Path(tempfile.mkdtemp(prefix="simsearch-bench-query-"))
@@ -91,11 +91,11 @@ def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Pat
 
 
 def library_vs_raw(n: int, factory: str | None, queries: int, image_queries: int) -> list[dict]:
-    from simsearch import index as faiss_index
-    from simsearch.embed import preprocess
-    from simsearch.query import Searcher
-    from simsearch.read import open_image
-    from simsearch.store import Store
+    from simsearch.storage import faiss_index
+    from simsearch.pipeline.embed import preprocess
+    from simsearch.search.searcher import Searcher
+    from simsearch.pipeline.read import open_image
+    from simsearch.storage.store import Store
 
     progress(f"part 1: library index of {n} records")
     index_dir = make_library_index(n, factory)
@@ -159,7 +159,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 def compare_index_types(n: int, dim: int, n_queries: int, hnsw: bool, pq: bool, target: float) -> list[dict]:
     import faiss
 
-    from simsearch import index as faiss_index
+    from simsearch.storage import faiss_index
 
     progress(f"part 2: {n} x {dim} clustered vectors")
     xb, centres = clustered(n, dim, seed=n, clusters=max(100, n // 100), spread=1.0)

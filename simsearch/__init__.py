@@ -29,11 +29,11 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy so that `import simsearch` (and `simsearch --help`) does not pay for torch.
     if name == "build_index":
-        from simsearch.build import build_index
+        from simsearch.pipeline.build import build_index
 
         return build_index
     if name == "search":
-        from simsearch.query import search
+        from simsearch.search.searcher import search
 
         return search
     raise AttributeError(name)

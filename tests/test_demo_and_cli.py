@@ -8,8 +8,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from simsearch.cli import app
-from simsearch.demo import SAMPLE_BOXES, copy_sample_photos
-from simsearch.read import scan
+from simsearch.datasets.demo import SAMPLE_BOXES, copy_sample_photos
+from simsearch.pipeline.read import scan
 
 runner = CliRunner()
 

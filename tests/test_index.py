@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsearch import index as faiss_index
+from simsearch.storage import faiss_index
 from simsearch.errors import BadInputError
 
 

@@ -13,16 +13,16 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.errors import BadInputError, SpecMismatchError
-from simsearch.read import GroundTruthObject
+from simsearch.pipeline.read import GroundTruthObject
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, shared_data):
     """300 composites of 4 classes -> efficientnet-lite0 index -> a trained head (once per module)."""
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
-    from simsearch.localize import TrainConfig, train
-    from simsearch.synth import SynthConfig, generate
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+    from simsearch.localizer.head import TrainConfig, train
+    from simsearch.datasets.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("composites")
     generate(SynthConfig(root / "data" / "VOCsynth", (shared_data,), n=300, seed=1, top_classes=4,
@@ -40,9 +40,9 @@ def test_head_learns_far_above_chance(trained):
     majority-class share of 0.33, mean IoU 0.62, CorLoc 0.77; on 360 composites with
     seeds 0 and 1: accuracy 0.76 / 0.76, CorLoc 0.72 / 0.85. Thresholds leave a wide margin.
     """
-    from simsearch.localize import evaluate, examples
-    from simsearch.metrics import box_iou, corloc
-    from simsearch.store import Store
+    from simsearch.localizer.head import evaluate, examples
+    from simsearch.localizer.metrics import box_iou, corloc
+    from simsearch.storage.store import Store
 
     index, report = trained
     assert report.classes and len(report.classes) == 4
@@ -70,8 +70,8 @@ def test_head_learns_far_above_chance(trained):
 
 
 def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
-    from simsearch.localize import HEAD_FILE, Localizer, _version, load_maps, localize
-    from simsearch.store import Store
+    from simsearch.localizer.head import HEAD_FILE, Localizer, _version, load_maps, localize
+    from simsearch.storage.store import Store
 
     index, report = trained
     localize(index)
@@ -97,8 +97,8 @@ def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
 
 
 def test_query_results_carry_predictions(trained):
-    from simsearch.localize import localize
-    from simsearch.query import Searcher
+    from simsearch.localizer.head import localize
+    from simsearch.search.searcher import Searcher
 
     index, _ = trained
     localize(index)
@@ -115,9 +115,9 @@ def test_query_results_carry_predictions(trained):
 
 
 def test_build_index_predicts_new_images_when_a_head_exists(trained, tmp_path, photos_dir):
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
-    from simsearch.store import Store
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+    from simsearch.storage.store import Store
 
     index, report = trained
     copy = tmp_path / "index"
@@ -136,8 +136,8 @@ def test_build_index_predicts_new_images_when_a_head_exists(trained, tmp_path, p
 
 
 def _random_resnet_index(tmp_path: Path, photos_dir: Path) -> Path:
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
 
     data = tmp_path / "few"
     data.mkdir()
@@ -149,7 +149,7 @@ def _random_resnet_index(tmp_path: Path, photos_dir: Path) -> Path:
 
 
 def test_head_for_another_backbone_is_refused(trained, tmp_path, photos_dir):
-    from simsearch.localize import HEAD_FILE, localize
+    from simsearch.localizer.head import HEAD_FILE, localize
 
     index, _ = trained
     other = _random_resnet_index(tmp_path, photos_dir)
@@ -164,7 +164,7 @@ def test_head_for_another_backbone_is_refused(trained, tmp_path, photos_dir):
 
 
 def test_other_weights_of_the_same_backbone_are_refused(trained, tmp_path):
-    from simsearch.localize import HEAD_FILE, HeadSpec, Localizer, localize
+    from simsearch.localizer.head import HEAD_FILE, HeadSpec, Localizer, localize
 
     index, _ = trained
     head = Localizer.load(index)
@@ -178,7 +178,7 @@ def test_other_weights_of_the_same_backbone_are_refused(trained, tmp_path):
 def test_damaged_or_mismatched_head_is_one_clear_error(trained, tmp_path):
     """A truncated head file, or weights that do not fit the spec (the old two-file layout after a kill)."""
     from simsearch.errors import IndexDamagedError
-    from simsearch.localize import HEAD_FILE, Localizer, localize
+    from simsearch.localizer.head import HEAD_FILE, Localizer, localize
 
     index, _ = trained
     data = (index / HEAD_FILE).read_bytes()
@@ -196,14 +196,14 @@ def test_damaged_or_mismatched_head_is_one_clear_error(trained, tmp_path):
 
 
 def test_index_without_boxes_cannot_train(tmp_path, photos_dir):
-    from simsearch.localize import TrainConfig, train
+    from simsearch.localizer.head import TrainConfig, train
 
     with pytest.raises(BadInputError, match="no image has ground-truth boxes"):
         train(TrainConfig(_random_resnet_index(tmp_path, photos_dir), quiet=True))
 
 
 def test_plot_boxes_draws_red_and_blue(trained, tmp_path):
-    from simsearch.plots import ACTUAL, CAPTION_HEIGHT, PREDICTED, plot_boxes
+    from simsearch.views.plots import ACTUAL, CAPTION_HEIGHT, PREDICTED, plot_boxes
 
     index, _ = trained
     report = plot_boxes(index, tmp_path, n=6, tile=128, columns=3)
@@ -228,7 +228,7 @@ def test_cli_evaluate_table_and_json(trained):
 
 
 def test_target_is_the_largest_non_difficult_object():
-    from simsearch.localize import pick_target
+    from simsearch.localizer.head import pick_target
 
     small = GroundTruthObject("cup", 0, 0, 10, 10)
     big_difficult = GroundTruthObject("table", 0, 0, 100, 100, difficult=True)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("sklearn")
 from simsearch.errors import BadInputError  # noqa: E402
-from simsearch.maps import MapConfig, build_map, project  # noqa: E402
+from simsearch.views.maps import MapConfig, build_map, project  # noqa: E402
 
 
 def clustered(n: int, d: int = 64, clusters: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def test_tiny_indexes_adjust_and_too_tiny_is_refused(method: str):
 
 
 def test_map_of_a_real_index(real_index: Path, tmp_path: Path):
-    from simsearch.store import Store
+    from simsearch.storage.store import Store
 
     report = build_map(real_index, tmp_path / "map", MapConfig(method="tsne", seed=0))
     store = Store(real_index)
@@ -97,9 +97,9 @@ def test_pairs_skip_identical_files_and_find_the_motorcycles(real_index: Path, t
 def test_pairs_never_pair_a_file_with_its_copy(tmp_path: Path, photos_dir: Path):
     import shutil
 
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
-    from simsearch.pairs import most_similar_pairs
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+    from simsearch.views.pairs import most_similar_pairs
 
     data = tmp_path / "d"
     data.mkdir()

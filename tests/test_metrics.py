@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simsearch.metrics import accuracy, box_iou, confusion_matrix, corloc, evaluate_predictions
+from simsearch.localizer.metrics import accuracy, box_iou, confusion_matrix, corloc, evaluate_predictions
 
 
 def test_iou_hand_computed_cases():

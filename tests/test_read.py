@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from simsearch.errors import BadInputError, NotFoundError
-from simsearch.read import open_image, parse_voc_xml, scan
+from simsearch.pipeline.read import open_image, parse_voc_xml, scan
 
 
 def test_voc2007_objects_and_split(voc2007_dir: Path):

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.build import BuildConfig, build_index
-from simsearch.embed import EmbedConfig
+from simsearch.pipeline.build import BuildConfig, build_index
+from simsearch.pipeline.embed import EmbedConfig
 from simsearch.errors import BadInputError, IndexBusyError, NotFoundError
-from simsearch.store import Store
+from simsearch.storage.store import Store
 
 CONFIG = EmbedConfig("efficientnet-lite0", device="cpu", workers=0, quiet=True)
 
@@ -47,7 +47,7 @@ def _consistent(index: Path) -> tuple[int, set[int]]:
     """(count, ids) after checking SQLite's integrity and that FAISS holds exactly SQLite's ids."""
     import faiss
 
-    from simsearch.query import Searcher
+    from simsearch.search.searcher import Searcher
 
     with Store(index) as store:
         assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -111,7 +111,7 @@ def test_a_folder_named_like_an_image_inside_a_voc_year_is_skipped(tmp_path: Pat
 
 def test_a_file_that_cannot_be_read_is_skipped_and_the_rest_indexed(tmp_path: Path, monkeypatch):
     """PermissionError while hashing (what chmod 000 gives a non-root user) cost the whole build."""
-    import simsearch.build as build_module
+    import simsearch.pipeline.build as build_module
 
     data = tmp_path / "data"
     photos = _photos(data, 4)
@@ -178,7 +178,7 @@ def test_bad_boxes_cost_only_themselves(tmp_path: Path):
 
 
 def test_overlay_draws_inverted_and_overshooting_boxes_from_older_indexes():
-    from simsearch.render import overlay
+    from simsearch.views.render import overlay
 
     image = Image.new("RGB", (50, 40))
     objects = [{"label": "a", "box": [40, 30, 10, 5]}, {"label": "b", "box": [-10, -10, 500, 500]},
@@ -190,7 +190,7 @@ def test_overlay_draws_inverted_and_overshooting_boxes_from_older_indexes():
 # ---------------------------------------------------------------- concurrent writers (defect 4)
 
 def test_a_second_writer_is_told_who_holds_the_index(tmp_path: Path):
-    from simsearch.writelock import writer_lock
+    from simsearch.storage.writelock import writer_lock
 
     data = tmp_path / "data"
     _photos(data, 2)
@@ -209,10 +209,10 @@ def test_a_second_writer_is_told_who_holds_the_index(tmp_path: Path):
 
 def test_faiss_is_stamped_with_the_generation_of_the_vectors_it_holds(tmp_path: Path, monkeypatch):
     """A writer committing while FAISS is rebuilt: the stamp must not claim the newer generation."""
-    import simsearch.index as faiss_index
-    from simsearch.build import sync_faiss
-    from simsearch.read import ImageRecord
-    from simsearch.store import NewImage
+    import simsearch.storage.faiss_index as faiss_index
+    from simsearch.pipeline.build import sync_faiss
+    from simsearch.pipeline.read import ImageRecord
+    from simsearch.storage.store import NewImage
 
     data = tmp_path / "data"
     _photos(data, 3)
@@ -249,7 +249,7 @@ def small_index(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "flipped"])
 def test_a_damaged_faiss_file_is_rebuilt_from_sqlite(small_index: Path, damage: str):
-    from simsearch.query import Searcher
+    from simsearch.search.searcher import Searcher
 
     path = small_index / "index.faiss"
     data = path.read_bytes()
@@ -263,7 +263,7 @@ def test_a_damaged_faiss_file_is_rebuilt_from_sqlite(small_index: Path, damage: 
         assert path.read_bytes() != damaged  # the rebuilt file was kept for the next process
     report = _build(small_index.parent / "data", small_index)  # build-index vouches for the file it leaves
     assert report.added == 0 and _consistent(small_index)[0] == 4
-    from simsearch import index as faiss_index
+    from simsearch.storage import faiss_index
 
     assert faiss_index.saved_generation(small_index, verify=True) is not None
 
@@ -315,7 +315,7 @@ def test_prune_of_a_vanished_folder_removes_its_records(tmp_path: Path):
 
 
 def test_k_below_one_is_a_bad_input(small_index: Path):
-    from simsearch.query import Searcher
+    from simsearch.search.searcher import Searcher
 
     with Searcher(small_index, device="cpu") as searcher, pytest.raises(BadInputError):
         searcher.search(1, k=0)

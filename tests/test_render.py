@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from simsearch.read import GroundTruthObject
-from simsearch.render import Box, Renderer, crop, overlay, record_box, record_class
+from simsearch.pipeline.read import GroundTruthObject
+from simsearch.views.render import Box, Renderer, crop, overlay, record_box, record_class
 
 
 def test_record_box_prefers_prediction_then_largest_truth_then_whole_image():
@@ -76,9 +76,9 @@ class _Images(HTMLParser):
 
 
 def test_query_page_from_real_photos_holds_the_neighbours_crops(real_index: Path, photos_dir: Path, tmp_path: Path):
-    from simsearch.page import write_query_page
-    from simsearch.query import Searcher
-    from simsearch.store import Store
+    from simsearch.views.page import write_query_page
+    from simsearch.search.searcher import Searcher
+    from simsearch.storage.store import Store
 
     searcher = Searcher(real_index, device="cpu")
     result = searcher.search(photos_dir / "motorcycle_left.png", 5)

@@ -10,7 +10,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from simsearch.serve import ServeConfig, create_app  # noqa: E402
+from simsearch.views.serve import ServeConfig, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")

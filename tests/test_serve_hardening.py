@@ -22,10 +22,10 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
-import simsearch.serve as serve  # noqa: E402
+import simsearch.views.serve as serve  # noqa: E402
 from simsearch.cli import app as cli_app  # noqa: E402
 from simsearch.errors import BadInputError  # noqa: E402
-from simsearch.serve import ServeConfig, create_app  # noqa: E402
+from simsearch.views.serve import ServeConfig, create_app  # noqa: E402
 
 BLUE, RED = (20, 40, 220), (230, 20, 20)
 
@@ -33,8 +33,8 @@ BLUE, RED = (20, 40, 220), (230, 20, 20)
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, Path]:
     """(data folder, index folder): six small pictures, JPEG and PNG, indexed with real weights."""
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
 
     root = tmp_path_factory.mktemp("hardening")
     data = root / "data"

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.errors import BadInputError
-from simsearch.read import parse_voc_xml, scan
-from simsearch.synth import SynthConfig, generate
+from simsearch.pipeline.read import parse_voc_xml, scan
+from simsearch.datasets.synth import SynthConfig, generate
 
 # Solid colours that survive JPEG: a pasted object is the only blue area on a grey photo.
 OBJECT = {"blue": (20, 40, 230), "yellow": (240, 220, 20)}
@@ -64,7 +64,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_val_crops_come_from_photos_train_never_uses(tmp_path):
-    from simsearch.synth import find_crops, split_crops
+    from simsearch.datasets.synth import find_crops, split_crops
 
     crops, backgrounds = find_crops((_fake_sources(tmp_path),), min_side=10)
     assert len(crops) == 6 and len(backgrounds) == 2

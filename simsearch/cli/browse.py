@@ -25,7 +25,7 @@ def serve_command(
              "line is visible to other users of this machine."),
 ) -> None:
     """Browse an index in the browser: upload or pick an image, see neighbours with crops, draw a box to search a region."""
-    from simsearch.serve import ServeConfig, bind, exposure_warning, run
+    from simsearch.views.serve import ServeConfig, bind, exposure_warning, run
 
     token = token or None  # an empty SIMSEARCH_TOKEN means none
     with reported():
@@ -47,7 +47,7 @@ def pairs_command(
     out: Path = typer.Option(Path("pairs"), "--out", "-o", help="Folder for pairs.png."),
 ) -> None:
     """The most similar pairs of distinct images (identical files skipped): JSON lines and a PNG."""
-    from simsearch.pairs import most_similar_pairs, pairs_figure
+    from simsearch.views.pairs import most_similar_pairs, pairs_figure
 
     with reported():
         pairs = most_similar_pairs(index, n)

@@ -32,8 +32,8 @@ def build_index_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index every image under DATA. Run again to add new or changed files only."""
-    from simsearch.build import BuildConfig, build_index
-    from simsearch.embed import EmbedConfig
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
 
     with reported():
         embed = EmbedConfig(model, weights, device, precision, batch_size, workers, quiet,
@@ -66,7 +66,7 @@ def query_command(
 ) -> None:
     """Images like this one: neighbours with scores, classes and boxes."""
     from simsearch.errors import BadInputError
-    from simsearch.query import Searcher
+    from simsearch.search.searcher import Searcher
 
     with reported():
         if (image is None) == (record_id is None):
@@ -76,7 +76,7 @@ def query_command(
         searcher = Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000)
         result = searcher.search(record_id if record_id is not None else image, k)
         if html is not None:
-            from simsearch.page import write_query_page
+            from simsearch.views.page import write_query_page
 
             typer.echo(f"page: {write_query_page(index, result, html)}", err=True)
     rows = [n.to_dict() for n in result.neighbours]
@@ -96,7 +96,7 @@ def info_command(
     fmt: str = typer.Option("json", "--format", "-f", help="json or table."),
 ) -> None:
     """What an index holds: counts, how it was built, and the files it skipped."""
-    from simsearch.info import describe_index
+    from simsearch.storage.info import describe_index
 
     with reported():
         info = describe_index(index)
@@ -116,7 +116,7 @@ def sample_photos_command(
     dest: Path = typer.Argument(Path("demo-data"), help="Folder to copy the photos into."),
 ) -> None:
     """Copy real sample photos that installed packages ship (scikit-image, scikit-learn, matplotlib): the offline demo data."""
-    from simsearch.demo import copy_sample_photos
+    from simsearch.datasets.demo import copy_sample_photos
 
     with reported():
         copied = copy_sample_photos(dest)

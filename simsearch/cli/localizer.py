@@ -27,7 +27,7 @@ def synth_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Paste real object crops onto real photos: a VOC folder with exact boxes, for training and measuring the localizer."""
-    from simsearch.synth import SynthConfig, generate
+    from simsearch.datasets.synth import SynthConfig, generate
 
     with reported():
         chosen = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else ()
@@ -52,7 +52,7 @@ def train_localizer_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train the localizer head on the index's cached feature maps and save it in the index folder."""
-    from simsearch.localize import TrainConfig, train
+    from simsearch.localizer.head import TrainConfig, train
 
     with reported():
         report = train(TrainConfig(index, epochs, patience, batch_size, lr, box_weight=box_weight, val_split=val_split,
@@ -68,7 +68,7 @@ def train_localizer_command(
 @app.command("localize")
 def localize_command(index: Path = INDEX_OPTION, head: Optional[Path] = HEAD_OPTION) -> None:
     """Predict class, score and box for every record and store them (query results then show them)."""
-    from simsearch.localize import localize
+    from simsearch.localizer.head import localize
 
     with reported():
         report = localize(index, head)
@@ -85,7 +85,7 @@ def evaluate_command(
 ) -> None:
     """Top-1 accuracy, mean IoU, CorLoc (IoU >= 0.5), per class and a confusion matrix."""
     from simsearch.errors import BadInputError
-    from simsearch.localize import evaluate
+    from simsearch.localizer.head import evaluate
 
     with reported():
         if fmt not in ("json", "table"):
@@ -115,7 +115,7 @@ def plot_boxes_command(
     head: Optional[Path] = HEAD_OPTION,
 ) -> None:
     """PNG grid: actual box red, predicted box blue, captions with both classes and the score."""
-    from simsearch.plots import plot_boxes
+    from simsearch.views.plots import plot_boxes
 
     with reported():
         report = plot_boxes(index, out, n, split, seed, head_dir=head)

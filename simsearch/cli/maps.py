@@ -20,7 +20,7 @@ def map_command(
     serve_url: str = typer.Option("http://127.0.0.1:8000", "--serve-url", help="Where `simsearch serve` runs, for links in map.html."),
 ) -> None:
     """Project every record to 2-D and draw it: scatter coloured by class, thumbnails, interactive HTML."""
-    from simsearch.maps import MapConfig, build_map
+    from simsearch.views.maps import MapConfig, build_map
 
     with reported():
         report = build_map(index, out, MapConfig(method=method, pca=pca, seed=seed), serve_url=serve_url or None)

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from simsearch import index as faiss_index
-from simsearch.embed import EmbedConfig, embedder_from_config, iter_file_batches
+from simsearch.storage import faiss_index
+from simsearch.pipeline.embed import EmbedConfig, embedder_from_config, iter_file_batches
 from simsearch.errors import BadInputError, NotFoundError
-from simsearch.read import ImageRecord, Skipped, file_sha256, fit_objects, scan
+from simsearch.pipeline.read import ImageRecord, Skipped, file_sha256, fit_objects, scan
 from simsearch.spec import IndexSpec, check_compatible
-from simsearch.store import NewImage, Store
-from simsearch.writelock import writer_lock
+from simsearch.storage.store import NewImage, Store
+from simsearch.storage.writelock import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
         spec = sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
-        import simsearch.localize  # noqa: F401  (registers its hook: new images get predictions)
+        import simsearch.localizer.head  # noqa: F401  (registers its hook: new images get predictions)
 
         for hook in POST_BUILD_HOOKS:
             hook(store, new_ids, config)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.errors import BadInputError
-from simsearch.render import Renderer, record_class
-from simsearch.store import Store
+from simsearch.views.render import Renderer, record_class
+from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def map_html(index_dir, ids: np.ndarray, xb: np.ndarray, records: list[dict], co
 
 def _neighbours(xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Row positions and scores of each row's k nearest other rows (exact inner product)."""
-    from simsearch import index as faiss_index
+    from simsearch.storage import faiss_index
 
     k = min(k, len(xb) - 1)
     positions = np.arange(len(xb), dtype=np.int64)

@@ -12,10 +12,10 @@ import os
 import urllib.parse
 from pathlib import Path
 
-from simsearch.query import QueryResult
-from simsearch.read import open_image
-from simsearch.render import Renderer, jpeg_bytes, record_box, thumbnail
-from simsearch.store import Store
+from simsearch.search.searcher import QueryResult
+from simsearch.pipeline.read import open_image
+from simsearch.views.render import Renderer, jpeg_bytes, record_box, thumbnail
+from simsearch.storage.store import Store
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }

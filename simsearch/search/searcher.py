@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch import index as faiss_index
-from simsearch.embed import Embedder, load_backbone
+from simsearch.storage import faiss_index
+from simsearch.pipeline.embed import Embedder, load_backbone
 from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError
-from simsearch.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
+from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.spec import IndexSpec, check_compatible
-from simsearch.store import Store
-from simsearch.writelock import try_writer_lock
+from simsearch.storage.store import Store
+from simsearch.storage.writelock import try_writer_lock
 
 log = logging.getLogger(__name__)
 

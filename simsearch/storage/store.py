@@ -21,7 +21,7 @@ import numpy as np
 import sqlite_utils
 
 from simsearch.errors import IndexDamagedError, NotFoundError
-from simsearch.read import GroundTruthObject, ImageRecord, Skipped
+from simsearch.pipeline.read import GroundTruthObject, ImageRecord, Skipped
 from simsearch.spec import IndexSpec
 
 log = logging.getLogger(__name__)

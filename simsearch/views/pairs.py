@@ -16,10 +16,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from simsearch import index as faiss_index
+from simsearch.storage import faiss_index
 from simsearch.errors import BadInputError
-from simsearch.query import Searcher
-from simsearch.render import Renderer, font, record_box
+from simsearch.search.searcher import Searcher
+from simsearch.views.render import Renderer, font, record_box
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def pairs_figure(index_dir: str | os.PathLike, pairs: list[Pair], out: str | os.
     """A PNG grid: each pair side by side (box crops), with its rank, score and file names."""
     if not pairs:
         raise BadInputError("no pairs to draw")
-    from simsearch.store import Store
+    from simsearch.storage.store import Store
 
     renderer = Renderer(index_dir, size=cell)
     store = Store(index_dir)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
-from simsearch import index as faiss_index
-from simsearch.store import Store
+from simsearch.storage import faiss_index
+from simsearch.storage.store import Store
 
 
 def describe_index(index_dir: str | os.PathLike) -> dict:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simsearch.errors import BadInputError, NotFoundError, SimsearchError, WeightsUnavailableError
-from simsearch.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
+from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.spec import EmbedderSpec, Preprocess
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from simsearch.errors import BadInputError
-from simsearch.read import GroundTruthObject, open_image, scan
+from simsearch.pipeline.read import GroundTruthObject, open_image, scan
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def _write_xml(path: Path, name: str, size: tuple[int, int], objects, folder: st
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = folder
     ET.SubElement(root, "filename").text = f"{name}.jpg"
-    ET.SubElement(root, "source").text = "simsearch.synth"
+    ET.SubElement(root, "source").text = "simsearch.datasets.synth"
     s = ET.SubElement(root, "size")
     for tag, value in zip(("width", "height", "depth"), (*size, 3)):
         ET.SubElement(s, tag).text = str(value)

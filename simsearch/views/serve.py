@@ -33,13 +33,13 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from simsearch import index as faiss_index
+from simsearch.storage import faiss_index
 from simsearch.errors import (BadInputError, ImageTooLargeError, IndexBusyError, IndexDamagedError, NotFoundError,
                                SimsearchError)
-from simsearch.query import Neighbour, Searcher
-from simsearch.read import DEFAULT_MAX_PIXELS, open_image
-from simsearch.render import Renderer, jpeg_bytes, overlay, record_box
-from simsearch.serve_ui import PAGE
+from simsearch.search.searcher import Neighbour, Searcher
+from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
+from simsearch.views.render import Renderer, jpeg_bytes, overlay, record_box
+from simsearch.views.serve_ui import PAGE
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from simsearch.read import open_image
+from simsearch.pipeline.read import open_image
 
 log = logging.getLogger(__name__)
 

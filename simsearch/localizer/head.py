@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from simsearch import build as _build
+from simsearch.pipeline import build as _build
 from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError, SpecMismatchError
-from simsearch.metrics import Evaluation, evaluate_predictions
-from simsearch.read import GroundTruthObject
+from simsearch.localizer.metrics import Evaluation, evaluate_predictions
+from simsearch.pipeline.read import GroundTruthObject
 from simsearch.spec import EmbedderSpec
-from simsearch.store import Store
-from simsearch.writelock import writer_lock
+from simsearch.storage.store import Store
+from simsearch.storage.writelock import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def train(config: TrainConfig) -> TrainReport:
     """Train a head on the index's stored maps, keep the epoch with the best validation loss, save it."""
     from tqdm import tqdm
 
-    from simsearch.embed import resolve_device
+    from simsearch.pipeline.embed import resolve_device
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -426,7 +426,7 @@ def train(config: TrainConfig) -> TrainReport:
 
 @torch.no_grad()
 def _validate(head: LocalizerHead, maps, y, b, idx: np.ndarray, device, config: TrainConfig) -> dict:
-    from simsearch.metrics import box_iou, corloc
+    from simsearch.localizer.metrics import box_iou, corloc
 
     head.eval()
     sums = np.zeros(4)

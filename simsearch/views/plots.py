@@ -14,9 +14,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from simsearch.errors import BadInputError
-from simsearch.read import open_image
-from simsearch.render import font
-from simsearch.store import Store
+from simsearch.pipeline.read import open_image
+from simsearch.views.render import font
+from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
                seed: int = 0, tile: int = 256, columns: int | None = None,
                head_dir: str | os.PathLike | None = None) -> PlotReport:
     """Write boxes.png: `n` images of `split` (chosen by `seed`), each captioned actual vs predicted."""
-    from simsearch.localize import evaluation_ids, examples, load_maps, open_localizer
+    from simsearch.localizer.head import evaluation_ids, examples, load_maps, open_localizer
 
     if n < 1:
         raise BadInputError("--n must be at least 1")

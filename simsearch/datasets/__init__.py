@@ -1,0 +1,1 @@
+"""Data that simsearch makes: composites with exact boxes, and the offline demo photos."""

@@ -1,0 +1,1 @@
+"""Files in, vectors out: read folders and annotations, embed images, build an index (read -> embed -> build)."""
