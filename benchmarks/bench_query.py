@@ -67,7 +67,7 @@ def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Pat
     """An index folder with n synthetic records (Lite0's spec), committed the way build-index commits."""
     from simsearch.pipeline.build import sync_faiss
     from simsearch.pipeline.embed import load_backbone
-    from simsearch.pipeline.read import GroundTruthObject, ImageRecord
+    from simsearch.records import GroundTruthObject, ImageRecord
     from simsearch.spec import IndexSpec
     from simsearch.storage.store import NewImage, Store
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.errors import BadInputError, SpecMismatchError
-from simsearch.pipeline.read import GroundTruthObject
+from simsearch.records import GroundTruthObject
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,7 @@ def test_faiss_is_stamped_with_the_generation_of_the_vectors_it_holds(tmp_path: 
     """A writer committing while FAISS is rebuilt: the stamp must not claim the newer generation."""
     import simsearch.storage.faiss_index as faiss_index
     from simsearch.pipeline.build import sync_faiss
-    from simsearch.pipeline.read import ImageRecord
+    from simsearch.records import ImageRecord
     from simsearch.storage.store import NewImage
 
     data = tmp_path / "data"

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from simsearch.pipeline.read import GroundTruthObject
+from simsearch.records import GroundTruthObject
 from simsearch.views.render import Box, Renderer, crop, overlay, record_box, record_class
 
 

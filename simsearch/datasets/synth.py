@@ -21,7 +21,8 @@ from pathlib import Path
 from PIL import Image
 
 from simsearch.errors import BadInputError
-from simsearch.pipeline.read import GroundTruthObject, open_image, scan
+from simsearch.pipeline.read import open_image, scan
+from simsearch.records import GroundTruthObject
 
 log = logging.getLogger(__name__)
 

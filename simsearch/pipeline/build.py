@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from simsearch.storage import faiss_index
 from simsearch.pipeline.embed import EmbedConfig, embedder_from_config, iter_file_batches
 from simsearch.errors import BadInputError, NotFoundError
-from simsearch.pipeline.read import ImageRecord, Skipped, file_sha256, fit_objects, scan
+from simsearch.pipeline.read import file_sha256, fit_objects, scan
+from simsearch.localizer.predict import predict_new
+from simsearch.records import ImageRecord, Skipped
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.storage.store import NewImage, Store
 from simsearch.storage.writelock import writer_lock
@@ -56,11 +57,6 @@ class BuildReport:
     images_per_second: float = 0.0
     precision: str = ""
     device: str = ""
-
-
-# Steps that run after new images are committed (the localizer registers one), so that
-# build-index stays one command while each stage keeps its own module.
-POST_BUILD_HOOKS: list[Callable[[Store, list[int], BuildConfig], None]] = []
 
 
 def build_index(config: BuildConfig) -> BuildReport:
@@ -118,10 +114,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
         spec = sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
-        import simsearch.localizer.head  # noqa: F401  (registers its hook: new images get predictions)
-
-        for hook in POST_BUILD_HOOKS:
-            hook(store, new_ids, config)
+        predict_new(store, new_ids)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -26,6 +26,7 @@ from typing import BinaryIO
 from PIL import Image, ImageOps
 
 from simsearch.errors import BadInputError, ImageTooLargeError, NotFoundError, SimsearchError
+from simsearch.records import GroundTruthObject, ImageRecord, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -47,43 +48,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class GroundTruthObject:
-    """One annotated box, in pixels of the (EXIF-upright) image."""
-
-    label: str
-    xmin: float
-    ymin: float
-    xmax: float
-    ymax: float
-    difficult: bool = False
-    truncated: bool = False
-
-    @property
-    def area(self) -> float:
-        return max(0.0, self.xmax - self.xmin) * max(0.0, self.ymax - self.ymin)
-
-
-@dataclass
-class ImageRecord:
-    """An image found on disk, with whatever its dataset says about it."""
-
-    path: Path
-    source: str  # "voc", "boxes" or "folder"
-    dataset: str  # e.g. "VOC2007", "indoor-boxes", or the scanned folder's name
-    split: str | None = None
-    objects: list[GroundTruthObject] = field(default_factory=list)
-    annotation: Path | None = None  # the XML or box-list file the objects came from
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A file that could not be used, and why (recorded, reported, never fatal)."""
-
-    path: Path
-    reason: str
 
 
 @dataclass

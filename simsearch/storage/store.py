@@ -21,7 +21,7 @@ import numpy as np
 import sqlite_utils
 
 from simsearch.errors import IndexDamagedError, NotFoundError
-from simsearch.pipeline.read import GroundTruthObject, ImageRecord, Skipped
+from simsearch.records import GroundTruthObject, ImageRecord, Prediction, Record, Skipped
 from simsearch.spec import IndexSpec
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,17 @@ class Store:
             raise
         self.db = sqlite_utils.Database(conn)
         self._columns: list[str] | None = None
+        self._has_predictions = self._ensure_predictions_table()
+
+    def _ensure_predictions_table(self) -> bool:
+        """Indexes made before the predictions table joined the schema get it on first open (when writable)."""
+        if self.db["predictions"].exists():
+            return True
+        try:
+            self.db.conn.executescript(SCHEMA)
+        except sqlite3.OperationalError:  # read-only: such an index simply has no predictions
+            return False
+        return True
 
     def __enter__(self) -> "Store":
         return self
@@ -372,23 +383,70 @@ class Store:
             self._columns = [c.name for c in self.db["images"].columns]
         return self._columns
 
-    def predictions(self, ids: Sequence[int]) -> dict[int, dict]:
-        """The localizer's {label, score, box} per record id, where it has run (else empty)."""
-        try:  # the localizer creates the table; asking is cheaper than checking first on every query
-            rows = self._rows_for("SELECT image_id, label, score, xmin, ymin, xmax, ymax FROM predictions "
-                                  "WHERE image_id IN ({})", ids)
-        except sqlite3.OperationalError:
+    def predictions(self, ids: Sequence[int]) -> dict[int, Prediction]:
+        """The localizer's prediction per record id, where it has run."""
+        if not self._has_predictions:
             return {}
-        return {r[0]: {"label": r[1], "score": r[2], "box": [r[3], r[4], r[5], r[6]]} for r in rows}
+        rows = self._rows_for("SELECT image_id, label, score, xmin, ymin, xmax, ymax, head_version FROM predictions "
+                              "WHERE image_id IN ({})", ids)
+        return {r[0]: Prediction(*r[1:]) for r in rows}
+
+    def predicted_labels(self) -> dict[str, int]:
+        """label -> number of records the localizer gave it."""
+        if not self._has_predictions:
+            return {}
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT label, count(*) FROM predictions GROUP BY label ORDER BY label")}
+
+    def write_predictions(self, predictions: dict[int, Prediction]) -> None:
+        """Insert or replace predictions, all in one transaction."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO predictions(image_id, label, score, xmin, ymin, xmax, ymax, head_version)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, p.head_version)
+                 for i, p in predictions.items()])
 
     def ids_with_label(self, label: str) -> set[int]:
         """Records with this class in their ground truth or their prediction: what a class filter keeps."""
-        try:
-            rows = self.db.execute("SELECT image_id FROM objects WHERE label = ?1 "
-                                   "UNION SELECT image_id FROM predictions WHERE label = ?1", [label]).fetchall()
-        except sqlite3.OperationalError:  # no localizer has run: ground truth only
-            rows = self.db.execute("SELECT image_id FROM objects WHERE label = ?", [label]).fetchall()
-        return {r[0] for r in rows}
+        sql = "SELECT image_id FROM objects WHERE label = ?1"
+        if self._has_predictions:
+            sql += " UNION SELECT image_id FROM predictions WHERE label = ?1"
+        return {r[0] for r in self.db.execute(sql, [label])}
+
+    def ids(self) -> list[int]:
+        """Every record id, in order."""
+        return [r[0] for r in self.db.execute("SELECT id FROM images ORDER BY id")]
+
+    def ids_with_objects(self) -> list[int]:
+        """Records with at least one ground-truth box: what the localizer trains on."""
+        return [r[0] for r in self.db.execute("SELECT DISTINCT image_id FROM objects ORDER BY image_id")]
+
+    def ids_with_feature_maps(self) -> list[int]:
+        return [r[0] for r in self.db.execute("SELECT image_id FROM feature_maps ORDER BY image_id")]
+
+    def count_split(self, split: str) -> int:
+        return self.db.execute("SELECT count(*) FROM images WHERE split = ?", [split]).fetchone()[0]
+
+    def sizes(self, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """id -> (width, height) of the original upright image."""
+        sql = "SELECT id, width, height FROM images WHERE id IN ({})"
+        return {r[0]: (r[1], r[2]) for r in self._rows_for(sql, ids)}
+
+    def sha256_by_id(self) -> dict[int, str]:
+        return {r[0]: r[1] for r in self.db.execute("SELECT id, sha256 FROM images")}
+
+    def largest_duplicate_group(self) -> int:
+        """How many records share the commonest sha256 (1 when every file is distinct)."""
+        row = self.db.execute("SELECT max(c) FROM (SELECT count(*) AS c FROM images GROUP BY sha256)").fetchone()
+        return row[0] or 1
+
+    def records(self, ids: Sequence[int]) -> dict[int, Record]:
+        """Records with their objects and prediction: three reads, however many ids."""
+        rows, objects, predictions = self.images(ids), self.objects(ids), self.predictions(ids)
+        return {i: Record(i, row["path"], row["sha256"], row["width"], row["height"], row["split"], row["source"],
+                          row["dataset"], objects.get(i, []), predictions.get(i))
+                for i, row in rows.items()}
 
     def ids_with_sha256(self, sha256: str) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT id FROM images WHERE sha256 = ?", [sha256])}

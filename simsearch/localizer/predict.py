@@ -1,0 +1,72 @@
+"""Predicting with a trained head and storing what it says, for every record or for new ones."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from simsearch.errors import NotFoundError
+from simsearch.localizer.head import Localizer
+from simsearch.records import Prediction
+from simsearch.storage.store import Store
+from simsearch.storage.writelock import writer_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalizeReport:
+    index_dir: str
+    head_version: str
+    predicted: int
+    seconds: float
+
+
+def open_localizer(store: Store, head_dir: str | os.PathLike | None = None, device: str = "cpu") -> Localizer:
+    """Load the head (from the index folder by default) and check it reads this index's features."""
+    folder = Path(head_dir) if head_dir is not None else store.dir
+    localizer = Localizer.load(folder, device)
+    spec = store.spec
+    if spec is None:
+        raise NotFoundError(f"{store.dir}: index has no spec; rebuild it")
+    localizer.spec.check(spec.embedder, str(folder))
+    return localizer
+
+
+def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chunk: int = 2048
+                    ) -> dict[int, Prediction]:
+    """Predictions for records `ids`, with boxes in pixels of each original image."""
+    out: dict[int, Prediction] = {}
+    for start in range(0, len(ids), chunk):
+        part = [int(i) for i in ids[start:start + chunk]]
+        sizes = store.sizes(part)
+        labels, scores, boxes = localizer.predict_maps(store.feature_maps(part))
+        for i, label, score, box in zip(part, labels, scores, boxes):
+            w, h = sizes[i]
+            out[i] = Prediction(localizer.spec.classes[int(label)], float(score), float(box[0] * w),
+                                float(box[1] * h), float(box[2] * w), float(box[3] * h), localizer.spec.version)
+    return out
+
+
+def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = None,
+             ids: Sequence[int] | None = None) -> LocalizeReport:
+    """Predict class, score and box for every record (or `ids`) and store them."""
+    started = time.perf_counter()
+    with writer_lock(index_dir, "localize"), Store(index_dir) as store:
+        localizer = open_localizer(store, head_dir)
+        predictions = predict_records(store, localizer, store.ids_with_feature_maps() if ids is None else ids)
+        store.write_predictions(predictions)
+    return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started)
+
+
+def predict_new(store: Store, new_ids: Sequence[int]) -> int:
+    """Predictions for images a build just added, when the index has a head; how many were stored."""
+    if not new_ids or not Localizer.exists(store.dir):
+        return 0
+    localizer = open_localizer(store)
+    store.write_predictions(predict_records(store, localizer, new_ids))
+    log.info("localized %d new images with head %s", len(new_ids), localizer.spec.version)
+    return len(new_ids)

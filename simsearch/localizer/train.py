@@ -1,0 +1,322 @@
+"""Training and evaluating the localizer head on an index's stored maps and ground-truth boxes.
+
+Cross-entropy for the class and smooth-L1 plus GIoU for the box train together;
+the epoch with the best validation loss is kept. Validation images are chosen by
+a rule recorded in the head's spec (a split name, or a fraction by sha256), so
+`evaluate` scores exactly the images the head never trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from simsearch.errors import BadInputError, NotFoundError
+from simsearch.localizer.head import (HeadSpec, Localizer, LocalizerHead, cxcywh_to_xyxy, giou_loss, head_version,
+                                      xyxy_to_cxcywh)
+from simsearch.localizer.metrics import Evaluation, evaluate_predictions
+from simsearch.localizer.predict import open_localizer
+from simsearch.records import GroundTruthObject
+from simsearch.storage.store import Store
+from simsearch.storage.writelock import writer_lock
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("largest",)  # how one image's objects become its training target(s)
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train the head (defaults measured on composites and indoor-boxes)."""
+
+    index_dir: Path
+    epochs: int = 40  # upper bound: early stopping usually ends sooner
+    patience: int = 8  # epochs without a better validation loss before stopping
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW, cosine-decayed to zero over `epochs`
+    weight_decay: float = 1e-2
+    box_weight: float = 2.0  # loss = cross-entropy + box_weight * (smooth-L1 + GIoU)
+    val_split: str | None = "val"  # images.split value held out; when no image has it, use val_fraction
+    val_fraction: float = 0.2  # share held out (chosen by each image's sha256) when there is no split
+    target: str = "largest"  # which object of an image is its target: the largest non-difficult one
+    flip: bool = True  # also train on mirrored maps (box mirrored too): cheap augmentation
+    width: int = 256  # channels after the 1x1 reduction
+    hidden: int = 512  # MLP width
+    seed: int = 0
+    device: str = "cpu"  # auto | cpu | cuda: the head is small, a CPU is fine
+    quiet: bool = False
+
+
+@dataclass
+class Examples:
+    """Images with a target: ids, class names, boxes normalised to [0, 1] (x1, y1, x2, y2)."""
+
+    ids: list[int]
+    labels: list[str]
+    boxes: np.ndarray
+    sizes: list[tuple[int, int]]  # width, height: to turn normalised boxes back into pixels
+
+
+def pick_target(objects: Sequence[GroundTruthObject], policy: str = "largest") -> GroundTruthObject | None:
+    """The object an image is trained and scored on (None: nothing usable)."""
+    if policy not in TARGETS:
+        raise BadInputError(f"unknown target policy {policy!r}; use one of {', '.join(TARGETS)}")
+    usable = [o for o in objects if not o.difficult and o.area > 0]
+    return max(usable, key=lambda o: o.area) if usable else None
+
+
+def examples(store: Store, ids: Sequence[int] | None = None, policy: str = "largest") -> Examples:
+    """Every image (of `ids`, or all) that has a target object."""
+    if ids is None:
+        ids = store.ids_with_objects()
+    rows = store.images(ids)
+    objects = store.objects(ids)
+    keep, labels, boxes, sizes = [], [], [], []
+    for i in ids:
+        target = pick_target(objects.get(i, []), policy)
+        if target is None or i not in rows:
+            continue
+        w, h = rows[i]["width"], rows[i]["height"]
+        keep.append(int(i))
+        labels.append(target.label)
+        boxes.append([target.xmin / w, target.ymin / h, target.xmax / w, target.ymax / h])
+        sizes.append((w, h))
+    return Examples(keep, labels, np.clip(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), 0, 1), sizes)
+
+
+def held_out(store: Store, ids: Sequence[int], validation: dict) -> set[int]:
+    """Which of `ids` are validation images under a head's recorded rule."""
+    rows = store.images(ids)
+    if "split" in validation:
+        return {i for i in ids if rows[i]["split"] == validation["split"]}
+    fraction, seed = validation["fraction"], validation.get("seed", 0)
+    # Hash of the image's bytes: the same photo stays held out however the index grows or is rebuilt.
+    return {i for i in ids if _unit_hash(f"{seed}:{rows[i]['sha256']}") < fraction}
+
+
+def _unit_hash(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def choose_validation(store: Store, ids: Sequence[int], config: TrainConfig) -> dict:
+    if config.val_split:
+        if store.count_split(config.val_split):
+            return {"split": config.val_split}
+        log.info("no image has split %r: holding out %.0f%% by sha256", config.val_split, 100 * config.val_fraction)
+    if not 0 < config.val_fraction < 1:
+        raise BadInputError("--val-fraction must be between 0 and 1 when the index has no validation split")
+    return {"fraction": config.val_fraction, "seed": config.seed}
+
+
+def load_maps(store: Store, ids: Sequence[int], chunk: int = 1024) -> np.ndarray:
+    """Feature maps in `ids` order, read in chunks so peak memory stays near one copy."""
+    spec = store.spec
+    out = np.empty((len(ids), *spec.embedder.feature_shape), dtype=np.float16)
+    for start in range(0, len(ids), chunk):
+        out[start:start + chunk] = store.feature_maps(ids[start:start + chunk])
+    return out
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class TrainReport:
+    index_dir: str
+    head_version: str
+    classes: list[str]
+    train_images: int
+    val_images: int
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    val_accuracy: float
+    val_corloc: float
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # per epoch: train/val cross-entropy and box loss
+
+
+def _losses(head: LocalizerHead, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, box_weight: float):
+    logits, box = head(x)
+    known = y >= 0
+    ce = F.cross_entropy(logits[known], y[known]) if known.any() else logits.sum() * 0
+    pred = cxcywh_to_xyxy(box)
+    box_loss = F.smooth_l1_loss(box, xyxy_to_cxcywh(b), beta=0.05) + giou_loss(pred, b)
+    return ce, box_loss, ce + box_weight * box_loss, logits, pred
+
+
+def train(config: TrainConfig) -> TrainReport:
+    """Train a head on the index's stored maps, keep the epoch with the best validation loss, save it."""
+    from tqdm import tqdm
+
+    from simsearch.pipeline.embed import resolve_device
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    store = Store(config.index_dir)
+    try:
+        spec = store.spec
+        if spec is None or spec.index_type == "pending":
+            raise NotFoundError(f"{config.index_dir}: the index was never finished; run simsearch build-index again")
+        every = examples(store, policy=config.target)
+        if not every.ids:
+            raise BadInputError(
+                f"{config.index_dir}: no image has ground-truth boxes to learn from. Index a VOC folder or a "
+                "box-list dataset (or composites from `simsearch synth`)")
+        validation = choose_validation(store, every.ids, config)
+        val_ids = held_out(store, every.ids, validation)
+        rows = store.images(every.ids)
+        # A VOC test split is never trained on: it stays clean for a final measurement.
+        is_train = [i not in val_ids and rows[i]["split"] != "test" for i in every.ids]
+        is_val = [i in val_ids for i in every.ids]
+        train_idx = np.flatnonzero(is_train)
+        val_idx = np.flatnonzero(is_val)
+        if len(train_idx) == 0 or len(val_idx) == 0:
+            raise BadInputError(
+                f"{len(train_idx)} training and {len(val_idx)} validation images: both are needed. "
+                "Change --val-split or --val-fraction")
+        classes = sorted({every.labels[i] for i in train_idx})
+        where = {c: k for k, c in enumerate(classes)}
+        maps = torch.from_numpy(load_maps(store, every.ids))  # fp16 in memory, fp32 one batch at a time
+        y = torch.tensor([where.get(label, -1) for label in every.labels])  # -1: a class only val has
+        b = torch.from_numpy(every.boxes)
+        embedder = spec.embedder
+    finally:
+        store.close()
+
+    device = resolve_device(config.device)
+    head = LocalizerHead(embedder.feature_shape[0], len(classes), embedder.feature_shape[1:],
+                         config.width, config.hidden).to(device)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, -(-len(train_idx) // config.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * steps_per_epoch,
+                                                   pct_start=0.1)
+    best = (float("inf"), -1, None)
+    history: list[dict] = []
+    bar = tqdm(range(config.epochs), desc="training", unit="epoch", disable=config.quiet, dynamic_ncols=True)
+    for epoch in bar:
+        head.train()
+        order = rng.permutation(train_idx)
+        sums = np.zeros(3)
+        for start in range(0, len(order), config.batch_size):
+            batch = torch.from_numpy(order[start:start + config.batch_size])
+            if len(batch) < 2:
+                continue  # BatchNorm needs two samples
+            x, yb, bb = maps[batch].to(device).float(), y[batch].to(device), b[batch].to(device)
+            if config.flip:
+                flip = torch.rand(len(batch), device=device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                mirrored = torch.stack([1 - bb[:, 2], bb[:, 1], 1 - bb[:, 0], bb[:, 3]], dim=1)
+                bb = torch.where(flip[:, None], mirrored, bb)
+            ce, box_loss, loss, _, _ = _losses(head, x, yb, bb, config.box_weight)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            sums += [ce.item() * len(batch), box_loss.item() * len(batch), len(batch)]
+        val = _validate(head, maps, y, b, val_idx, device, config)
+        row = {"epoch": epoch + 1, "train_ce": sums[0] / sums[2], "train_box": sums[1] / sums[2], **val}
+        history.append(row)
+        bar.set_postfix(ce=f"{row['train_ce']:.3f}", box=f"{row['train_box']:.3f}", val_ce=f"{val['val_ce']:.3f}",
+                        val_box=f"{val['val_box']:.3f}", val_acc=f"{val['val_accuracy']:.2f}",
+                        corloc=f"{val['val_corloc']:.2f}")
+        log.info("epoch %d: %s", epoch + 1, row)
+        if val["val_loss"] < best[0]:
+            best = (val["val_loss"], epoch, {k: v.detach().clone() for k, v in head.state_dict().items()})
+        elif epoch - best[1] >= config.patience:
+            break
+    bar.close()
+    head.load_state_dict(best[2])
+    seconds = time.perf_counter() - started
+    best_row = history[best[1]]
+    version = head_version(head)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    spec = HeadSpec(
+        tuple(classes), embedder.backbone, embedder.weights, embedder.weights_sha256, tuple(embedder.feature_shape),
+        version, config.width, config.hidden, config.target, validation,
+        {"config": settings, "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+         "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2)},
+    )
+    with writer_lock(config.index_dir, "train-localizer"):
+        Localizer(head.cpu(), spec).save(config.index_dir)
+    return TrainReport(str(config.index_dir), version, classes, int(len(train_idx)), int(len(val_idx)), len(history),
+                       best[1] + 1, best[0], best_row["val_accuracy"], best_row["val_corloc"], seconds, history)
+
+
+@torch.no_grad()
+def _validate(head: LocalizerHead, maps, y, b, idx: np.ndarray, device, config: TrainConfig) -> dict:
+    from simsearch.localizer.metrics import box_iou, corloc
+
+    head.eval()
+    sums = np.zeros(4)
+    ious, correct = [], []
+    for start in range(0, len(idx), 512):
+        batch = torch.from_numpy(idx[start:start + 512])
+        x, yb, bb = maps[batch].to(device).float(), y[batch].to(device), b[batch].to(device)
+        ce, box_loss, loss, logits, pred = _losses(head, x, yb, bb, config.box_weight)
+        known = int((yb >= 0).sum())
+        sums += [ce.item() * known, box_loss.item() * len(batch), known, len(batch)]
+        correct += (logits.argmax(1) == yb).cpu().tolist()
+        ious += box_iou(pred.clamp(0, 1).cpu().numpy(), bb.cpu().numpy()).tolist()
+    val_ce = sums[0] / max(sums[2], 1)
+    val_box = sums[1] / sums[3]
+    return {"val_ce": val_ce, "val_box": val_box, "val_loss": val_ce + config.box_weight * val_box,
+            "val_accuracy": float(np.mean(correct)), "val_mean_iou": float(np.mean(ious)), "val_corloc": corloc(ious)}
+
+
+# ---------------------------------------------------------------- evaluating
+
+def evaluation_ids(store: Store, spec: HeadSpec, split: str) -> list[int]:
+    """Images with a target in `split`: val/train = the head's own held-out/training images, all, or a split name."""
+    every = examples(store, policy=spec.target).ids
+    if split == "all":
+        return every
+    if split in ("val", "train"):
+        val = held_out(store, every, spec.validation)
+        rows = store.images(every)
+        if split == "val":
+            return [i for i in every if i in val]
+        return [i for i in every if i not in val and rows[i]["split"] != "test"]
+    rows = store.images(every)
+    chosen = [i for i in every if rows[i]["split"] == split]
+    if not chosen:
+        raise BadInputError(f"no image with ground truth has split {split!r}; use val, train, all or a split name")
+    return chosen
+
+
+def evaluate(index_dir: str | os.PathLike, split: str = "val", head_dir: str | os.PathLike | None = None) -> Evaluation:
+    """Score the head on images with ground truth: top-1 accuracy, mean IoU, CorLoc, per class, confusion."""
+    store = Store(index_dir)
+    try:
+        localizer = open_localizer(store, head_dir)
+        ids = evaluation_ids(store, localizer.spec, split)
+        if not ids:
+            raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
+        truth = examples(store, ids, localizer.spec.target)
+        labels, _, boxes = localizer.predict_maps(load_maps(store, truth.ids))
+    finally:
+        store.close()
+    predicted = [localizer.spec.classes[int(k)] for k in labels]
+    result = evaluate_predictions(truth.labels, predicted, truth.boxes, boxes)
+    known = set(localizer.spec.classes)
+    result.extra = {"split": split, "head_version": localizer.spec.version,
+                    "unseen_class_images": sum(label not in known for label in truth.labels),
+                    "chance_accuracy": _majority_share(truth.labels)}
+    return result
+
+
+def _majority_share(labels: Sequence[str]) -> float:
+    """Accuracy of always answering the most common class: the bar a head must clear."""
+    from collections import Counter
+
+    return Counter(labels).most_common(1)[0][1] / len(labels) if labels else 0.0

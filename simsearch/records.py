@@ -1,0 +1,93 @@
+"""The shapes a record takes, from a file found on disk to a neighbour shown to a user.
+
+One place for them, below every stage: `read` makes `ImageRecord`s, the store keeps
+them and gives back `Record`s (with their objects and prediction), and search
+carries those `Record`s to the views; JSON is made from them only at the CLI and
+HTTP edges (`Record.to_json`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GroundTruthObject:
+    """One annotated box, in pixels of the (EXIF-upright) image."""
+
+    label: str
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    difficult: bool = False
+    truncated: bool = False
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.xmax - self.xmin) * max(0.0, self.ymax - self.ymin)
+
+
+@dataclass
+class ImageRecord:
+    """An image found on disk, with whatever its dataset says about it."""
+
+    path: Path
+    source: str  # "voc", "boxes" or "folder"
+    dataset: str  # e.g. "VOC2007", "indoor-boxes", or the scanned folder's name
+    split: str | None = None
+    objects: list[GroundTruthObject] = field(default_factory=list)
+    annotation: Path | None = None  # the XML or box-list file the objects came from
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that could not be used, and why (recorded, reported, never fatal)."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The localizer's class, confidence and box for one record, in pixels of the original image."""
+
+    label: str
+    score: float
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    head_version: str = ""  # which trained head said so
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "score": self.score, "box": [self.xmin, self.ymin, self.xmax, self.ymax]}
+
+
+@dataclass
+class Record:
+    """An indexed image with what is known of it: the one shape search results carry."""
+
+    id: int
+    path: str
+    sha256: str
+    width: int
+    height: int
+    split: str | None = None
+    source: str = "folder"
+    dataset: str | None = None
+    objects: list[GroundTruthObject] = field(default_factory=list)
+    prediction: Prediction | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted({o.label for o in self.objects})
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "path": self.path, "width": self.width, "height": self.height, "split": self.split,
+            "dataset": self.dataset,
+            "objects": [{"label": o.label, "box": [o.xmin, o.ymin, o.xmax, o.ymax], "difficult": o.difficult,
+                         "truncated": o.truncated} for o in self.objects],
+            "prediction": self.prediction.to_json() if self.prediction else None,
+        }
