@@ -585,8 +585,9 @@ def exposure_warning(host: str, token: str | None) -> str | None:
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to host:port for uvicorn: a port in use is one clear BadInputError, before any loading."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # IPv4 first for a name such as localhost, as uvicorn binds it; an IPv6 literal finds only IPv6.
+        family, kind, proto, _, address = sorted(found, key=lambda info: info[0] != socket.AF_INET)[0]
     except socket.gaierror as e:
         raise BadInputError(f"cannot listen on {host}: unknown host ({e.strerror}); pass --host") from None
     sock = socket.socket(family, kind, proto)
