@@ -65,7 +65,7 @@ def side_by_side(query: str, raw_name: str, raw, lib, n: int, round_size: int, w
 
 def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Path:
     """An index folder with n synthetic records (Lite0's spec), committed the way build-index commits."""
-    from simsearch.pipeline.build import sync_faiss
+    from simsearch.storage.layout import sync_faiss
     from simsearch.pipeline.embed import load_backbone
     from simsearch.records import GroundTruthObject, ImageRecord
     from simsearch.spec import IndexSpec

@@ -48,7 +48,7 @@ class IndexSpec:
     """Everything `spec.json` records about an index."""
 
     embedder: EmbedderSpec
-    index_type: str  # faiss factory string, e.g. "Flat" or "IVF1024,Flat"
+    index_type: str | None  # faiss factory string, e.g. "Flat" or "IVF1024,Flat"; None until FAISS is first built
     metric: str = "inner_product"  # on L2-normalised vectors, i.e. cosine similarity
     nprobe: int | None = None  # search-time breadth for IVF indexes
     efsearch: int | None = None  # search-time breadth for HNSW indexes
@@ -65,6 +65,8 @@ class IndexSpec:
         )
         emb["feature_shape"] = tuple(emb["feature_shape"])
         data["embedder"] = EmbedderSpec(**emb)
+        if data.get("index_type") == "pending":  # how indexes made before the `finished` rule said None
+            data["index_type"] = None
         return IndexSpec(**data)
 
 

@@ -16,11 +16,12 @@ import pytest
 from PIL import Image
 
 from simsearch.storage import faiss_index
+from simsearch.storage import layout
 from simsearch.pipeline.build import BuildConfig, build_index
 from simsearch.pipeline.embed import EmbedConfig
 from simsearch.errors import NotFoundError, SpecMismatchError
 from simsearch.search.searcher import Searcher, search
-from simsearch.storage.store import DB_NAME, Store
+from simsearch.storage.store import Store
 
 LITE0 = EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)
 
@@ -54,7 +55,7 @@ def test_query_by_id_matches_query_by_file_and_excludes_itself(real_index: Path)
 
 
 def test_voc_objects_land_in_sqlite(real_index: Path):
-    db = sqlite3.connect(real_index / DB_NAME)
+    db = sqlite3.connect(real_index / layout.DB)
     rows = db.execute(
         "SELECT o.label, o.xmin, o.ymin, o.xmax, o.ymax, o.difficult FROM objects o JOIN images i ON i.id = o.image_id "
         "WHERE i.path LIKE '%VOC2007/JPEGImages/000001.jpg' ORDER BY o.id"
@@ -70,8 +71,9 @@ def test_voc_objects_land_in_sqlite(real_index: Path):
 def test_neighbours_carry_ground_truth(real_index: Path, voc2007_dir: Path):
     result = search(real_index, voc2007_dir / "JPEGImages" / "000032.jpg", 1)
     top = result.neighbours[0]
-    assert {o["label"] for o in top.objects} == {"aeroplane"}
-    assert all(len(o["box"]) == 4 for o in top.objects)
+    assert top.record.classes == ["aeroplane"]
+    assert all(o.xmin < o.xmax <= top.record.width and o.ymin < o.ymax <= top.record.height
+               for o in top.record.objects)
 
 
 def test_spec_json_is_written_and_checked(real_index: Path):
@@ -126,7 +128,7 @@ def test_incremental_rebuild_embeds_only_what_changed(tmp_path: Path, photos_dir
     assert kept.ntotal == 4  # without --prune, records of deleted files stay
     pruned = build_index(BuildConfig(data, index_dir, LITE0, prune=True))
     assert pruned.pruned == 1 and pruned.ntotal == 3
-    assert faiss_index.load(index_dir).ntotal == 3
+    assert faiss_index.load(*layout.faiss_paths(index_dir)).ntotal == 3
     assert sorted(Path(n.path).name for n in Searcher(index_dir).search(data / "rocket.jpg", 10).neighbours) == [
         "astronaut.png", "coffee.png"]
 
@@ -153,10 +155,10 @@ def test_stale_faiss_file_is_rebuilt_from_sqlite(tmp_path: Path, photos_dir: Pat
         shutil.copy(photos_dir / name, data / name)
     index_dir = tmp_path / "idx"
     build_index(BuildConfig(data, index_dir, LITE0))
-    faiss_index.save(faiss_index.build(*reversed(Store(index_dir).vectors()), "Flat"), index_dir, generation=-5)
+    faiss_index.save(faiss_index.build(*reversed(Store(index_dir).vectors()), "Flat"), *layout.faiss_paths(index_dir), generation=-5)
     searcher = Searcher(index_dir)
     assert searcher.index.ntotal == 2
-    assert faiss_index.saved_generation(index_dir) == searcher.store.generation
+    assert layout.faiss_generation(index_dir) == searcher.store.generation
 
 
 def _jpeg_variants(source: Path, out: Path, n: int) -> None:
@@ -176,7 +178,7 @@ def test_build_killed_midway_then_rerun_has_one_record_per_image(tmp_path: Path,
     cmd = [sys.executable, "-m", "simsearch.cli", "build-index", str(data), "--index", str(index_dir),
            "--model", "efficientnet-lite0", "--device", "cpu", "--batch-size", "2", "--workers", "0", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db_path = index_dir / DB_NAME
+    db_path = index_dir / layout.DB
     deadline = time.time() + 120
     committed = 0
     while time.time() < deadline and proc.poll() is None:
@@ -198,5 +200,5 @@ def test_build_killed_midway_then_rerun_has_one_record_per_image(tmp_path: Path,
     paths = [r[0] for r in store.db.execute("SELECT path FROM images")]
     assert len(paths) == len(set(paths)) == 40
     assert store.count("embeddings") == 40
-    assert faiss_index.load(index_dir).ntotal == 40
-    assert faiss_index.saved_generation(index_dir) == store.generation
+    assert faiss_index.load(*layout.faiss_paths(index_dir)).ntotal == 40
+    assert layout.faiss_generation(index_dir) == store.generation

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from simsearch.storage import faiss_index
+from simsearch.storage import layout
 from simsearch.errors import BadInputError
 
 
@@ -62,10 +63,10 @@ def test_save_load_round_trip_with_generation(tmp_path: Path):
     xb = clustered(300, 32)
     ids = np.arange(10, 310, dtype=np.int64)
     index = faiss_index.build(xb, ids, "Flat")
-    assert faiss_index.saved_generation(tmp_path) is None
-    faiss_index.save(index, tmp_path, generation=7)
-    assert faiss_index.saved_generation(tmp_path) == 7
-    loaded = faiss_index.load(tmp_path)
+    assert layout.faiss_generation(tmp_path) is None
+    faiss_index.save(index, *layout.faiss_paths(tmp_path), generation=7)
+    assert layout.faiss_generation(tmp_path) == 7
+    loaded = faiss_index.load(*layout.faiss_paths(tmp_path))
     assert loaded.ntotal == 300
     assert np.array_equal(faiss_index.search(loaded, xb[:5], 4)[1], faiss_index.search(index, xb[:5], 4)[1])
 

@@ -21,7 +21,7 @@ def trained(tmp_path_factory, shared_data):
     """300 composites of 4 classes -> efficientnet-lite0 index -> a trained head (once per module)."""
     from simsearch.pipeline.build import BuildConfig, build_index
     from simsearch.pipeline.embed import EmbedConfig
-    from simsearch.localizer.head import TrainConfig, train
+    from simsearch.localizer.train import TrainConfig, train
     from simsearch.datasets.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("composites")
@@ -40,7 +40,7 @@ def test_head_learns_far_above_chance(trained):
     majority-class share of 0.33, mean IoU 0.62, CorLoc 0.77; on 360 composites with
     seeds 0 and 1: accuracy 0.76 / 0.76, CorLoc 0.72 / 0.85. Thresholds leave a wide margin.
     """
-    from simsearch.localizer.head import evaluate, examples
+    from simsearch.localizer.train import evaluate, examples
     from simsearch.localizer.metrics import box_iou, corloc
     from simsearch.storage.store import Store
 
@@ -70,7 +70,9 @@ def test_head_learns_far_above_chance(trained):
 
 
 def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
-    from simsearch.localizer.head import HEAD_FILE, Localizer, _version, load_maps, localize
+    from simsearch.localizer.head import HEAD_FILE, Localizer, head_version
+    from simsearch.localizer.predict import localize
+    from simsearch.localizer.train import load_maps
     from simsearch.storage.store import Store
 
     index, report = trained
@@ -87,7 +89,7 @@ def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
     # A copy of the head file elsewhere loads to the very same weights and answers.
     shutil.copy(index / HEAD_FILE, tmp_path / HEAD_FILE)
     again = Localizer.load(tmp_path)
-    assert _version(again.head) == report.head_version == again.spec.version
+    assert head_version(again.head) == report.head_version == again.spec.version
     labels, scores, boxes = again.predict_maps(maps)
     for k, i in enumerate(ids):
         w, h = rows[i]["width"], rows[i]["height"]
@@ -97,7 +99,7 @@ def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
 
 
 def test_query_results_carry_predictions(trained):
-    from simsearch.localizer.head import localize
+    from simsearch.localizer.predict import localize
     from simsearch.search.searcher import Searcher
 
     index, _ = trained
@@ -108,10 +110,11 @@ def test_query_results_carry_predictions(trained):
     finally:
         searcher.close()
     for n in result.neighbours:
-        assert n.prediction["label"] in {"book", "cabinetry", "chair", "cup", "diningtable", "door", "pillow",
+        assert n.record.prediction.label in {"book", "cabinetry", "chair", "cup", "diningtable", "door", "pillow",
                                          "pottedplant"}
-        x1, y1, x2, y2 = n.prediction["box"]
-        assert 0 <= x1 < x2 <= n.width and 0 <= y1 < y2 <= n.height
+        p = n.record.prediction
+        x1, y1, x2, y2 = p.xmin, p.ymin, p.xmax, p.ymax
+        assert 0 <= x1 < x2 <= n.record.width and 0 <= y1 < y2 <= n.record.height
 
 
 def test_build_index_predicts_new_images_when_a_head_exists(trained, tmp_path, photos_dir):
@@ -149,7 +152,8 @@ def _random_resnet_index(tmp_path: Path, photos_dir: Path) -> Path:
 
 
 def test_head_for_another_backbone_is_refused(trained, tmp_path, photos_dir):
-    from simsearch.localizer.head import HEAD_FILE, localize
+    from simsearch.localizer.head import HEAD_FILE
+    from simsearch.localizer.predict import localize
 
     index, _ = trained
     other = _random_resnet_index(tmp_path, photos_dir)
@@ -164,7 +168,8 @@ def test_head_for_another_backbone_is_refused(trained, tmp_path, photos_dir):
 
 
 def test_other_weights_of_the_same_backbone_are_refused(trained, tmp_path):
-    from simsearch.localizer.head import HEAD_FILE, HeadSpec, Localizer, localize
+    from simsearch.localizer.head import HEAD_FILE, HeadSpec, Localizer
+    from simsearch.localizer.predict import localize
 
     index, _ = trained
     head = Localizer.load(index)
@@ -178,7 +183,8 @@ def test_other_weights_of_the_same_backbone_are_refused(trained, tmp_path):
 def test_damaged_or_mismatched_head_is_one_clear_error(trained, tmp_path):
     """A truncated head file, or weights that do not fit the spec (the old two-file layout after a kill)."""
     from simsearch.errors import IndexDamagedError
-    from simsearch.localizer.head import HEAD_FILE, Localizer, localize
+    from simsearch.localizer.head import HEAD_FILE, Localizer
+    from simsearch.localizer.predict import localize
 
     index, _ = trained
     data = (index / HEAD_FILE).read_bytes()
@@ -196,7 +202,7 @@ def test_damaged_or_mismatched_head_is_one_clear_error(trained, tmp_path):
 
 
 def test_index_without_boxes_cannot_train(tmp_path, photos_dir):
-    from simsearch.localizer.head import TrainConfig, train
+    from simsearch.localizer.train import TrainConfig, train
 
     with pytest.raises(BadInputError, match="no image has ground-truth boxes"):
         train(TrainConfig(_random_resnet_index(tmp_path, photos_dir), quiet=True))
@@ -228,7 +234,7 @@ def test_cli_evaluate_table_and_json(trained):
 
 
 def test_target_is_the_largest_non_difficult_object():
-    from simsearch.localizer.head import pick_target
+    from simsearch.localizer.train import pick_target
 
     small = GroundTruthObject("cup", 0, 0, 10, 10)
     big_difficult = GroundTruthObject("table", 0, 0, 100, 100, difficult=True)

@@ -108,7 +108,7 @@ def test_pairs_never_pair_a_file_with_its_copy(tmp_path: Path, photos_dir: Path)
     shutil.copy(photos_dir / "coffee.png", data / "coffee-copy.png")
     build_index(BuildConfig(data, tmp_path / "idx", EmbedConfig("resnet50", weights="random", device="cpu", quiet=True)))
     pairs = most_similar_pairs(tmp_path / "idx", n=10)
-    names = [{Path(p.a_path).name, Path(p.b_path).name} for p in pairs]
+    names = [{Path(p.a.path).name, Path(p.b.path).name} for p in pairs]
     assert {"coffee.png", "coffee-copy.png"} not in names
     assert len(pairs) == 5  # 4 files, 6 pairs, minus the identical one
 

@@ -180,10 +180,12 @@ def test_bad_boxes_cost_only_themselves(tmp_path: Path):
 def test_overlay_draws_inverted_and_overshooting_boxes_from_older_indexes():
     from simsearch.views.render import overlay
 
+    from simsearch.records import GroundTruthObject, Prediction
+
     image = Image.new("RGB", (50, 40))
-    objects = [{"label": "a", "box": [40, 30, 10, 5]}, {"label": "b", "box": [-10, -10, 500, 500]},
-               {"label": "c", "box": [float("nan"), 1, 2, 3]}]
-    out = overlay(image, objects, {"label": "p", "score": 0.5, "box": [60, 60, 80, 80]})
+    objects = [GroundTruthObject("a", 40, 30, 10, 5), GroundTruthObject("b", -10, -10, 500, 500),
+               GroundTruthObject("c", float("nan"), 1, 2, 3)]
+    out = overlay(image, objects, Prediction("p", 0.5, 60, 60, 80, 80))
     assert out.size == (50, 40) and out.getbbox() is not None
 
 
@@ -210,7 +212,8 @@ def test_a_second_writer_is_told_who_holds_the_index(tmp_path: Path):
 def test_faiss_is_stamped_with_the_generation_of_the_vectors_it_holds(tmp_path: Path, monkeypatch):
     """A writer committing while FAISS is rebuilt: the stamp must not claim the newer generation."""
     import simsearch.storage.faiss_index as faiss_index
-    from simsearch.pipeline.build import sync_faiss
+    from simsearch.storage import layout
+    from simsearch.storage.layout import sync_faiss
     from simsearch.records import ImageRecord
     from simsearch.storage.store import NewImage
 
@@ -233,7 +236,7 @@ def test_faiss_is_stamped_with_the_generation_of_the_vectors_it_holds(tmp_path: 
         monkeypatch.setattr(faiss_index, "build", build_while_another_writer_commits)
         sync_faiss(store, spec.embedder)
         monkeypatch.setattr(faiss_index, "build", real_build)
-        assert faiss_index.saved_generation(index) == store.generation - 1  # not current: it lacks late.jpg
+        assert layout.faiss_generation(index) == store.generation - 1  # not current: it lacks late.jpg
     assert _consistent(index)[0] == 4  # and so the next reader rebuilds it with all four
 
 
@@ -263,9 +266,9 @@ def test_a_damaged_faiss_file_is_rebuilt_from_sqlite(small_index: Path, damage: 
         assert path.read_bytes() != damaged  # the rebuilt file was kept for the next process
     report = _build(small_index.parent / "data", small_index)  # build-index vouches for the file it leaves
     assert report.added == 0 and _consistent(small_index)[0] == 4
-    from simsearch.storage import faiss_index
+    from simsearch.storage import layout
 
-    assert faiss_index.saved_generation(small_index, verify=True) is not None
+    assert layout.faiss_generation(small_index, verify=True) is not None
 
 
 def test_a_damaged_database_is_one_line_with_what_to_do(small_index: Path):

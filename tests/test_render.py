@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -12,22 +13,28 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from simsearch.records import GroundTruthObject
+from simsearch.errors import NotFoundError
+from simsearch.records import GroundTruthObject, Prediction, Record
 from simsearch.views.render import Box, Renderer, crop, overlay, record_box, record_class
+
+
+def _record(objects=(), prediction=None, width=100, height=100, **kw) -> Record:
+    return Record(kw.get("id", 1), kw.get("path", "x.jpg"), kw.get("sha256", "a" * 64), width, height,
+                  objects=list(objects), prediction=prediction)
 
 
 def test_record_box_prefers_prediction_then_largest_truth_then_whole_image():
     small = GroundTruthObject("cup", 10, 10, 20, 20)
     large = GroundTruthObject("chair", 30, 30, 90, 80)
-    pred = {"label": "dog", "score": 0.9, "box": [5, 6, 50, 60]}
-    assert record_box([small, large], pred, 100, 100) == Box(5, 6, 50, 60, "dog", "predicted")
-    assert record_box([small, large], None, 100, 100) == Box(30, 30, 90, 80, "chair", "ground truth")
-    assert record_box([], None, 100, 80) == Box(0, 0, 100, 80, "", "image")
+    pred = Prediction("dog", 0.9, 5, 6, 50, 60)
+    assert record_box(_record([small, large], pred)) == Box(5, 6, 50, 60, "dog", "predicted")
+    assert record_box(_record([small, large])) == Box(30, 30, 90, 80, "chair", "ground truth")
+    assert record_box(_record([], None, 100, 80)) == Box(0, 0, 100, 80, "", "image")
     # boxes reaching outside the image are clipped to it
-    assert record_box([GroundTruthObject("x", -5, -5, 150, 50)], None, 100, 100).xmax == 100
-    assert record_class([small, large], None) == "chair"
-    assert record_class([small], pred) == "dog"
-    assert record_class([], None) == ""
+    assert record_box(_record([GroundTruthObject("x", -5, -5, 150, 50)])).xmax == 100
+    assert record_class(_record([small, large])) == "chair"
+    assert record_class(_record([small], pred)) == "dog"
+    assert record_class(_record()) == ""
 
 
 def test_crop_takes_the_box_with_a_margin():
@@ -40,7 +47,7 @@ def test_crop_takes_the_box_with_a_margin():
 def test_overlay_draws_truth_red_and_prediction_blue():
     image = Image.new("RGB", (200, 200), "white")
     out = np.asarray(overlay(image, [GroundTruthObject("a", 10, 10, 100, 100)],
-                             {"label": "b", "score": 0.5, "box": [120, 120, 190, 190]}, width=3))
+                             Prediction("b", 0.5, 120, 120, 190, 190), width=3))
     assert tuple(out[60, 11]) == (220, 30, 30)  # left edge of the red box, below its label
     assert tuple(out[170, 189]) == (30, 90, 230)  # right edge of the blue box
 
@@ -48,7 +55,7 @@ def test_overlay_draws_truth_red_and_prediction_blue():
 def test_renderer_caches_by_content(tmp_path: Path):
     picture = tmp_path / "p.png"
     Image.new("RGB", (600, 300), (10, 200, 30)).save(picture)
-    record = {"id": 7, "path": str(picture), "sha256": "a" * 64, "width": 600, "height": 300}
+    record = _record(width=600, height=300, id=7, path=str(picture))
     renderer = Renderer(tmp_path / "index", size=128)
     thumb = renderer.thumb(record)
     assert Image.open(io.BytesIO(thumb)).size == (128, 64)
@@ -56,8 +63,9 @@ def test_renderer_caches_by_content(tmp_path: Path):
     assert len(cached) == 1
     picture.unlink()  # served from the cache now
     assert renderer.thumb(record) == thumb
-    with pytest.raises(Exception):
-        renderer.thumb({**record, "sha256": "b" * 64})  # another file content: not served from the old entry
+    # Other file content is not served from the old entry: it must decode the file, which is gone.
+    with pytest.raises(NotFoundError, match="record 7 .p.png.: no such image file"):
+        renderer.thumb(replace(record, sha256="b" * 64))
 
 
 class _Images(HTMLParser):
@@ -90,16 +98,13 @@ def test_query_page_from_real_photos_holds_the_neighbours_crops(real_index: Path
     assert [c[0] for c in parsed.cards] == [1, 2, 3, 4, 5]
     assert Path(result.neighbours[0].path).name == "motorcycle_right.png"
 
-    store = Store(real_index)
-    rows = store.images([n.id for n in result.neighbours])
-    store.close()
     renderer = Renderer(real_index)
     for n, src in zip(result.neighbours, parsed.crops):
         assert src.startswith("data:image/jpeg;base64,")
         embedded = base64.b64decode(src.split(",", 1)[1])
-        box = record_box(n.objects, n.prediction, n.width, n.height)
-        assert embedded == renderer.crop(rows[n.id], box)  # the neighbour's own crop, not any picture
-        if n.objects:  # a VOC neighbour: the crop is its largest box, not the whole image
+        box = record_box(n.record)
+        assert embedded == renderer.crop(n.record, box)  # the neighbour's own crop, not any picture
+        if n.record.objects:  # a VOC neighbour: the crop is its largest box, not the whole image
             assert box.source in ("ground truth", "predicted")
             w, h = Image.open(io.BytesIO(embedded)).size
             assert abs(w / h - (box.xmax - box.xmin) / (box.ymax - box.ymin)) < 0.15

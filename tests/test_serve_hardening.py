@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+import simsearch.views.http_guards as http_guards  # noqa: E402
 import simsearch.views.serve as serve  # noqa: E402
 from simsearch.cli import app as cli_app  # noqa: E402
 from simsearch.errors import BadInputError  # noqa: E402
@@ -289,7 +290,7 @@ def test_with_a_token_every_request_needs_it(token_app):
     for header in ["Bearer wrong", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x"]:
         assert client.get("/api/info", headers={"Authorization": header}).status_code == 401, header
     forged = TestClient(token_app, raise_server_exceptions=False)
-    forged.cookies.set(serve.TOKEN_COOKIE, TOKEN)
+    forged.cookies.set(http_guards.TOKEN_COOKIE, TOKEN)
     assert forged.get("/api/info").status_code == 401  # the cookie holds an HMAC, not the token itself
     # Refused before the body is read: a large upload gets 401, not 413.
     r = client.post("/api/search", files={"file": ("x.png", b"\0" * (2 * 1024 * 1024), "image/png")})
@@ -307,7 +308,7 @@ def test_token_in_the_page_url_sets_a_cookie_for_the_page_requests(token_app):
     page = browser.get(f"/?token={TOKEN}")
     assert page.status_code == 200 and "<script>" in page.text
     cookie = page.headers["set-cookie"]
-    assert cookie.startswith(f"{serve.TOKEN_COOKIE}=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert cookie.startswith(f"{http_guards.TOKEN_COOKIE}=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert TOKEN not in cookie
     record = browser.get("/api/records").json()["records"][0]  # the cookie jar carries it from here on
     assert browser.get(record["thumb_url"]).status_code == 200
@@ -358,7 +359,7 @@ def test_binding_beyond_loopback_warns_and_suggests_a_token(served):
     result, config = served("--host", "0.0.0.0", env={"SIMSEARCH_TOKEN": "t0k"})
     assert config.token == "t0k"
     assert "warning" in result.stderr and "no authentication" not in result.stderr
-    assert serve.is_loopback("localhost") and serve.is_loopback("::1") and not serve.is_loopback("0.0.0.0")
+    assert http_guards.is_loopback("localhost") and http_guards.is_loopback("::1") and not http_guards.is_loopback("0.0.0.0")
 
 
 def test_port_in_use_is_one_line(built, tmp_path: Path):

@@ -25,7 +25,8 @@ def serve_command(
              "line is visible to other users of this machine."),
 ) -> None:
     """Browse an index in the browser: upload or pick an image, see neighbours with crops, draw a box to search a region."""
-    from simsearch.views.serve import ServeConfig, bind, exposure_warning, run
+    from simsearch.views.http_guards import bind, exposure_warning
+    from simsearch.views.serve import ServeConfig, run
 
     token = token or None  # an empty SIMSEARCH_TOKEN means none
     with reported():
@@ -53,5 +54,5 @@ def pairs_command(
         pairs = most_similar_pairs(index, n)
         png = pairs_figure(index, pairs, out / "pairs.png")
     for pair in pairs:
-        echo_json(pair.to_dict())
+        echo_json(pair.to_json())
     typer.echo(f"{len(pairs)} pairs drawn in {png}", err=True)

@@ -79,14 +79,14 @@ def query_command(
             from simsearch.views.page import write_query_page
 
             typer.echo(f"page: {write_query_page(index, result, html)}", err=True)
-    rows = [n.to_dict() for n in result.neighbours]
+    rows = [n.to_json() for n in result.neighbours]
     if fmt == "json":
         for row in rows:
             echo_json(row)
         return
-    for row in rows:
-        row["classes"] = ",".join(sorted({o["label"] for o in row["objects"]}))
-        row["predicted"] = (row["prediction"] or {}).get("label")
+    for row, n in zip(rows, result.neighbours):
+        row["classes"] = ",".join(n.record.classes)
+        row["predicted"] = n.record.prediction.label if n.record.prediction else None
     echo_table(rows, ["rank", "id", "score", "classes", "predicted", "path"])
 
 

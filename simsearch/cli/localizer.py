@@ -52,7 +52,7 @@ def train_localizer_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train the localizer head on the index's cached feature maps and save it in the index folder."""
-    from simsearch.localizer.head import TrainConfig, train
+    from simsearch.localizer.train import TrainConfig, train
 
     with reported():
         report = train(TrainConfig(index, epochs, patience, batch_size, lr, box_weight=box_weight, val_split=val_split,
@@ -68,7 +68,7 @@ def train_localizer_command(
 @app.command("localize")
 def localize_command(index: Path = INDEX_OPTION, head: Optional[Path] = HEAD_OPTION) -> None:
     """Predict class, score and box for every record and store them (query results then show them)."""
-    from simsearch.localizer.head import localize
+    from simsearch.localizer.predict import localize
 
     with reported():
         report = localize(index, head)
@@ -85,7 +85,7 @@ def evaluate_command(
 ) -> None:
     """Top-1 accuracy, mean IoU, CorLoc (IoU >= 0.5), per class and a confusion matrix."""
     from simsearch.errors import BadInputError
-    from simsearch.localizer.head import evaluate
+    from simsearch.localizer.train import evaluate
 
     with reported():
         if fmt not in ("json", "table"):

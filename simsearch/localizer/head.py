@@ -22,10 +22,11 @@ from torch import nn
 
 from simsearch.errors import IndexDamagedError, NotFoundError, SpecMismatchError
 from simsearch.spec import EmbedderSpec
+from simsearch.storage import layout
 
-HEAD_FILE = "localizer.pt"  # {"format", "spec" (HeadSpec JSON), "state" (weights)}: one file, one rename
+HEAD_FILE = layout.HEAD  # {"format", "spec" (HeadSpec JSON), "state" (weights)}: one file, one rename
 HEAD_FORMAT = 2
-LEGACY_SPEC = "localizer.json"  # format 1 kept the spec in a second file, which a kill could leave stale
+LEGACY_SPEC = layout.LEGACY_HEAD_SPEC  # format 1 kept the spec in a second file, which a kill could leave stale
 
 
 # ---------------------------------------------------------------- the head

@@ -163,10 +163,9 @@ def train(config: TrainConfig) -> TrainReport:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    store = Store(config.index_dir)
-    try:
+    with Store(config.index_dir) as store:
         spec = store.spec
-        if spec is None or spec.index_type == "pending":
+        if spec is None or not store.finished:
             raise NotFoundError(f"{config.index_dir}: the index was never finished; run simsearch build-index again")
         every = examples(store, policy=config.target)
         if not every.ids:
@@ -191,8 +190,6 @@ def train(config: TrainConfig) -> TrainReport:
         y = torch.tensor([where.get(label, -1) for label in every.labels])  # -1: a class only val has
         b = torch.from_numpy(every.boxes)
         embedder = spec.embedder
-    finally:
-        store.close()
 
     device = resolve_device(config.device)
     head = LocalizerHead(embedder.feature_shape[0], len(classes), embedder.feature_shape[1:],
@@ -236,6 +233,10 @@ def train(config: TrainConfig) -> TrainReport:
         elif epoch - best[1] >= config.patience:
             break
     bar.close()
+    if best[2] is None:  # no epoch had a finite validation loss (NaN compares false with everything)
+        raise BadInputError(
+            f"training diverged: the validation loss was not a number in all {len(history)} epochs. "
+            "Check the index's boxes (simsearch info), or train with a lower --lr")
     head.load_state_dict(best[2])
     seconds = time.perf_counter() - started
     best_row = history[best[1]]
@@ -296,16 +297,13 @@ def evaluation_ids(store: Store, spec: HeadSpec, split: str) -> list[int]:
 
 def evaluate(index_dir: str | os.PathLike, split: str = "val", head_dir: str | os.PathLike | None = None) -> Evaluation:
     """Score the head on images with ground truth: top-1 accuracy, mean IoU, CorLoc, per class, confusion."""
-    store = Store(index_dir)
-    try:
+    with Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
         ids = evaluation_ids(store, localizer.spec, split)
         if not ids:
             raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
         truth = examples(store, ids, localizer.spec.target)
         labels, _, boxes = localizer.predict_maps(load_maps(store, truth.ids))
-    finally:
-        store.close()
     predicted = [localizer.spec.classes[int(k)] for k in labels]
     result = evaluate_predictions(truth.labels, predicted, truth.boxes, boxes)
     known = set(localizer.spec.classes)

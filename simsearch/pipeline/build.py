@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from simsearch.storage import faiss_index
+from simsearch.storage import layout
 from simsearch.pipeline.embed import EmbedConfig, embedder_from_config, iter_file_batches
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.read import file_sha256, fit_objects, scan
@@ -75,7 +75,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         if saved is not None:
             check_compatible(saved.embedder, embedder.spec, f"index {config.index_dir}")
         else:  # claim the index for this embedder before the first vector lands
-            store.save_spec(IndexSpec(embedder.spec, index_type="pending"))
+            store.save_spec(IndexSpec(embedder.spec, index_type=None))
         if config.embed.weights and Path(config.embed.weights).is_file():
             store.set_meta("weights_path", str(Path(config.embed.weights).resolve()))  # for query-by-image
         known = store.known_files()
@@ -112,7 +112,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         skipped = _merged(skipped)
         store.record_skipped(skipped)
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
-        spec = sync_faiss(store, embedder.spec, config.index_type)
+        spec = layout.sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
         predict_new(store, new_ids)
     report.seconds = time.perf_counter() - started
@@ -122,16 +122,16 @@ def build_index(config: BuildConfig) -> BuildReport:
 def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:
     """`--prune` on a folder that is gone: drop its records (a moved or deleted folder); nothing to embed."""
     report = BuildReport(index_dir=str(config.index_dir))
-    if not (Path(config.index_dir) / "simsearch.sqlite").exists():
+    if not (Path(config.index_dir) / layout.DB).exists():
         raise NotFoundError(f"{config.data}: no such folder, and no index at {config.index_dir} to prune")
     with writer_lock(config.index_dir, "build-index"), Store(config.index_dir) as store:
         saved = store.spec
-        if saved is None or saved.index_type == "pending":
+        if saved is None or not store.finished:
             raise NotFoundError(f"{config.data}: no such folder (and the index was never finished)")
         report.pruned = _prune(store, config.data, [])
         log.info("%s is gone: pruned its %d records", config.data, report.pruned)
         if store.count("embeddings"):
-            spec = sync_faiss(store, saved.embedder, config.index_type)
+            spec = layout.sync_faiss(store, saved.embedder, config.index_type)
             report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
     report.seconds = time.perf_counter() - started
     return report
@@ -208,31 +208,3 @@ def _prune(store: Store, data: Path, records: list[ImageRecord]) -> int:
     gone = [i for path, (i, *_rest) in store.known_files().items()
             if any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots) and path not in present]
     return store.remove_images(gone)
-
-
-def sync_faiss(store: Store, embedder_spec, index_type: str | None = None) -> IndexSpec:
-    """Make index.faiss reflect exactly the vectors in SQLite, rebuilding when stale or damaged."""
-    if index_type:
-        store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
-    count = store.count("embeddings")
-    if count == 0:
-        raise BadInputError(
-            f"no images could be indexed (see the skipped files: simsearch info --index {store.dir})"
-        )
-    factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(count, embedder_spec.dim)
-    saved = store.spec
-    # verify=True: build-index vouches for the file it leaves, so its checksum is read, not assumed.
-    if faiss_index.saved_generation(store.dir, verify=True) != store.generation or saved is None \
-            or saved.index_type != factory:
-        # Generation and vectors from one read transaction: the stamp can only name what the file holds.
-        generation, ids, xb = store.vector_snapshot()
-        index = faiss_index.build(xb, ids, factory)
-        # The breadth that reaches the recall target on a sample of this very index, not a guess.
-        params, _ = faiss_index.tune_params(index, xb, ids)
-        faiss_index.save(index, store.dir, generation)
-    else:
-        params = faiss_index.SearchParams(saved.nprobe, saved.efsearch)
-    spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)
-    if saved != spec:
-        store.save_spec(spec)
-    return spec

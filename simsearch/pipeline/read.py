@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from simsearch.errors import BadInputError, ImageTooLargeError, NotFoundError, SimsearchError
 from simsearch.records import GroundTruthObject, ImageRecord, Skipped
@@ -161,8 +161,11 @@ def open_image(path: str | os.PathLike | BinaryIO,
         raise NotFoundError(f"{label}: no such image file") from e
     except MemoryError as e:
         raise BadInputError(f"{label}: not enough memory to decode this image") from e
+    except UnidentifiedImageError as e:
+        raise BadInputError(f"{label}: cannot decode image (not an image, or a format Pillow cannot read)") from e
     except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on hostile bytes; all mean "unusable"
-        raise BadInputError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
+        detail = str(e).replace(str(path), str(label)) if isinstance(path, (str, os.PathLike)) else str(e)
+        raise BadInputError(f"{label}: cannot decode image ({type(e).__name__}: {detail})") from e
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

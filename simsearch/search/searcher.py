@@ -1,105 +1,95 @@
-"""Stage 6, query: neighbours of an image file or a record id, with what is known of each.
+"""Search: neighbours of an image file, a record id or a vector, with what is known of each.
 
-A `Searcher` keeps the FAISS index, the SQLite connection and (once needed) the
-backbone loaded, so repeated queries pay only for the search and one lookup.
+`Searcher` is the one search path: the CLI, the HTML page, `pairs` and the web app
+all go through `search_vector` (exclusions and the class filter included), and
+`refresh` is the one place that reopens an index a build has changed. It keeps the
+FAISS index, the SQLite connection and (once needed) the backbone loaded, so
+repeated queries pay only for the search and one lookup. Results carry `Record`s;
+JSON is made from them at the CLI and HTTP edges.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from simsearch.storage import faiss_index
-from simsearch.pipeline.embed import Embedder, load_backbone
-from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError
+from simsearch.errors import BadInputError, NotFoundError
+from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
-from simsearch.spec import IndexSpec, check_compatible
+from simsearch.records import Record
+from simsearch.spec import IndexSpec
+from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
-from simsearch.storage.writelock import try_writer_lock
 
 log = logging.getLogger(__name__)
+
+FILTER_POOL = 500  # neighbours fetched before a class filter is applied, so filtered lists still fill up
 
 
 @dataclass
 class Neighbour:
-    rank: int
-    id: int
-    path: str
-    score: float  # cosine similarity, 1.0 = same direction
-    width: int
-    height: int
-    split: str | None
-    dataset: str | None
-    objects: list[dict] = field(default_factory=list)  # ground truth: label, box, difficult, truncated
-    prediction: dict | None = None  # the localizer's label, score and box, when it has run
+    """One result: a record, where it ranks and how similar it is."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    rank: int
+    score: float  # cosine similarity, 1.0 = same direction
+    record: Record
+
+    @property
+    def id(self) -> int:
+        return self.record.id
+
+    @property
+    def path(self) -> str:
+        return self.record.path
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "score": self.score, **self.record.to_json()}
 
 
 @dataclass
 class QueryResult:
     query: dict  # {"path": ...} or {"id": ...}, with its sha256
     neighbours: list[Neighbour]
+    record: Record | None = None  # the query's own record, when it is one
 
 
 class Searcher:
-    """An opened index, ready to answer many queries."""
+    """An opened index, ready to answer many queries (not thread-safe: serve holds a lock around it)."""
 
     def __init__(self, index_dir: str | os.PathLike, device: str = "auto", precision: str = "auto",
                  weights: str | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self.store = Store(index_dir)
-        spec = self.store.spec
-        if spec is None or spec.index_type == "pending":
-            self.store.close()
-            raise NotFoundError(
-                f"{index_dir}: the index was never finished; run simsearch build-index again with --index {index_dir}"
-            )
-        self.spec: IndexSpec = spec
+        self.dir = Path(index_dir)
         self.device, self.precision, self.weights, self.max_pixels = device, precision, weights, max_pixels
         self._embedder: Embedder | None = None
-        self.loaded_generation, self.index = self._open_faiss()
+        self._open()
 
-    def _open_faiss(self) -> tuple[int, object]:
-        """(generation, index): the saved file when it is current and sound, else rebuilt from SQLite."""
-        generation = self.store.generation
-        index = None
-        if faiss_index.saved_generation(self.store.dir) == generation:
-            try:
-                index = faiss_index.load(self.store.dir)
-            except IndexDamagedError as e:
-                log.warning("%s; rebuilding it from %s", e, self.store.dir / "simsearch.sqlite")
-        if index is None:
-            # Interrupted, damaged or stale: FAISS is derived data, rebuilt from SQLite (the source of
-            # truth), with the generation read in the same transaction as the vectors.
-            log.warning("index.faiss is stale or damaged; rebuilding it from %s", self.store.dir)
-            generation, ids, xb = self.store.vector_snapshot()
-            if not len(ids):
-                self.store.close()
-                raise NotFoundError(f"{self.store.dir} holds no images (all were pruned); add some: "
-                                    f"simsearch build-index DATA --index {self.store.dir}")
-            index = faiss_index.build(xb, ids, self.spec.index_type)
-            self._save_quietly(index, generation)
-        faiss_index.apply_params(index, faiss_index.SearchParams(self.spec.nprobe, self.spec.efsearch))
-        return generation, index
+    def _open(self) -> None:
+        self.store = Store(self.dir)
+        try:
+            spec = self.store.spec
+            if spec is None or not self.store.finished:
+                raise NotFoundError(f"{self.dir}: the index was never finished; run simsearch build-index "
+                                    f"again with --index {self.dir}")
+            self.spec: IndexSpec = spec
+            self.loaded_generation, self.index = layout.open_faiss(self.store, spec)
+        except BaseException:
+            self.store.close()
+            raise
 
-    def _save_quietly(self, index, generation: int) -> None:
-        """Keep the rebuilt file for the next process, unless a writer is busy or the folder is read-only."""
-        try:
-            lock = try_writer_lock(self.store.dir, "query (saving a rebuilt index.faiss)")
-        except OSError:
-            return  # read-only index folder: the in-memory rebuild still answers correctly
-        if lock is None:
-            return  # a build is running and will write its own
-        try:
-            faiss_index.save(index, self.store.dir, generation)
-        except OSError:
-            pass
-        finally:
-            os.close(lock)
+    def refresh(self) -> bool:
+        """Reopen the index if a build changed it since it was loaded; whether it did.
+
+        The backbone is kept: an index never changes its embedder (the build refuses).
+        """
+        if self.store.generation == self.loaded_generation:
+            return False
+        self.store.close()
+        self._open()
+        return True
 
     def __enter__(self) -> "Searcher":
         return self
@@ -110,61 +100,84 @@ class Searcher:
     def close(self) -> None:
         self.store.close()
 
+    # ------------------------------------------------------------ query vectors
+
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
-            wanted = self.spec.embedder
-            weights = self.weights
-            if weights is None and wanted.weights not in ("IMAGENET1K_V2", "random"):
-                saved_path = self.store.get_meta("weights_path")
-                weights = saved_path if saved_path and Path(saved_path).is_file() else None
-            if weights is None and wanted.weights == "random":
-                weights = "random"
-            backbone = load_backbone(wanted.backbone, weights)
-            check_compatible(wanted, backbone.spec, f"index {self.store.dir}")
+            backbone = load_backbone_for(self.spec.embedder, self.weights, self.store.get_meta("weights_path"))
             self._embedder = Embedder(backbone, self.device, self.precision)
         return self._embedder
 
-    def vector_of_file(self, path: str | os.PathLike) -> np.ndarray:
-        image = open_image(path, draft=self.spec.embedder.preprocess.input_size, max_pixels=self.max_pixels)
-        return self.embedder.embed_images([image]).vectors[0]
+    def vector_of_image(self, image: Image.Image) -> np.ndarray:
+        """(1, D) vector of a decoded image (a photo, a region of one)."""
+        return self.embedder.embed_images([image]).vectors[:1]
 
-    def search(self, query: int | str | os.PathLike, k: int = 10) -> QueryResult:
+    def vector_of_file(self, path: str | os.PathLike) -> np.ndarray:
+        """(1, D) vector of an image file, decoded no larger than the model needs."""
+        image = open_image(path, draft=self.spec.embedder.preprocess.input_size, max_pixels=self.max_pixels)
+        return self.vector_of_image(image)
+
+    def vector_of_record(self, image_id: int) -> np.ndarray:
+        """(1, D) stored vector of a record."""
+        self.store.image(image_id)  # NotFoundError with its hint when the id is unknown
+        return self.store.vectors([int(image_id)])[1]
+
+    # ------------------------------------------------------------ searching
+
+    def knn(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """D, I for each row of `xq` (I is -1 where fewer than k vectors exist): FAISS in its own words."""
+        return faiss_index.search(self.index, xq, k)
+
+    def search_vector(self, xq: np.ndarray, k: int, exclude: set[int] | frozenset[int] = frozenset(),
+                      label: str | None = None) -> list[Neighbour]:
+        """The k best records for one query vector, without `exclude`, of class `label` when given."""
+        if k < 1:
+            raise BadInputError("k must be at least 1")
+        wanted = (max(FILTER_POOL, k * 20) if label else k) + len(exclude)
+        scores, ids = self.knn(xq, min(self.index.ntotal, wanted))
+        hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
+        if label:  # filter ids first: only the k kept are described
+            keep = self.store.ids_with_label(label)
+            hits = [h for h in hits if h[0] in keep]
+        return self.describe(hits[:k])
+
+    def search(self, query: int | str | os.PathLike, k: int = 10, label: str | None = None) -> QueryResult:
         """Neighbours of a record id (int) or an image file (path), best first."""
         if k < 1:
             raise BadInputError("k must be at least 1")
-        # The query itself (and byte-identical copies) is no answer to "images like this one".
+        record = None
         if isinstance(query, (int, np.integer)):
-            record = self.store.image(int(query))
-            _, xq = self.store.vectors([int(query)])
-            described = {"id": record["id"], "path": record["path"], "sha256": record["sha256"]}
+            xq = self.vector_of_record(int(query))
+            record = self.record(int(query))
+            described = {"id": record.id, "path": record.path, "sha256": record.sha256}
         else:
             path = Path(query)
             if not path.is_file():
                 raise NotFoundError(f"{path}: no such image file")
-            xq = self.vector_of_file(path)[None, :]
+            xq = self.vector_of_file(path)
             described = {"path": str(path), "sha256": file_sha256(path)}
-        excluded = self.store.ids_with_sha256(described["sha256"])
-        scores, ids = faiss_index.search(self.index, xq, k + len(excluded))
-        hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in excluded][:k]
-        return QueryResult(described, self.describe(hits))
+        # The query itself (and byte-identical copies) is no answer to "images like this one".
+        excluded = self.copies_of(described["sha256"])
+        return QueryResult(described, self.search_vector(xq, k, excluded, label), record)
+
+    def copies_of(self, sha256: str) -> set[int]:
+        """Records holding these very bytes: no answer to a query made of them."""
+        return self.store.ids_with_sha256(sha256)
+
+    # ------------------------------------------------------------ records
 
     def describe(self, hits: list[tuple[int, float]]) -> list[Neighbour]:
-        """Attach paths, ground truth and predictions to (id, score) hits."""
-        ids = [i for i, _ in hits]
-        rows, objects, predictions = self.store.images(ids), self.store.objects(ids), self.store.predictions(ids)
-        neighbours = []
-        for rank, (i, score) in enumerate(hits, 1):
-            row = rows.get(i)
-            if row is None:
-                continue  # removed since the FAISS file was written
-            neighbours.append(Neighbour(
-                rank, i, row["path"], round(score, 6), row["width"], row["height"], row["split"], row["dataset"],
-                [{"label": o.label, "box": [o.xmin, o.ymin, o.xmax, o.ymax], "difficult": o.difficult,
-                  "truncated": o.truncated} for o in objects.get(i, [])],
-                predictions.get(i),
-            ))
-        return neighbours
+        """(id, score) hits as ranked Neighbours with their records (ids removed since are dropped)."""
+        records = self.store.records([i for i, _ in hits])
+        found = [(records[i], score) for i, score in hits if i in records]
+        return [Neighbour(rank, round(score, 6), record) for rank, (record, score) in enumerate(found, 1)]
+
+    def record(self, image_id: int) -> Record:
+        found = self.store.records([int(image_id)])
+        if not found:
+            self.store.image(image_id)  # raises NotFoundError with its hint
+        return found[int(image_id)]
 
 
 _OPEN: dict[str, Searcher] = {}
@@ -174,8 +187,7 @@ def search(index_dir: str | os.PathLike, image_or_id: int | str | os.PathLike, k
     """Neighbours of an image file or record id; the index stays open between calls."""
     key = str(Path(index_dir).resolve())
     searcher = _OPEN.get(key)
-    if searcher is None or searcher.store.generation != searcher.loaded_generation:
-        if searcher is not None:
-            searcher.close()  # a build changed the index since it was opened
+    if searcher is None:
         searcher = _OPEN[key] = Searcher(index_dir)
+    searcher.refresh()  # a build may have changed the index since it was opened
     return searcher.search(image_or_id, k)

@@ -21,8 +21,6 @@ from simsearch.errors import BadInputError, IndexDamagedError
 
 log = logging.getLogger(__name__)
 
-FAISS_NAME = "index.faiss"
-STATE_NAME = "index.state.json"
 VERIFY_MAX_BYTES = 512 * 1024 * 1024  # checksum read on open up to here (sha256 runs at ~1.8 GB/s)
 EXACT_MAX = 50_000  # below this, exact search is fast enough (a few ms a query) and perfect
 HNSW_MAX = 1_000_000  # up to here HNSW's memory (vectors + graph) is affordable; above, IVF-PQ
@@ -56,7 +54,7 @@ class SearchParams:
 
 
 def build(xb: np.ndarray, ids: np.ndarray, factory: str, params: SearchParams | None = None):
-    """A trained, filled inner-product index with SQLite ids; GPU training when faiss has one."""
+    """A trained, filled inner-product index with SQLite ids (built on the CPU; `load` moves it to a GPU)."""
     faiss = _faiss()
     n, dim = xb.shape
     started = time.perf_counter()
@@ -175,22 +173,21 @@ def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index.search(xq, k)
 
 
-def save(index, index_dir: str | os.PathLike, generation: int) -> None:
+def save(index, path: Path, state_path: Path, generation: int) -> None:
     """Write atomically, then stamp with the store generation it reflects and the file's checksum.
 
     The stamp names the file by size and sha256, so a FAISS file that is truncated,
     damaged, or written by another process after the stamp is never trusted.
     """
     faiss = _faiss()
-    index_dir = Path(index_dir)
-    tmp = index_dir / (FAISS_NAME + f".{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     faiss.write_index(_to_cpu(index), str(tmp))
     state = {"generation": generation, "ntotal": int(index.ntotal), "size": tmp.stat().st_size,
              "sha256": _sha256(tmp)}
-    os.replace(tmp, index_dir / FAISS_NAME)
-    state_tmp = index_dir / (STATE_NAME + f".{os.getpid()}.tmp")
+    os.replace(tmp, path)
+    state_tmp = state_path.with_name(f"{state_path.name}.{os.getpid()}.tmp")
     state_tmp.write_text(json.dumps(state))
-    os.replace(state_tmp, index_dir / STATE_NAME)
+    os.replace(state_tmp, state_path)
 
 
 def _sha256(path: Path) -> str:
@@ -201,16 +198,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _state(index_dir: Path) -> dict | None:
+def _state(state_path: Path) -> dict | None:
     try:
-        state = json.loads((index_dir / STATE_NAME).read_text())
+        state = json.loads(state_path.read_text())
         return {"generation": int(state["generation"]), "ntotal": int(state["ntotal"]),
                 "size": int(state["size"]), "sha256": str(state["sha256"])}
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent, damaged, or written before the checksum existed: not trusted
 
 
-def saved_generation(index_dir: str | os.PathLike, verify: bool | None = None) -> int | None:
+def saved_generation(path: Path, state_path: Path, verify: bool | None = None) -> int | None:
     """The store generation the saved FAISS file reflects, or None when there is no file to trust.
 
     The file must have the stamped size and, with `verify`, the stamped sha256
@@ -219,37 +216,34 @@ def saved_generation(index_dir: str | os.PathLike, verify: bool | None = None) -
     larger ones are trusted on size, and `load` checks their vector count, so opening
     a million-image index for a query does not read gigabytes first.
     """
-    index_dir = Path(index_dir)
-    state = _state(index_dir)
+    state = _state(state_path)
     if state is None:
         return None
     try:
-        size = (index_dir / FAISS_NAME).stat().st_size
+        size = path.stat().st_size
     except OSError:
         return None
     if verify is None:
         verify = size <= VERIFY_MAX_BYTES
-    if size != state["size"] or (verify and _sha256(index_dir / FAISS_NAME) != state["sha256"]):
-        log.warning("%s does not match its stamp (damaged or replaced): it will be rebuilt", index_dir / FAISS_NAME)
+    if size != state["size"] or (verify and _sha256(path) != state["sha256"]):
+        log.warning("%s does not match its stamp (damaged or replaced): it will be rebuilt", path)
         return None
     return state["generation"]
 
 
-def load(index_dir: str | os.PathLike, use_gpu: bool = True):
+def load(path: Path, state_path: Path, use_gpu: bool = True):
     """Memory-mapped where the index type allows it, so opening a large index is instant.
 
     Raises IndexDamagedError when faiss cannot read the file or it holds another
     count of vectors than stamped: the caller rebuilds it from SQLite.
     """
     faiss = _faiss()
-    index_dir = Path(index_dir)
-    path = str(index_dir / FAISS_NAME)
-    state = _state(index_dir)
+    state = _state(state_path)
     try:
         try:
-            index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError:
-            index = faiss.read_index(path)
+            index = faiss.read_index(str(path))
     except RuntimeError as e:
         raise IndexDamagedError(f"{path} cannot be read ({str(e).splitlines()[0]})") from e
     if state is None or index.ntotal != state["ntotal"]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
-from simsearch.storage import faiss_index
+from simsearch.storage import layout
 from simsearch.storage.store import Store
 
 
 def describe_index(index_dir: str | os.PathLike) -> dict:
-    store = Store(index_dir)
-    try:
+    with Store(index_dir) as store:
         summary = store.summary()
         spec = store.spec
         emb = spec.embedder if spec else None
@@ -22,8 +21,6 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "weights": emb.weights if emb else None,
             "dim": emb.dim if emb else None,
             "spec": asdict(spec) if spec else None,
-            "faiss_up_to_date": faiss_index.saved_generation(index_dir) == store.generation,
+            "faiss_up_to_date": layout.faiss_is_current(store),
             "skipped_files": store.skipped(),
         }
-    finally:
-        store.close()

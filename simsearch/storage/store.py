@@ -23,11 +23,10 @@ import sqlite_utils
 from simsearch.errors import IndexDamagedError, NotFoundError
 from simsearch.records import GroundTruthObject, ImageRecord, Prediction, Record, Skipped
 from simsearch.spec import IndexSpec
+from simsearch.storage import layout
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "simsearch.sqlite"
-SPEC_NAME = "spec.json"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -68,6 +67,13 @@ CREATE TABLE IF NOT EXISTS skipped (
     at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS predictions (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    label TEXT,
+    score REAL,
+    xmin REAL, ymin REAL, xmax REAL, ymax REAL,  -- pixels of the original image
+    head_version TEXT
+);
 """
 
 
@@ -141,7 +147,7 @@ class Store:
 
     def __init__(self, index_dir: str | os.PathLike, create: bool = False):
         self.dir = Path(index_dir)
-        path = self.dir / DB_NAME
+        path = self.dir / layout.DB
         if not path.exists():
             if not create:
                 raise NotFoundError(
@@ -218,9 +224,15 @@ class Store:
     def save_spec(self, spec: IndexSpec) -> None:
         with self.transaction() as conn:
             self._set_meta(conn, "spec", spec.to_json())
-        tmp = self.dir / (SPEC_NAME + ".tmp")
+        tmp = self.dir / (layout.SPEC + ".tmp")
         tmp.write_text(spec.to_json() + "\n")
-        os.replace(tmp, self.dir / SPEC_NAME)  # a human-readable copy; SQLite's is the one checked
+        os.replace(tmp, self.dir / layout.SPEC)  # a human-readable copy; SQLite's is the one checked
+
+    @property
+    def finished(self) -> bool:
+        """Whether a build got as far as the first FAISS file (the spec then names its type)."""
+        spec = self.spec
+        return spec is not None and spec.index_type is not None
 
     @property
     def generation(self) -> int:

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from simsearch.errors import BadInputError, IndexBusyError, NotFoundError
+from simsearch.storage import layout
 
-LOCK_NAME = "write.lock"
 
 
 @contextmanager
@@ -39,7 +39,7 @@ def writer_lock(index_dir: str | os.PathLike, what: str = "build-index") -> Iter
 
 def try_writer_lock(index_dir: str | os.PathLike, what: str) -> int | None:
     """The locked file descriptor (close it to release), or None when another process holds it."""
-    path = Path(index_dir) / LOCK_NAME
+    path = Path(index_dir) / layout.LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -54,6 +54,6 @@ def try_writer_lock(index_dir: str | os.PathLike, what: str) -> int | None:
 def holder(index_dir: str | os.PathLike) -> str:
     """Who holds the lock, as its holder wrote it ("build-index pid 1234")."""
     try:
-        return (Path(index_dir) / LOCK_NAME).read_text().strip() or "a process"
+        return (Path(index_dir) / layout.LOCK).read_text().strip() or "a process"
     except OSError:
         return "a process"

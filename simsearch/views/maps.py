@@ -23,6 +23,7 @@ import numpy as np
 
 from simsearch.errors import BadInputError
 from simsearch.views.render import Renderer, record_class
+from simsearch.records import Record
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -138,23 +139,12 @@ def _umap(x: np.ndarray, n_neighbors: int, config: MapConfig) -> np.ndarray:
 # ---------------------------------------------------------------- from an index
 
 
-def load_points(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(ids, xb, records) for every record: records carry path, sha256, class and sizes."""
-    store = Store(index_dir)
-    try:
+def load_points(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, list[Record]]:
+    """(ids, xb, records) for every record, in id order."""
+    with Store(index_dir) as store:
         ids, xb = store.vectors()
-        id_list = [int(i) for i in ids]
-        rows = store.images(id_list)
-        objects = store.objects(id_list)
-        predicted = store.predictions(id_list)
-    finally:
-        store.close()
-    records = []
-    for i in id_list:
-        row = dict(rows[i])
-        row["class"] = record_class(objects.get(i, []), predicted.get(i))
-        records.append(row)
-    return ids, xb, records
+        found = store.records([int(i) for i in ids])
+    return ids, xb, [found[int(i)] for i in ids]
 
 
 def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: MapConfig = MapConfig(),
@@ -186,15 +176,15 @@ def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     return report
 
 
-def write_coords(records: list[dict], coords: np.ndarray, out: Path) -> dict:
+def write_coords(records: list[Record], coords: np.ndarray, out: Path) -> dict:
     import pandas as pd
 
     frame = pd.DataFrame({
-        "id": [r["id"] for r in records],
-        "path": [r["path"] for r in records],
+        "id": [r.id for r in records],
+        "path": [r.path for r in records],
         "x": coords[:, 0].astype(np.float64),
         "y": coords[:, 1].astype(np.float64),
-        "class": [r["class"] for r in records],
+        "class": [record_class(r) for r in records],
     })
     frame.to_csv(out / "coords.csv", index=False)
     frame.to_parquet(out / "coords.parquet", index=False)
@@ -216,13 +206,13 @@ def class_colours(classes: list[str], limit: int = 20) -> dict[str, tuple]:
     return {c: palette[i % len(palette)] for i, c in enumerate(named)}
 
 
-def scatter_png(records: list[dict], coords: np.ndarray, path: Path, title: str) -> Path:
+def scatter_png(records: list[Record], coords: np.ndarray, path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
 
-    classes = [r["class"] for r in records]
+    classes = [record_class(r) for r in records]
     colours = class_colours(classes)
     grey = (0.6, 0.6, 0.6, 0.6)
     size = max(2.0, min(40.0, 4000 / max(1, len(records))))
@@ -252,7 +242,7 @@ def _unit(coords: np.ndarray) -> np.ndarray:
     return unit
 
 
-def thumbs_png(records: list[dict], coords: np.ndarray, renderer: Renderer, path: Path,
+def thumbs_png(records: list[Record], coords: np.ndarray, renderer: Renderer, path: Path,
                canvas: int = 2000, thumb: int | None = None) -> Path:
     """Thumbnails at their map positions; in crowded places one per grid cell, so none hides another."""
     from PIL import Image
@@ -272,7 +262,7 @@ def thumbs_png(records: list[dict], coords: np.ndarray, renderer: Renderer, path
         try:
             im = Image.open(io.BytesIO(renderer.thumb(r)))
         except Exception as e:  # a file moved since the build: leave a gap, say so once per file
-            log.warning("no thumbnail for %s: %s", r["path"], e)
+            log.warning("no thumbnail for %s: %s", r.path, e)
             continue
         im.thumbnail((thumb, thumb))
         sheet.paste(im, (x, y))
@@ -283,7 +273,7 @@ def thumbs_png(records: list[dict], coords: np.ndarray, renderer: Renderer, path
     return path
 
 
-def map_html(index_dir, ids: np.ndarray, xb: np.ndarray, records: list[dict], coords: np.ndarray,
+def map_html(index_dir, ids: np.ndarray, xb: np.ndarray, records: list[Record], coords: np.ndarray,
              renderer: Renderer, path: Path, serve_url: str | None, max_thumbs: int, title: str,
              k: int = 8) -> Path:
     """A self-contained interactive map: hover shows the thumbnail, click lists the neighbours."""
@@ -292,11 +282,11 @@ def map_html(index_dir, ids: np.ndarray, xb: np.ndarray, records: list[dict], co
     unit = _unit(coords)
     with_thumbs = len(records) <= max_thumbs
     neighbours = _neighbours(xb, k) if with_thumbs else None
-    colours = class_colours([r["class"] for r in records])
+    colours = class_colours([record_class(r) for r in records])
     points = []
     for i, (r, (u, v)) in enumerate(zip(records, unit)):
-        point = {"id": r["id"], "x": round(float(u), 5), "y": round(float(v), 5), "c": r["class"],
-                 "name": Path(r["path"]).name}
+        point = {"id": r.id, "x": round(float(u), 5), "y": round(float(v), 5), "c": record_class(r),
+                 "name": Path(r.path).name}
         if with_thumbs:
             try:
                 im = Image.open(io.BytesIO(renderer.thumb(r)))
@@ -305,7 +295,7 @@ def map_html(index_dir, ids: np.ndarray, xb: np.ndarray, records: list[dict], co
                 im.convert("RGB").save(buffer, "JPEG", quality=75)
                 point["t"] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
             except Exception as e:
-                log.warning("no thumbnail for %s: %s", r["path"], e)
+                log.warning("no thumbnail for %s: %s", r.path, e)
             hits, scores = neighbours
             point["nn"] = [[int(j), round(float(s), 4)] for j, s in zip(hits[i], scores[i])]
         points.append(point)

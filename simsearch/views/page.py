@@ -15,7 +15,6 @@ from pathlib import Path
 from simsearch.search.searcher import QueryResult
 from simsearch.pipeline.read import open_image
 from simsearch.views.render import Renderer, jpeg_bytes, record_box, thumbnail
-from simsearch.storage.store import Store
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
@@ -50,40 +49,31 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
     """The HTML text of the result page that will live at `page_path`."""
     page = Path(page_path)
     renderer = Renderer(index_dir)
-    store = Store(index_dir)
-    try:
-        rows = store.images([n.id for n in result.neighbours])
-        query_id = result.query.get("id")
-        query_row = store.image(query_id) if query_id is not None else None
-    finally:
-        store.close()
-
     query_path = result.query["path"]
-    if query_row is not None:
-        query_jpeg = renderer.thumb(query_row)
+    if result.record is not None:
+        query_jpeg = renderer.thumb(result.record)
     else:  # an outside file: not cached, it belongs to no record
-        query_jpeg = jpeg_bytes(thumbnail(open_image(query_path), 320))
+        query_jpeg = jpeg_bytes(thumbnail(open_image(query_path, draft=lambda w, h: (320, 320)), 320))
     e = html.escape
     cards = []
     for n in result.neighbours:
-        row = rows[n.id]
-        box = record_box(n.objects, n.prediction, n.width, n.height)
-        classes = sorted({o["label"] for o in n.objects})
-        tags = "".join(f'<span class="tag">{e(c)}</span>' for c in classes)
-        if n.prediction:
-            tags += (f'<span class="tag pred" title="predicted">{e(str(n.prediction["label"]))} '
-                     f'{float(n.prediction["score"]):.2f}</span>')
+        record = n.record
+        box = record_box(record)
+        tags = "".join(f'<span class="tag">{e(c)}</span>' for c in record.classes)
+        if record.prediction:
+            tags += (f'<span class="tag pred" title="predicted">{e(record.prediction.label)} '
+                     f'{record.prediction.score:.2f}</span>')
         crop_caption = (f"{box.source} box{': ' + box.label if box.label else ''}" if box.source != "image"
                         else "no box: whole image")
         cards.append(f"""
 <div class="card" data-rank="{n.rank}" data-id="{n.id}">
   <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span></div>
   <div class="pics">
-    <figure><img class="thumb" alt="thumbnail of {e(Path(n.path).name)}" src="{data_uri(renderer.thumb(row))}"><figcaption>image</figcaption></figure>
-    <figure><img class="crop" data-source="{e(box.source)}" alt="box crop" src="{data_uri(renderer.crop(row, box))}"><figcaption>{e(crop_caption)}</figcaption></figure>
+    <figure><img class="thumb" alt="thumbnail of {e(Path(record.path).name)}" src="{data_uri(renderer.thumb(record))}"><figcaption>image</figcaption></figure>
+    <figure><img class="crop" data-source="{e(box.source)}" alt="box crop" src="{data_uri(renderer.crop(record, box))}"><figcaption>{e(crop_caption)}</figcaption></figure>
   </div>
   <div>{tags or '<span class="muted">no classes</span>'}</div>
-  <div class="path"><a href="{relative_link(n.path, page)}">{e(Path(n.path).name)}</a> <span class="muted">{n.width}&times;{n.height}</span></div>
+  <div class="path"><a href="{relative_link(record.path, page)}">{e(Path(record.path).name)}</a> <span class="muted">{record.width}&times;{record.height}</span></div>
 </div>""")
     title = f"Images like {Path(query_path).name}"
     return f"""<!doctype html>

@@ -37,20 +37,18 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
                seed: int = 0, tile: int = 256, columns: int | None = None,
                head_dir: str | os.PathLike | None = None) -> PlotReport:
     """Write boxes.png: `n` images of `split` (chosen by `seed`), each captioned actual vs predicted."""
-    from simsearch.localizer.head import evaluation_ids, examples, load_maps, open_localizer
+    from simsearch.localizer.predict import open_localizer
+    from simsearch.localizer.train import evaluation_ids, examples, load_maps
 
     if n < 1:
         raise BadInputError("--n must be at least 1")
-    store = Store(index_dir)
-    try:
+    with Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
         ids = evaluation_ids(store, localizer.spec, split)
         ids = sorted(random.Random(seed).sample(ids, min(n, len(ids))))
         truth = examples(store, ids, localizer.spec.target)
         labels, scores, boxes = localizer.predict_maps(load_maps(store, truth.ids))
         paths = store.images(truth.ids)
-    finally:
-        store.close()
     if not truth.ids:
         raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
     columns = columns or min(4, len(truth.ids))
@@ -60,7 +58,7 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
     caption_font = font(12)
     for k, image_id in enumerate(truth.ids):
         x0, y0 = (k % columns) * tile, (k // columns) * (tile + CAPTION_HEIGHT)
-        # Squashed to a square tile: boxes are normalised to the whole image, so they map straight on.
+        # Stretched to a square tile: boxes are normalised to the whole image, so they map straight on.
         grid.paste(open_image(paths[image_id]["path"]).resize((tile, tile), Image.BILINEAR), (x0, y0))
         for box, colour in ((truth.boxes[k], ACTUAL), (boxes[k], PREDICTED)):
             x1, y1, x2, y2 = (float(v) * (tile - 1) for v in box)

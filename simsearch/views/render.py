@@ -13,16 +13,19 @@ import io
 import logging
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from simsearch.pipeline.read import open_image
+from simsearch.errors import SimsearchError
+from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
+from simsearch.records import GroundTruthObject, Prediction, Record
+from simsearch.storage import layout
 
 log = logging.getLogger(__name__)
 
-THUMBS_DIR = "thumbs"
 THUMB_SIZE = 256  # longest side, pixels: sharp on a high-DPI card 128 px wide
 JPEG_QUALITY = 85
 GT_COLOUR = (220, 30, 30)  # ground truth: red, as in the seed's figures
@@ -50,35 +53,28 @@ class Box:
         return Box(x0, y0, x1, y1, self.label, self.source)
 
 
-def _as_box(obj, source: str) -> Box:
-    """A Box from a GroundTruthObject, a {"label", "box": [x0, y0, x1, y1]} dict or a prediction dict."""
-    if isinstance(obj, dict):
-        x0, y0, x1, y1 = obj["box"]
-        return Box(float(x0), float(y0), float(x1), float(y1), str(obj.get("label") or ""), source)
-    return Box(obj.xmin, obj.ymin, obj.xmax, obj.ymax, obj.label, source)
+def _as_box(obj: GroundTruthObject | Prediction, source: str) -> Box:
+    return Box(float(obj.xmin), float(obj.ymin), float(obj.xmax), float(obj.ymax), obj.label, source)
 
 
-def record_box(objects, prediction: dict | None, width: int, height: int) -> Box:
-    """The box to show for a record: predicted, else largest ground truth, else the whole image.
-
-    `objects` are GroundTruthObjects or dicts with "label" and "box" (as in query results).
-    """
-    if prediction and prediction.get("box") and None not in prediction["box"]:
-        box = _as_box(prediction, "predicted").clipped(width, height)
+def record_box(record: Record) -> Box:
+    """The box to show for a record: predicted, else largest ground truth, else the whole image."""
+    if record.prediction is not None:
+        box = _as_box(record.prediction, "predicted").clipped(record.width, record.height)
         if box.area > 0:
             return box
-    boxes = [_as_box(o, "ground truth").clipped(width, height) for o in objects or []]
+    boxes = [_as_box(o, "ground truth").clipped(record.width, record.height) for o in record.objects]
     boxes = [b for b in boxes if b.area > 0]
     if boxes:
         return max(boxes, key=lambda b: b.area)
-    return Box(0, 0, width, height, "", "image")
+    return Box(0, 0, record.width, record.height, "", "image")
 
 
-def record_class(objects, prediction: dict | None) -> str:
+def record_class(record: Record) -> str:
     """One class name per record: the predicted label, else the largest ground-truth label, else ''."""
-    if prediction and prediction.get("label"):
-        return str(prediction["label"])
-    boxes = [_as_box(o, "ground truth") for o in objects or []]
+    if record.prediction is not None and record.prediction.label:
+        return str(record.prediction.label)
+    boxes = [_as_box(o, "ground truth") for o in record.objects]
     return max(boxes, key=lambda b: b.area).label if boxes else ""
 
 
@@ -113,17 +109,24 @@ def font(size: int):
         return ImageFont.load_default()
 
 
-def overlay(image: Image.Image, objects=(), prediction: dict | None = None, width: int | None = None) -> Image.Image:
-    """The image with ground-truth boxes in red and the predicted box in blue, each labelled."""
+def overlay(image: Image.Image, objects: Sequence[GroundTruthObject] = (), prediction: Prediction | None = None,
+            width: int | None = None) -> Image.Image:
+    """The image with ground-truth boxes in red and the predicted box in blue, each labelled.
+
+    `image` may be a reduced decode: boxes (in full-size pixels) are scaled onto it.
+    """
     im = image.convert("RGB").copy()
     draw = ImageDraw.Draw(im)
     line = width or max(2, round(max(im.size) / 250))
     label_font = font(max(12, round(max(im.size) / 40)))
-    boxes = [(_as_box(o, "ground truth"), GT_COLOUR) for o in objects or []]
-    if prediction and prediction.get("box") and None not in prediction["box"]:
-        label = f"{prediction.get('label', '')} {prediction.get('score', 0):.2f}".strip()
-        boxes.append((Box(*map(float, prediction["box"]), label, "predicted"), PRED_COLOUR))
+    boxes = [(_as_box(o, "ground truth"), GT_COLOUR) for o in objects]
+    if prediction is not None:
+        label = f"{prediction.label} {prediction.score:.2f}".strip()
+        boxes.append((replace(_as_box(prediction, "predicted"), label=label), PRED_COLOUR))
+    full_w, full_h = im.info.get("full_size", im.size)
+    sx, sy = im.width / full_w, im.height / full_h
     for box, colour in boxes:
+        box = Box(box.xmin * sx, box.ymin * sy, box.xmax * sx, box.ymax * sy, box.label, box.source)
         if not all(math.isfinite(v) for v in (box.xmin, box.ymin, box.xmax, box.ymax)):
             continue  # nothing sensible to draw (and PIL would raise)
         box = box.clipped(*im.size)  # inverted or overshooting boxes from older indexes draw as what is visible
@@ -140,14 +143,14 @@ def overlay(image: Image.Image, objects=(), prediction: dict | None = None, widt
 class Renderer:
     """Thumbnails and crops of one index's records, cached as JPEGs in INDEX/thumbs/.
 
-    `record` arguments are rows of the `images` table (id, path, sha256, width,
-    height); objects and prediction are as in query results. When the index folder
-    is read-only the pictures are still made, just not kept.
+    When the index folder is read-only the pictures are still made, just not kept.
     """
 
-    def __init__(self, index_dir: str | os.PathLike, size: int = THUMB_SIZE):
-        self.dir = Path(index_dir) / THUMBS_DIR
+    def __init__(self, index_dir: str | os.PathLike, size: int = THUMB_SIZE,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.dir = Path(index_dir) / layout.THUMBS
         self.size = size
+        self.max_pixels = max_pixels
 
     def _cached(self, name: str, make) -> bytes:
         path = self.dir / name
@@ -165,15 +168,28 @@ class Renderer:
             log.debug("thumbnail cache not writable (%s); serving uncached", e)
         return data
 
-    def thumb(self, record: dict) -> bytes:
-        """The whole image, longest side `size`."""
-        key = record["sha256"][:16]
-        return self._cached(f"{record['id']}-thumb{self.size}-{key}.jpg",
-                            lambda: thumbnail(open_image(record["path"]), self.size))
+    def thumb(self, record: Record) -> bytes:
+        """The whole image, longest side `size` (JPEGs decode at a reduced scale that still covers it)."""
+        key = record.sha256[:16]
+        return self._cached(f"{record.id}-thumb{self.size}-{key}.jpg",
+                            lambda: thumbnail(self._open(record, self._thumb_draft), self.size))
 
-    def crop(self, record: dict, box: Box) -> bytes:
-        """The record's box (see `record_box`), longest side `size`."""
-        coords = f"{record['sha256']}:{box.xmin:.1f},{box.ymin:.1f},{box.xmax:.1f},{box.ymax:.1f}"
+    def crop(self, record: Record, box: Box | None = None) -> bytes:
+        """A box of the record (by default `record_box`), longest side `size`."""
+        box = box or record_box(record)
+        coords = f"{record.sha256}:{box.xmin:.1f},{box.ymin:.1f},{box.xmax:.1f},{box.ymax:.1f}"
         key = hashlib.sha1(coords.encode()).hexdigest()[:16]
-        return self._cached(f"{record['id']}-crop{self.size}-{key}.jpg",
-                            lambda: thumbnail(crop(open_image(record["path"]), box), self.size))
+        return self._cached(f"{record.id}-crop{self.size}-{key}.jpg",
+                            lambda: thumbnail(crop(self._open(record), box), self.size))
+
+    def _open(self, record: Record, draft=None) -> Image.Image:
+        """The record's file under the pixel limit; messages name the record and file, not its folder."""
+        try:
+            return open_image(record.path, draft=draft, max_pixels=self.max_pixels,
+                              name=f"record {record.id} ({Path(record.path).name})")
+        except SimsearchError as e:
+            raise type(e)(str(e).replace(record.path, Path(record.path).name)) from None
+
+    def _thumb_draft(self, width: int, height: int) -> tuple[int, int]:
+        scale = self.size / max(width, height, 1)
+        return max(1, int(width * scale)), max(1, int(height * scale))

@@ -1,0 +1,132 @@
+"""The index folder: what each file in it is called, and the rule that keeps index.faiss true to SQLite.
+
+An index folder holds:
+
+| file | what | written by |
+|---|---|---|
+| `simsearch.sqlite` | records, boxes, vectors, maps, predictions, spec: the source of truth | build, localize |
+| `spec.json` | a human-readable copy of the spec | build |
+| `index.faiss` + `index.state.json` | FAISS over the vectors, stamped with the generation, size and sha256 it holds | build, or any reader that found it stale |
+| `localizer.pt` | the trained head: weights and spec in one file | train-localizer |
+| `write.lock` | held by the one writer at a time | build, localize, train-localizer |
+| `thumbs/` | cached thumbnails and box crops | views |
+
+FAISS is derived data: whenever its stamp does not match SQLite's generation (a
+killed build, a damaged or replaced file) it is rebuilt from the vectors, with the
+generation read in the same transaction as them (`open_faiss`, `sync_faiss`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError
+
+if TYPE_CHECKING:
+    from simsearch.spec import EmbedderSpec, IndexSpec
+    from simsearch.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+DB = "simsearch.sqlite"
+SPEC = "spec.json"
+FAISS = "index.faiss"
+FAISS_STATE = "index.state.json"
+HEAD = "localizer.pt"
+LEGACY_HEAD_SPEC = "localizer.json"  # the head's spec before it moved into HEAD
+LOCK = "write.lock"
+THUMBS = "thumbs"
+
+
+def faiss_paths(index_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """(index.faiss, index.state.json) of a folder."""
+    return Path(index_dir) / FAISS, Path(index_dir) / FAISS_STATE
+
+
+def faiss_generation(index_dir: str | os.PathLike, verify: bool | None = None) -> int | None:
+    """The SQLite generation the folder's FAISS file holds, or None when there is no file to trust."""
+    from simsearch.storage import faiss_index
+
+    return faiss_index.saved_generation(*faiss_paths(index_dir), verify=verify)
+
+
+def open_faiss(store: "Store", spec: "IndexSpec"):
+    """(generation, index) for searching: the saved file when current and sound, else rebuilt from SQLite.
+
+    A rebuilt file is saved for the next process unless a writer holds the folder
+    (it will write its own) or the folder is read-only (the rebuild still answers).
+    """
+    from simsearch.storage import faiss_index
+
+    generation = store.generation
+    index = None
+    if faiss_generation(store.dir) == generation:
+        try:
+            index = faiss_index.load(*faiss_paths(store.dir))
+        except IndexDamagedError as e:
+            log.warning("%s; rebuilding it from %s", e, store.dir / DB)
+    if index is None:
+        log.warning("index.faiss is stale or damaged; rebuilding it from %s", store.dir / DB)
+        generation, ids, xb = store.vector_snapshot()
+        if not len(ids):
+            raise NotFoundError(f"{store.dir} holds no images (all were pruned); add some: "
+                                f"simsearch build-index DATA --index {store.dir}")
+        index = faiss_index.build(xb, ids, spec.index_type)
+        _save_unless_busy(store.dir, index, generation)
+    faiss_index.apply_params(index, faiss_index.SearchParams(spec.nprobe, spec.efsearch))
+    return generation, index
+
+
+def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
+    from simsearch.storage import faiss_index
+    from simsearch.storage.writelock import try_writer_lock
+
+    try:
+        lock = try_writer_lock(index_dir, "a reader saving a rebuilt index.faiss")
+    except OSError:
+        return  # read-only index folder
+    if lock is None:
+        return
+    try:
+        faiss_index.save(index, *faiss_paths(index_dir), generation)
+    except OSError:
+        pass
+    finally:
+        os.close(lock)
+
+
+def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> "IndexSpec":
+    """Make index.faiss hold exactly SQLite's vectors (the writer's side: it holds the lock).
+
+    The file's checksum is read, not assumed: build-index vouches for what it leaves.
+    Search breadth is tuned to the recall target on this very index when it is rebuilt.
+    """
+    from simsearch.spec import IndexSpec
+    from simsearch.storage import faiss_index
+
+    if index_type:
+        store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
+    count = store.count("embeddings")
+    if count == 0:
+        raise BadInputError(f"no images could be indexed (see the skipped files: simsearch info --index {store.dir})")
+    factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(count, embedder_spec.dim)
+    saved = store.spec
+    if faiss_generation(store.dir, verify=True) != store.generation or saved is None or saved.index_type != factory:
+        # Generation and vectors from one read transaction: the stamp can only name what the file holds.
+        generation, ids, xb = store.vector_snapshot()
+        index = faiss_index.build(xb, ids, factory)
+        params, _ = faiss_index.tune_params(index, xb, ids)
+        faiss_index.save(index, *faiss_paths(store.dir), generation)
+    else:
+        params = faiss_index.SearchParams(saved.nprobe, saved.efsearch)
+    spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)
+    if saved != spec:
+        store.save_spec(spec)
+    return spec
+
+
+def faiss_is_current(store: "Store") -> bool:
+    """Whether a search would use the saved FAISS file as it is (for `info`)."""
+    return faiss_generation(store.dir) == store.generation
