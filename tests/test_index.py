@@ -6,18 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsearch.storage import faiss_index
-from simsearch.storage import layout
 from simsearch.errors import BadInputError
-
-
-def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0) -> np.ndarray:
-    """Normalised vectors around a few centres: closer to real embeddings than uniform noise."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim))
-    x = centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, dim))
-    x = x.astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from simsearch.storage import faiss_index, layout
+from vectors import clustered_vectors, recall_at_k
 
 
 def test_choice_by_size():
@@ -29,7 +20,7 @@ def test_choice_by_size():
 
 
 def test_flat_returns_sqlite_ids_and_exact_scores():
-    xb = clustered(500, 64)
+    xb = clustered_vectors(500, 64, spread=0.5)
     ids = np.arange(1000, 1500, dtype=np.int64)
     index = faiss_index.build(xb, ids, "Flat")
     D, I = faiss_index.search(index, xb[7], 3)
@@ -40,27 +31,27 @@ def test_flat_returns_sqlite_ids_and_exact_scores():
 
 @pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW32,Flat"])
 def test_approximate_recall_against_exact(factory: str):
-    data = clustered(6100, 64)
+    data = clustered_vectors(6100, 64, spread=0.5)
     xb, xq = data[:6000], data[6000:]  # queries from the same distribution, not in the index
     ids = np.arange(len(xb), dtype=np.int64)
     _, exact = faiss_index.search(faiss_index.build(xb, ids, "Flat"), xq, 10)
     _, approx = faiss_index.search(faiss_index.build(xb, ids, factory), xq, 10)
-    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    recall = recall_at_k(approx, exact, 10)
     assert recall >= 0.9, f"{factory} recall@10 {recall:.3f}"
 
 
 def test_too_few_vectors_to_train_is_a_clear_error():
     with pytest.raises(BadInputError, match="needs at least"):
-        faiss_index.build(clustered(50, 32), np.arange(50), "IVF256,Flat")
+        faiss_index.build(clustered_vectors(50, 32, spread=0.5), np.arange(50), "IVF256,Flat")
 
 
 def test_bad_factory_string_is_a_clear_error():
     with pytest.raises(BadInputError, match="cannot make index type"):
-        faiss_index.build(clustered(50, 32), np.arange(50), "NoSuchIndex")
+        faiss_index.build(clustered_vectors(50, 32, spread=0.5), np.arange(50), "NoSuchIndex")
 
 
 def test_save_load_round_trip_with_generation(tmp_path: Path):
-    xb = clustered(300, 32)
+    xb = clustered_vectors(300, 32, spread=0.5)
     ids = np.arange(10, 310, dtype=np.int64)
     index = faiss_index.build(xb, ids, "Flat")
     assert layout.faiss_generation(tmp_path) is None
@@ -72,6 +63,6 @@ def test_save_load_round_trip_with_generation(tmp_path: Path):
 
 
 def test_k_larger_than_index_is_capped():
-    index = faiss_index.build(clustered(3, 16), np.arange(3), "Flat")
-    D, I = faiss_index.search(index, clustered(1, 16), 10)
+    index = faiss_index.build(clustered_vectors(3, 16, spread=0.5), np.arange(3), "Flat")
+    D, I = faiss_index.search(index, clustered_vectors(1, 16, spread=0.5), 10)
     assert I.shape == (1, 3)

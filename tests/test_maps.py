@@ -11,22 +11,15 @@ from typer.testing import CliRunner
 
 pytest.importorskip("sklearn")
 from simsearch.errors import BadInputError  # noqa: E402
+from vectors import clustered_labelled  # noqa: E402
 from simsearch.views.maps import MapConfig, build_map, project  # noqa: E402
-
-
-def clustered(n: int, d: int = 64, clusters: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, d)) * 4
-    labels = rng.integers(0, clusters, n)
-    x = (centres[labels] + rng.normal(size=(n, d))).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
 
 
 @pytest.mark.parametrize("method", ["tsne", "umap"])
 def test_same_seed_same_coordinates_and_clusters_stay_apart(method: str):
     if method == "umap":
         pytest.importorskip("umap")
-    x, labels = clustered(90)
+    x, labels = clustered_labelled(90, 64, clusters=3, separation=4.0)
     a = project(x, MapConfig(method=method, seed=3)).coords
     b = project(x, MapConfig(method=method, seed=3)).coords
     assert a.shape == (90, 2)
@@ -42,7 +35,7 @@ def test_same_seed_same_coordinates_and_clusters_stay_apart(method: str):
 def test_tiny_indexes_adjust_and_too_tiny_is_refused(method: str):
     if method == "umap":
         pytest.importorskip("umap")
-    x, _ = clustered(5)
+    x, _ = clustered_labelled(5, 64, clusters=3, separation=4.0)
     result = project(x, MapConfig(method=method))
     assert result.coords.shape == (5, 2) and np.isfinite(result.coords).all()
     assert result.pca_dims == 5
@@ -51,14 +44,13 @@ def test_tiny_indexes_adjust_and_too_tiny_is_refused(method: str):
         project(x[:2], MapConfig(method=method))
 
 
-def test_map_of_a_real_index(real_index: Path, tmp_path: Path):
+def test_map_of_a_real_index(demo_index: Path, tmp_path: Path):
     from simsearch.storage.store import Store
 
-    report = build_map(real_index, tmp_path / "map", MapConfig(method="tsne", seed=0))
-    store = Store(real_index)
-    ids = sorted(r[0] for r in store.db.execute("SELECT id FROM images"))
-    gt_labels = {r[0] for r in store.db.execute("SELECT label FROM objects")}
-    store.close()
+    report = build_map(demo_index, tmp_path / "map", MapConfig(method="tsne", seed=0))
+    with Store(demo_index) as store:
+        ids = store.ids()
+        gt_labels = set(store.summary()["labels"])
     with open(tmp_path / "map" / "coords.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["id"]) for r in rows) == ids and report.points == len(ids)
@@ -73,15 +65,15 @@ def test_map_of_a_real_index(real_index: Path, tmp_path: Path):
             assert im.width > 500 and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50  # a real picture, not blank
     html = (tmp_path / "map" / "map.html").read_text()
     assert html.count('"nn":') == len(ids) and html.count("data:image/jpeg") == len(ids)
-    again = build_map(real_index, tmp_path / "again", MapConfig(method="tsne", seed=0))
+    again = build_map(demo_index, tmp_path / "again", MapConfig(method="tsne", seed=0))
     assert (tmp_path / "again" / "coords.csv").read_text() == (tmp_path / "map" / "coords.csv").read_text()
     assert again.points == report.points
 
 
-def test_pairs_skip_identical_files_and_find_the_motorcycles(real_index: Path, tmp_path: Path):
+def test_pairs_skip_identical_files_and_find_the_motorcycles(demo_index: Path, tmp_path: Path):
     from simsearch.cli import app
 
-    run = CliRunner().invoke(app, ["pairs", "--index", str(real_index), "--n", "4", "--out", str(tmp_path)])
+    run = CliRunner().invoke(app, ["pairs", "--index", str(demo_index), "--n", "4", "--out", str(tmp_path)])
     assert run.exit_code == 0, run.output
     import json
 

@@ -192,7 +192,7 @@ def test_overlay_draws_inverted_and_overshooting_boxes_from_older_indexes():
 # ---------------------------------------------------------------- concurrent writers (defect 4)
 
 def test_a_second_writer_is_told_who_holds_the_index(tmp_path: Path):
-    from simsearch.storage.writelock import writer_lock
+    from simsearch.storage.layout import writer_lock
 
     data = tmp_path / "data"
     _photos(data, 2)

@@ -83,28 +83,25 @@ class _Images(HTMLParser):
             self.links.append(a["href"])
 
 
-def test_query_page_from_real_photos_holds_the_neighbours_crops(real_index: Path, photos_dir: Path, tmp_path: Path):
+def test_query_page_from_real_photos_holds_the_neighbours_crops(demo_index: Path, demo_data: Path, tmp_path: Path):
     from simsearch.views.page import write_query_page
     from simsearch.search.searcher import Searcher
-    from simsearch.storage.store import Store
-
-    searcher = Searcher(real_index, device="cpu")
-    result = searcher.search(photos_dir / "motorcycle_left.png", 5)
-    searcher.close()
-    page = write_query_page(real_index, result, tmp_path / "out" / "page.html")
+    with Searcher(demo_index, device="cpu") as searcher:
+        result = searcher.search(demo_data / "images" / "motorcycle_left.png", 5)
+    page = write_query_page(demo_index, result, tmp_path / "out" / "page.html")
     parsed = _Images()
     parsed.feed(page.read_text())
     assert [c[1] for c in parsed.cards] == [n.id for n in result.neighbours]
     assert [c[0] for c in parsed.cards] == [1, 2, 3, 4, 5]
     assert Path(result.neighbours[0].path).name == "motorcycle_right.png"
 
-    renderer = Renderer(real_index)
+    renderer = Renderer(demo_index)
     for n, src in zip(result.neighbours, parsed.crops):
         assert src.startswith("data:image/jpeg;base64,")
         embedded = base64.b64decode(src.split(",", 1)[1])
         box = record_box(n.record)
         assert embedded == renderer.crop(n.record, box)  # the neighbour's own crop, not any picture
-        if n.record.objects:  # a VOC neighbour: the crop is its largest box, not the whole image
+        if n.record.objects:  # a neighbour with boxes: the crop is its largest box, not the whole image
             assert box.source in ("ground truth", "predicted")
             w, h = Image.open(io.BytesIO(embedded)).size
             assert abs(w / h - (box.xmax - box.xmin) / (box.ymax - box.ymin)) < 0.15
@@ -113,11 +110,11 @@ def test_query_page_from_real_photos_holds_the_neighbours_crops(real_index: Path
         assert any((page.parent / unquote(href)).resolve() == Path(n.path).resolve() for href in parsed.links)
 
 
-def test_query_html_option_writes_the_page(real_index: Path, tmp_path: Path):
+def test_query_html_option_writes_the_page(demo_index: Path, tmp_path: Path):
     from simsearch.cli import app
 
     out = tmp_path / "q.html"
-    run = CliRunner().invoke(app, ["query", "--id", "1", "--index", str(real_index), "-k", "3", "--html", str(out)])
+    run = CliRunner().invoke(app, ["query", "--id", "1", "--index", str(demo_index), "-k", "3", "--html", str(out)])
     assert run.exit_code == 0, run.output
     text = out.read_text()
     assert text.count('class="card"') == 3 and text.count('class="crop"') == 3

@@ -1,4 +1,4 @@
-"""The serve app in-process (FastAPI's TestClient) over a real efficientnet-lite0 index."""
+"""The serve app in-process (FastAPI's TestClient) over the offline demo index (real photos, real weights)."""
 from __future__ import annotations
 
 import io
@@ -14,8 +14,8 @@ from simsearch.views.serve import ServeConfig, create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def client(real_index: Path) -> TestClient:
-    return TestClient(create_app(real_index, ServeConfig(device="cpu", max_upload_bytes=2 * 1024 * 1024)))
+def client(demo_index: Path) -> TestClient:
+    return TestClient(create_app(demo_index, ServeConfig(device="cpu", max_upload_bytes=2 * 1024 * 1024)))
 
 
 def _id_of(client: TestClient, name: str) -> int:
@@ -31,8 +31,8 @@ def test_page_and_openapi(client: TestClient):
     assert "post" in paths["/api/search"] and "get" in paths["/api/search"]
 
 
-def test_upload_finds_the_other_motorcycle_view(client: TestClient, photos_dir: Path):
-    data = (photos_dir / "motorcycle_left.png").read_bytes()
+def test_upload_finds_the_other_motorcycle_view(client: TestClient, demo_data: Path):
+    data = (demo_data / "images" / "motorcycle_left.png").read_bytes()
     r = client.post("/api/search", files={"file": ("m.png", data, "image/png")}, data={"k": "4"})
     assert r.status_code == 200, r.text
     neighbours = r.json()["neighbours"]
@@ -47,15 +47,15 @@ def test_upload_finds_the_other_motorcycle_view(client: TestClient, photos_dir: 
 
 
 def test_search_by_id_region_and_class_filter(client: TestClient):
-    plane = _id_of(client, "000032.jpg")
-    r = client.get(f"/api/search?id={plane}&k=3").json()
-    assert "000033.jpg" in [n["name"] for n in r["neighbours"][:2]]
-    assert plane not in [n["id"] for n in r["neighbours"]]
-    region = client.get(f"/api/search?id={plane}&k=3&box=100,50,400,200").json()
+    bike = _id_of(client, "motorcycle_left.png")
+    r = client.get(f"/api/search?id={bike}&k=3").json()
+    assert r["neighbours"][0]["name"] == "motorcycle_right.png"
+    assert bike not in [n["id"] for n in r["neighbours"]]
+    region = client.get(f"/api/search?id={bike}&k=3&box=100,50,400,200").json()
     assert region["query"]["box"] == [100, 50, 400, 200]
-    filtered = client.get(f"/api/search?id={plane}&k=5&label=person").json()["neighbours"]
-    assert filtered and all("person" in n["classes"] for n in filtered)
-    assert client.get(f"/api/search?id={plane}&box=1,2,3").status_code == 400
+    filtered = client.get(f"/api/search?id={bike}&k=5&label=person").json()["neighbours"]
+    assert len(filtered) == 3 and all("person" in n["classes"] for n in filtered)  # the demo's three people
+    assert client.get(f"/api/search?id={bike}&box=1,2,3").status_code == 400
     assert client.get("/api/search?id=999999").status_code == 404
 
 
@@ -91,7 +91,7 @@ def test_not_an_image_is_a_clear_400(client: TestClient):
 
 
 def test_records_page_filtered_by_class(client: TestClient):
-    planes = client.get("/api/records?label=aeroplane").json()
-    assert planes["total"] == len(planes["records"]) >= 2
-    assert all("aeroplane" in r["classes"] for r in planes["records"])
+    bikes = client.get("/api/records?label=motorbike").json()
+    assert bikes["total"] == len(bikes["records"]) == 2
+    assert all("motorbike" in r["classes"] for r in bikes["records"])
     assert client.get("/api/records?label=no-such-class").json()["total"] == 0

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from simsearch.cli.app import app, echo_json, reported
-from simsearch.cli.core import INDEX_OPTION, MAX_PIXELS_OPTION
+from simsearch.cli.options import INDEX_OPTION, MAX_PIXELS_OPTION
 
 
 @app.command("serve")

@@ -8,13 +8,7 @@ from typing import Optional
 import typer
 
 from simsearch.cli.app import app, echo_json, echo_table, reported
-
-INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
-MAX_PIXELS_OPTION = typer.Option(
-    64, "--max-pixels", min=1,
-    help="Largest image to decode, in megapixels (JPEGs count their reduced decode); larger ones are skipped, "
-         "so a decompression bomb cannot exhaust memory.")
-
+from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, MAX_PIXELS_OPTION, QUIET_OPTION, Format
 
 @app.command("build-index")
 def build_index_command(
@@ -29,16 +23,16 @@ def build_index_command(
     index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
     prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone (all of them when DATA itself is gone)."),
     max_pixels: int = MAX_PIXELS_OPTION,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Index every image under DATA. Run again to add new or changed files only."""
     from simsearch.pipeline.build import BuildConfig, build_index
     from simsearch.pipeline.embed import EmbedConfig
 
     with reported():
-        embed = EmbedConfig(model, weights, device, precision, batch_size, workers, quiet,
-                            max_pixels=max_pixels * 1_000_000)
-        report = build_index(BuildConfig(data, index, embed, index_type, prune))
+        embed = EmbedConfig(model=model, weights=weights, device=device, precision=precision, batch_size=batch_size,
+                            workers=workers, quiet=quiet, max_pixels=max_pixels * 1_000_000)
+        report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune))
     echo_json(asdict(report))
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}): {report.added} added, "
@@ -58,7 +52,7 @@ def query_command(
     record_id: Optional[int] = typer.Option(None, "--id", help="Query by record id instead of a file."),
     index: Path = INDEX_OPTION,
     k: int = typer.Option(10, "-k", min=1, help="Number of neighbours."),
-    fmt: str = typer.Option("json", "--format", "-f", help="json (one line per neighbour) or table."),
+    fmt: Format = FORMAT_OPTION,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding the query image)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="The weights file the index was built with, if not the default."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page of the result (thumbnails and box crops) to this file."),
@@ -71,8 +65,6 @@ def query_command(
     with reported():
         if (image is None) == (record_id is None):
             raise BadInputError("give either an image file or --id ID (not both)")
-        if fmt not in ("json", "table"):
-            raise BadInputError(f"unknown format {fmt!r}; use json or table")
         searcher = Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000)
         result = searcher.search(record_id if record_id is not None else image, k)
         if html is not None:
@@ -80,7 +72,7 @@ def query_command(
 
             typer.echo(f"page: {write_query_page(index, result, html)}", err=True)
     rows = [n.to_json() for n in result.neighbours]
-    if fmt == "json":
+    if fmt is Format.json:
         for row in rows:
             echo_json(row)
         return
@@ -93,14 +85,14 @@ def query_command(
 @app.command("info")
 def info_command(
     index: Path = INDEX_OPTION,
-    fmt: str = typer.Option("json", "--format", "-f", help="json or table."),
+    fmt: Format = FORMAT_OPTION,
 ) -> None:
     """What an index holds: counts, how it was built, and the files it skipped."""
     from simsearch.storage.info import describe_index
 
     with reported():
         info = describe_index(index)
-    if fmt == "table":
+    if fmt is Format.table:
         for key in ("index", "images", "objects", "index_type", "backbone", "weights", "dim", "skipped"):
             typer.echo(f"{key:<11} {info[key]}")
         for label, n in info["labels"].items():

@@ -8,9 +8,8 @@ from typing import List, Optional
 import typer
 
 from simsearch.cli.app import app, echo_json, echo_table, reported
+from simsearch.cli.options import FORMAT_OPTION, HEAD_OPTION, INDEX_OPTION, QUIET_OPTION, Format
 
-INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
-HEAD_OPTION = typer.Option(None, "--head", help="Folder holding localizer.pt (a trained head); default: the index folder.")
 
 
 @app.command("synth")
@@ -24,15 +23,17 @@ def synth_command(
     top_classes: int = typer.Option(8, "--top-classes", min=1, help="How many classes when --classes is not given."),
     objects: int = typer.Option(1, "--objects", min=1, help="Objects per image; extras are smaller distractors."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share of composites in val (their crops come from photos train never uses)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Paste real object crops onto real photos: a VOC folder with exact boxes, for training and measuring the localizer."""
     from simsearch.datasets.synth import SynthConfig, generate
 
     with reported():
         chosen = tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else ()
-        report = generate(SynthConfig(out, tuple(sources), tuple(backgrounds), n, seed, chosen, top_classes,
-                                      val_fraction=val_fraction, objects_per_image=objects), progress=not quiet)
+        config = SynthConfig(out=out, sources=tuple(sources), backgrounds=tuple(backgrounds), n=n, seed=seed,
+                             classes=chosen, top_classes=top_classes, val_fraction=val_fraction,
+                             objects_per_image=objects)
+        report = generate(config, progress=not quiet)
     echo_json(asdict(report))
     typer.echo(f"wrote {report.images} composites ({report.train} train, {report.val} val) to {out}", err=True)
 
@@ -49,14 +50,15 @@ def train_localizer_command(
     box_weight: float = typer.Option(2.0, "--box-weight", help="loss = cross-entropy + box_weight * (smooth-L1 + GIoU)."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train the localizer head on the index's cached feature maps and save it in the index folder."""
     from simsearch.localizer.train import TrainConfig, train
 
     with reported():
-        report = train(TrainConfig(index, epochs, patience, batch_size, lr, box_weight=box_weight, val_split=val_split,
-                                   val_fraction=val_fraction, seed=seed, device=device, quiet=quiet))
+        report = train(TrainConfig(index_dir=index, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
+                                   box_weight=box_weight, val_split=val_split, val_fraction=val_fraction, seed=seed,
+                                   device=device, quiet=quiet))
     echo_json(asdict(report))
     typer.echo(
         f"head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
@@ -81,17 +83,14 @@ def evaluate_command(
     index: Path = INDEX_OPTION,
     split: str = typer.Option("val", "--split", help="val / train (the head's own held-out / training images), all, or a split name."),
     head: Optional[Path] = HEAD_OPTION,
-    fmt: str = typer.Option("json", "--format", "-f", help="json or table."),
+    fmt: Format = FORMAT_OPTION,
 ) -> None:
     """Top-1 accuracy, mean IoU, CorLoc (IoU >= 0.5), per class and a confusion matrix."""
-    from simsearch.errors import BadInputError
     from simsearch.localizer.train import evaluate
 
     with reported():
-        if fmt not in ("json", "table"):
-            raise BadInputError(f"unknown format {fmt!r}; use json or table")
         result = evaluate(index, split, head)
-    if fmt == "json":
+    if fmt is Format.json:
         echo_json(result.to_dict())
         return
     typer.echo(f"images {result.n}  accuracy {result.accuracy:.4f}  mean IoU {result.mean_iou:.4f}  "

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from simsearch.cli.app import app, echo_json, reported
-from simsearch.cli.core import INDEX_OPTION
+from simsearch.cli.options import INDEX_OPTION
 
 
 @app.command("map")

@@ -12,7 +12,7 @@ from simsearch.errors import NotFoundError
 from simsearch.localizer.head import Localizer
 from simsearch.records import Prediction
 from simsearch.storage.store import Store
-from simsearch.storage.writelock import writer_lock
+from simsearch.storage.layout import writer_lock
 
 log = logging.getLogger(__name__)
 

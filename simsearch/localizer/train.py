@@ -26,7 +26,7 @@ from simsearch.localizer.metrics import Evaluation, evaluate_predictions
 from simsearch.localizer.predict import open_localizer
 from simsearch.records import GroundTruthObject
 from simsearch.storage.store import Store
-from simsearch.storage.writelock import writer_lock
+from simsearch.storage.layout import writer_lock
 
 log = logging.getLogger(__name__)
 

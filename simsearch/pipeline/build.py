@@ -21,7 +21,7 @@ from simsearch.localizer.predict import predict_new
 from simsearch.records import ImageRecord, Skipped
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.storage.store import NewImage, Store
-from simsearch.storage.writelock import writer_lock
+from simsearch.storage.layout import writer_lock
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,28 @@ An index folder holds:
 FAISS is derived data: whenever its stamp does not match SQLite's generation (a
 killed build, a damaged or replaced file) it is rebuilt from the vectors, with the
 generation read in the same transaction as them (`open_faiss`, `sync_faiss`).
+
+One writer at a time: every command that writes (build-index, localize,
+train-localizer) holds `write.lock` with `flock`, which the kernel releases when
+its holder dies, so a `kill -9` never leaves a stale lock to clean up; a reader
+that rebuilt FAISS saves it only when no writer holds the folder.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError
+from simsearch.errors import BadInputError, IndexBusyError, IndexDamagedError, NotFoundError
+from simsearch.spec import IndexSpec
+from simsearch.storage import faiss_index
 
 if TYPE_CHECKING:
-    from simsearch.spec import EmbedderSpec, IndexSpec
+    from simsearch.spec import EmbedderSpec
     from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -47,19 +57,15 @@ def faiss_paths(index_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 def faiss_generation(index_dir: str | os.PathLike, verify: bool | None = None) -> int | None:
     """The SQLite generation the folder's FAISS file holds, or None when there is no file to trust."""
-    from simsearch.storage import faiss_index
-
     return faiss_index.saved_generation(*faiss_paths(index_dir), verify=verify)
 
 
-def open_faiss(store: "Store", spec: "IndexSpec"):
+def open_faiss(store: "Store", spec: IndexSpec):
     """(generation, index) for searching: the saved file when current and sound, else rebuilt from SQLite.
 
     A rebuilt file is saved for the next process unless a writer holds the folder
     (it will write its own) or the folder is read-only (the rebuild still answers).
     """
-    from simsearch.storage import faiss_index
-
     generation = store.generation
     index = None
     if faiss_generation(store.dir) == generation:
@@ -80,9 +86,6 @@ def open_faiss(store: "Store", spec: "IndexSpec"):
 
 
 def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
-    from simsearch.storage import faiss_index
-    from simsearch.storage.writelock import try_writer_lock
-
     try:
         lock = try_writer_lock(index_dir, "a reader saving a rebuilt index.faiss")
     except OSError:
@@ -97,15 +100,12 @@ def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
         os.close(lock)
 
 
-def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> "IndexSpec":
+def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> IndexSpec:
     """Make index.faiss hold exactly SQLite's vectors (the writer's side: it holds the lock).
 
     The file's checksum is read, not assumed: build-index vouches for what it leaves.
     Search breadth is tuned to the recall target on this very index when it is rebuilt.
     """
-    from simsearch.spec import IndexSpec
-    from simsearch.storage import faiss_index
-
     if index_type:
         store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
     count = store.count("embeddings")
@@ -130,3 +130,46 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
 def faiss_is_current(store: "Store") -> bool:
     """Whether a search would use the saved FAISS file as it is (for `info`)."""
     return faiss_generation(store.dir) == store.generation
+
+
+# ---------------------------------------------------------------- the one writer
+
+@contextmanager
+def writer_lock(index_dir: str | os.PathLike, what: str = "build-index") -> Iterator[None]:
+    """Hold the index's write lock for the block, or raise IndexBusyError naming the holder."""
+    if not Path(index_dir).is_dir():
+        raise NotFoundError(f"{index_dir}: no index here. Build one first: simsearch build-index DATA --index {index_dir}")
+    try:
+        lock = try_writer_lock(index_dir, what)
+    except OSError as e:
+        raise BadInputError(f"cannot write to {index_dir} ({e.strerror or e}); {what} needs a writable index folder") from e
+    if lock is None:
+        raise IndexBusyError(
+            f"another simsearch command is writing to {index_dir} ({holder(index_dir)}); "
+            "wait for it to finish (or stop it), then run this again")
+    try:
+        yield
+    finally:
+        os.close(lock)
+
+
+def try_writer_lock(index_dir: str | os.PathLike, what: str) -> int | None:
+    """The locked file descriptor (close it to release), or None when another process holds it."""
+    path = Path(index_dir) / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{what} pid {os.getpid()}\n".encode())
+    return fd
+
+
+def holder(index_dir: str | os.PathLike) -> str:
+    """Who holds the lock, as its holder wrote it ("build-index pid 1234")."""
+    try:
+        return (Path(index_dir) / LOCK).read_text().strip() or "a process"
+    except OSError:
+        return "a process"
