@@ -243,3 +243,18 @@ def test_target_is_the_largest_non_difficult_object():
     assert pick_target([big_difficult]) is None
     with pytest.raises(BadInputError):
         pick_target([small], policy="all")
+
+
+def test_training_whose_validation_loss_is_never_a_number_is_one_clear_error(demo_index, tmp_path, monkeypatch):
+    """Every epoch NaN used to end in a traceback (no best epoch to restore)."""
+    import simsearch.localizer.train as train_module
+
+    index = tmp_path / "demo"
+    shutil.copytree(demo_index, index)
+    monkeypatch.setattr(train_module, "_validate", lambda *a, **k: {
+        "val_ce": float("nan"), "val_box": float("nan"), "val_loss": float("nan"), "val_accuracy": 0.0,
+        "val_mean_iou": 0.0, "val_corloc": 0.0})
+    config = train_module.TrainConfig(index_dir=index, epochs=3, patience=5, val_fraction=0.4, quiet=True)
+    with pytest.raises(BadInputError, match="not a number in all 3 epochs"):
+        train_module.train(config)
+    assert not (index / "localizer.pt").exists()

@@ -354,19 +354,28 @@ def parse_voc_xml(path: str | os.PathLike, problems: list[str] | None = None) ->
         box = obj.find("bndbox")
         if not name or box is None:
             continue
-        try:
-            coords = [float((box.findtext(tag) or "").strip()) for tag in ("xmin", "ymin", "xmax", "ymax")]
-        except ValueError as e:
-            _problem(problems, f"object {number} ({name!r}) dropped: non-numeric box ({e})")
-            continue
-        fitted, why = fit_box(coords)
+        values = [box.findtext(tag) or "" for tag in ("xmin", "ymin", "xmax", "ymax")]
+        fitted = _box_or_problem(values, f"object {number} ({name!r})", problems)
         if fitted is None:
-            _problem(problems, f"object {number} ({name!r}) dropped: {why}")
             continue
         objects.append(
             GroundTruthObject(name, *fitted, difficult=_flag(obj, "difficult"), truncated=_flag(obj, "truncated"))
         )
     return objects
+
+
+def _box_or_problem(values: Sequence[str], where: str, problems: list[str] | None
+                    ) -> tuple[float, float, float, float] | None:
+    """The box these four texts give, fitted (see `fit_box`), or None with the reason added to `problems`."""
+    try:
+        coords = [float(v.strip()) for v in values]
+    except ValueError:
+        _problem(problems, f"{where} dropped: non-numeric box {[v[:20] for v in values]!r}")
+        return None
+    fitted, why = fit_box(coords)
+    if fitted is None:
+        _problem(problems, f"{where} dropped: {why}")
+    return fitted
 
 
 def _problem(problems: list[str] | None, text: str) -> None:
@@ -408,14 +417,8 @@ def parse_box_list(path: str | os.PathLike, problems: list[str] | None = None) -
         if len(parts) < 5:
             _problem(problems, f"line {number} dropped: expected 'class left top right bottom', got {line[:80]!r}")
             continue
-        try:
-            coords = [float(v) for v in parts[-4:]]
-        except ValueError:
-            _problem(problems, f"line {number} dropped: non-numeric box in {line[:80]!r}")
-            continue
-        fitted, why = fit_box(coords)
+        fitted = _box_or_problem(parts[-4:], f"line {number}", problems)
         if fitted is None:
-            _problem(problems, f"line {number} dropped: {why}")
             continue
         objects.append(GroundTruthObject(" ".join(parts[:-4]), *fitted))
     return objects

@@ -1,9 +1,16 @@
-"""Stage 5, store: one SQLite file per index holds records, boxes, vectors and the spec.
+"""The store: one SQLite file per index holds records, boxes, vectors, maps, predictions and the spec.
 
+Every read and write of the database is a method here; no other module writes SQL.
 Vectors live in SQLite beside their records and are written in the same
 transaction, so a killed build can never leave a record without its vector or the
 reverse; the FAISS file is derived from them and stamped with the `generation` it
 reflects, so a stale FAISS file is detected and rebuilt rather than trusted.
+
+Why a raw connection under sqlite-utils: crash safety rests on explicit
+`BEGIN IMMEDIATE ... COMMIT` transactions of our own that span several tables
+(sqlite-utils' `insert_all` commits per call), on WAL mode, and on `executemany`
+for the per-batch inserts. sqlite-utils is used where it fits: table checks,
+counts, column lists and dict rows (`db.query`).
 """
 from __future__ import annotations
 
