@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["bench_embed", "bench_compare", "bench_query", "bench_map", "run_all"])
+@pytest.mark.parametrize("script", ["bench_embed", "bench_compare", "bench_query", "bench_map", "bench_faults", "run_all"])
 def test_script_help(script):
     out = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True,
                          timeout=60)
