@@ -224,7 +224,7 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
     """
     import faiss
 
-    from simsearch import index as faiss_index
+    from simsearch.storage import layout
 
     index_dir = Path(index_dir)
     problems: list[str] = []
@@ -302,10 +302,10 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
                                 f"{len(set(faiss_ids) - set(ids))} extra, {len(set(ids) - set(faiss_ids))} missing")
         except Exception as e:  # noqa: BLE001 - any failure to read it is the finding
             problems.append(f"index.faiss unreadable: {type(e).__name__}: {e}")
-        if faiss_index.saved_generation(index_dir, verify=True) != generation:
+        if layout.faiss_generation(index_dir, verify=True) != generation:
             problems.append(f"index.faiss stamp is not generation {generation} (stale or damaged)")
     try:
-        from simsearch.query import Searcher
+        from simsearch.search.searcher import Searcher
 
         with Searcher(index_dir, device="cpu") as searcher:
             if searcher.index.ntotal != len(ids):
@@ -316,8 +316,8 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
         problems.append(f"Searcher failed: {type(e).__name__}: {str(e)[:200]}")
     if (index_dir / "localizer.pt").exists():
         try:
-            from simsearch.localize import open_localizer
-            from simsearch.store import Store
+            from simsearch.localizer.predict import open_localizer
+            from simsearch.storage.store import Store
 
             with Store(index_dir) as store:
                 open_localizer(store)

@@ -82,9 +82,6 @@ def test_kill_minus_9_then_rerun_leaves_a_consistent_index(kill_trials: list[dic
     assert 0 < kill_trials[0]["left_committed"]["images"] < N_IMAGES
 
 
-@pytest.mark.xfail(strict=False, reason="known defect: DataLoader workers forked while build-index holds write.lock "
-                                        "inherit its descriptor, so after kill -9 of the build the orphaned worker "
-                                        "keeps the index locked for ~5 s and an immediate re-run is refused")
 def test_rerun_right_after_a_kill_is_not_refused_as_busy(kill_trials: list[dict]):
     refused = [(r["trigger"], r.get("rerun_message")) for r in kill_trials if r["rerun_refused_busy"]]
     assert not refused

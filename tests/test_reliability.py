@@ -327,3 +327,51 @@ def test_k_below_one_is_a_bad_input(small_index: Path):
 def test_an_id_beyond_sqlite_integers_is_not_found(small_index: Path):
     with Store(small_index) as store, pytest.raises(NotFoundError):
         store.image(99999999999999999999)
+
+
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path: Path):
+    """DataLoader workers are forked while build-index holds the lock; killing the build must free it at once."""
+    from simsearch.storage.layout import try_writer_lock
+
+    script = (
+        "import os, signal, sys, time\n"
+        "from simsearch.storage.layout import writer_lock\n"
+        f"with writer_lock({str(tmp_path)!r}, 'build-index'):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(30); os._exit(0)\n"  # the orphaned worker outlives its parent
+        "    print('locked', flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    proc.wait(timeout=30)
+    lock = try_writer_lock(tmp_path, "test")
+    assert lock is not None  # free at once, though the forked child still runs
+    os.close(lock)
+
+
+def test_images_a_killed_build_committed_get_predictions_on_the_rerun(demo_index: Path, tmp_path: Path):
+    import shutil
+
+    from simsearch.localizer.predict import localize
+    from simsearch.localizer.train import TrainConfig, train
+
+    index = tmp_path / "demo"
+    shutil.copytree(demo_index, index)
+    train(TrainConfig(index_dir=index, epochs=2, val_fraction=0.4, quiet=True))
+    localize(index)
+    data = tmp_path / "more"
+    _photos(data, 6)
+    import simsearch.pipeline.build as build_module
+
+    real = build_module.predict_missing
+    build_module.predict_missing = lambda store: 0  # the kill: predictions never written
+    try:
+        _build(data, index)
+    finally:
+        build_module.predict_missing = real
+    with Store(index) as store:
+        assert len(store.ids_without_prediction()) == 6
+    report = _build(data, index)  # the re-run embeds nothing new ...
+    assert report.added == 0
+    with Store(index) as store:
+        assert store.ids_without_prediction() == []  # ... and still predicts what the killed run left

@@ -62,11 +62,18 @@ def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = 
     return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started)
 
 
-def predict_new(store: Store, new_ids: Sequence[int]) -> int:
-    """Predictions for images a build just added, when the index has a head; how many were stored."""
-    if not new_ids or not Localizer.exists(store.dir):
+def predict_missing(store: Store) -> int:
+    """Predictions for every record without one, when the index has a head; how many were stored.
+
+    That is the images a build just added, and any that a killed build committed
+    before it could predict them (the re-run sees those as unchanged).
+    """
+    if not Localizer.exists(store.dir):
+        return 0
+    ids = store.ids_without_prediction()
+    if not ids:
         return 0
     localizer = open_localizer(store)
-    store.write_predictions(predict_records(store, localizer, new_ids))
-    log.info("localized %d new images with head %s", len(new_ids), localizer.spec.version)
-    return len(new_ids)
+    store.write_predictions(predict_records(store, localizer, ids))
+    log.info("localized %d images with head %s", len(ids), localizer.spec.version)
+    return len(ids)

@@ -155,7 +155,16 @@ def _losses(head: LocalizerHead, x: torch.Tensor, y: torch.Tensor, b: torch.Tens
 
 
 def train(config: TrainConfig) -> TrainReport:
-    """Train a head on the index's stored maps, keep the epoch with the best validation loss, save it."""
+    """Train a head on the index's stored maps, keep the epoch with the best validation loss, save it.
+
+    Holds the index's writer lock from the start: a concurrent build is refused at
+    once rather than minutes of training being thrown away at save time.
+    """
+    with writer_lock(config.index_dir, "train-localizer"):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainReport:
     from tqdm import tqdm
 
     from simsearch.pipeline.embed import resolve_device
@@ -248,8 +257,7 @@ def train(config: TrainConfig) -> TrainReport:
         {"config": settings, "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
          "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2)},
     )
-    with writer_lock(config.index_dir, "train-localizer"):
-        Localizer(head.cpu(), spec).save(config.index_dir)
+    Localizer(head.cpu(), spec).save(config.index_dir)
     return TrainReport(str(config.index_dir), version, classes, int(len(train_idx)), int(len(val_idx)), len(history),
                        best[1] + 1, best[0], best_row["val_accuracy"], best_row["val_corloc"], seconds, history)
 

@@ -17,7 +17,7 @@ from simsearch.storage import layout
 from simsearch.pipeline.embed import EmbedConfig, embedder_from_config, iter_file_batches
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.read import file_sha256, fit_objects, scan
-from simsearch.localizer.predict import predict_new
+from simsearch.localizer.predict import predict_missing
 from simsearch.records import ImageRecord, Skipped
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.storage.store import NewImage, Store
@@ -114,7 +114,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
         spec = layout.sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
-        predict_new(store, new_ids)
+        predict_missing(store)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import stat
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable, Iterator, Sequence
@@ -108,10 +109,11 @@ def fit_objects(objects: Sequence[GroundTruthObject], width: float | None = None
     """`objects` with each box fitted to the image (see `fit_box`), and why any were dropped."""
     kept: list[GroundTruthObject] = []
     problems: list[str] = []
-    for number, obj in enumerate(objects, 1):
+    for obj in objects:
         box, why = fit_box((obj.xmin, obj.ymin, obj.xmax, obj.ymax), width, height)
         if box is None:
-            problems.append(f"object {number} ({obj.label!r}) dropped: {why}")
+            coords = ", ".join(f"{v:g}" for v in (obj.xmin, obj.ymin, obj.xmax, obj.ymax))
+            problems.append(f"box {obj.label!r} ({coords}) dropped: {why}")
         elif box != (obj.xmin, obj.ymin, obj.xmax, obj.ymax):
             kept.append(replace(obj, xmin=box[0], ymin=box[1], xmax=box[2], ymax=box[3]))
         else:
@@ -140,7 +142,8 @@ def open_image(path: str | os.PathLike | BinaryIO,
     """
     label = name or path
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore")  # PIL warns about odd EXIF and the like: never the user's business
             width, height = im.size
             rotated = im.format in ("JPEG", "MPO", "TIFF", "WEBP") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             full_size = (height, width) if rotated else (width, height)

@@ -97,7 +97,7 @@ def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
     except OSError:
         pass
     finally:
-        os.close(lock)
+        release_writer_lock(lock)
 
 
 def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> IndexSpec:
@@ -150,13 +150,13 @@ def writer_lock(index_dir: str | os.PathLike, what: str = "build-index") -> Iter
     try:
         yield
     finally:
-        os.close(lock)
+        release_writer_lock(lock)
 
 
 def try_writer_lock(index_dir: str | os.PathLike, what: str) -> int | None:
     """The locked file descriptor (close it to release), or None when another process holds it."""
     path = Path(index_dir) / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -164,7 +164,30 @@ def try_writer_lock(index_dir: str | os.PathLike, what: str) -> int | None:
         return None
     os.ftruncate(fd, 0)
     os.write(fd, f"{what} pid {os.getpid()}\n".encode())
+    _HELD.add(fd)
     return fd
+
+
+def release_writer_lock(fd: int) -> None:
+    _HELD.discard(fd)
+    os.close(fd)
+
+
+# flock belongs to the open file, which a fork shares: a decode worker forked by a build would
+# keep the index locked after the build itself is killed. Children close their copies at once.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def holder(index_dir: str | os.PathLike) -> str:

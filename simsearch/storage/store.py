@@ -444,6 +444,14 @@ class Store:
     def ids_with_feature_maps(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT image_id FROM feature_maps ORDER BY image_id")]
 
+    def ids_without_prediction(self) -> list[int]:
+        """Records with a feature map that the localizer has not predicted for yet."""
+        if not self._has_predictions:
+            return self.ids_with_feature_maps()
+        return [r[0] for r in self.db.execute(
+            "SELECT f.image_id FROM feature_maps f LEFT JOIN predictions p ON p.image_id = f.image_id "
+            "WHERE p.image_id IS NULL ORDER BY f.image_id")]
+
     def count_split(self, split: str) -> int:
         return self.db.execute("SELECT count(*) FROM images WHERE split = ?", [split]).fetchone()[0]
 
