@@ -257,8 +257,8 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
                                 + ("" if len(got) != len(ids) else " (different ids)"))
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         spec = json.loads(meta["spec"]) if "spec" in meta else None
-        if spec is None or spec.get("index_type") == "pending":
-            problems.append(f"spec missing or pending: {None if spec is None else spec.get('index_type')}")
+        if spec is None or spec.get("index_type") in (None, "pending"):
+            problems.append(f"spec missing or unfinished: {None if spec is None else spec.get('index_type')}")
         generation = int(meta.get("generation", "0"))
         size = {r[0]: (r[3], r[4]) for r in rows}
         bad_boxes = []
@@ -305,7 +305,7 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
         if layout.faiss_generation(index_dir, verify=True) != generation:
             problems.append(f"index.faiss stamp is not generation {generation} (stale or damaged)")
     try:
-        from simsearch.search.searcher import Searcher
+        from simsearch.retrieval.searcher import Searcher
 
         with Searcher(index_dir, device="cpu") as searcher:
             if searcher.index.ntotal != len(ids):

@@ -74,7 +74,7 @@ def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Pat
     spec = load_backbone("efficientnet-lite0").spec
     index_dir = Path(tempfile.mkdtemp(prefix="simsearch-bench-query-"))
     store = Store(index_dir, create=True)
-    store.save_spec(IndexSpec(spec, index_type="pending"))
+    store.save_spec(IndexSpec(spec, index_type=None))
     xb, _ = clustered(n, spec.dim, seed, clusters=200)
     tiny_map = np.zeros((1, 1, 1), dtype=np.float16)  # maps are not read by queries; keep the file small
     labels = ["person", "car", "dog", "chair", "cat"]
@@ -93,7 +93,7 @@ def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Pat
 def library_vs_raw(n: int, factory: str | None, queries: int, image_queries: int) -> list[dict]:
     from simsearch.storage import faiss_index
     from simsearch.pipeline.embed import preprocess
-    from simsearch.search.searcher import Searcher
+    from simsearch.retrieval.searcher import Searcher
     from simsearch.pipeline.read import open_image
     from simsearch.storage.store import Store
 

@@ -33,7 +33,7 @@ def __getattr__(name: str):
 
         return build_index
     if name == "search":
-        from simsearch.search.searcher import search
+        from simsearch.retrieval.searcher import search
 
         return search
     raise AttributeError(name)

@@ -20,7 +20,7 @@ from simsearch.storage import layout
 from simsearch.pipeline.build import BuildConfig, build_index
 from simsearch.pipeline.embed import EmbedConfig
 from simsearch.errors import NotFoundError, SpecMismatchError
-from simsearch.search.searcher import Searcher, search
+from simsearch.retrieval.searcher import Searcher, search
 from simsearch.storage.store import Store
 
 LITE0 = EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)

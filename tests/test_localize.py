@@ -100,7 +100,7 @@ def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
 
 def test_query_results_carry_predictions(trained):
     from simsearch.localizer.predict import localize
-    from simsearch.search.searcher import Searcher
+    from simsearch.retrieval.searcher import Searcher
 
     index, _ = trained
     localize(index)

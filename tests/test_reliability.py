@@ -47,7 +47,7 @@ def _consistent(index: Path) -> tuple[int, set[int]]:
     """(count, ids) after checking SQLite's integrity and that FAISS holds exactly SQLite's ids."""
     import faiss
 
-    from simsearch.search.searcher import Searcher
+    from simsearch.retrieval.searcher import Searcher
 
     with Store(index) as store:
         assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -252,7 +252,7 @@ def small_index(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "flipped"])
 def test_a_damaged_faiss_file_is_rebuilt_from_sqlite(small_index: Path, damage: str):
-    from simsearch.search.searcher import Searcher
+    from simsearch.retrieval.searcher import Searcher
 
     path = small_index / "index.faiss"
     data = path.read_bytes()
@@ -318,7 +318,7 @@ def test_prune_of_a_vanished_folder_removes_its_records(tmp_path: Path):
 
 
 def test_k_below_one_is_a_bad_input(small_index: Path):
-    from simsearch.search.searcher import Searcher
+    from simsearch.retrieval.searcher import Searcher
 
     with Searcher(small_index, device="cpu") as searcher, pytest.raises(BadInputError):
         searcher.search(1, k=0)

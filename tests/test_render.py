@@ -85,7 +85,7 @@ class _Images(HTMLParser):
 
 def test_query_page_from_real_photos_holds_the_neighbours_crops(demo_index: Path, demo_data: Path, tmp_path: Path):
     from simsearch.views.page import write_query_page
-    from simsearch.search.searcher import Searcher
+    from simsearch.retrieval.searcher import Searcher
     with Searcher(demo_index, device="cpu") as searcher:
         result = searcher.search(demo_data / "images" / "motorcycle_left.png", 5)
     page = write_query_page(demo_index, result, tmp_path / "out" / "page.html")

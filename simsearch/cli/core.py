@@ -10,6 +10,7 @@ import typer
 from simsearch.cli.app import app, echo_json, echo_table, reported
 from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, MAX_PIXELS_OPTION, QUIET_OPTION, Format
 
+
 @app.command("build-index")
 def build_index_command(
     data: Path = typer.Argument(..., help="Folder to index: a VOC year folder, a VOCdevkit/, box-list datasets or any folder of images (searched recursively)."),
@@ -60,13 +61,13 @@ def query_command(
 ) -> None:
     """Images like this one: neighbours with scores, classes and boxes."""
     from simsearch.errors import BadInputError
-    from simsearch.search.searcher import Searcher
+    from simsearch.retrieval.searcher import Searcher
 
     with reported():
         if (image is None) == (record_id is None):
             raise BadInputError("give either an image file or --id ID (not both)")
-        searcher = Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000)
-        result = searcher.search(record_id if record_id is not None else image, k)
+        with Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000) as searcher:
+            result = searcher.search(record_id if record_id is not None else image, k)
         if html is not None:
             from simsearch.views.page import write_query_page
 

@@ -11,7 +11,6 @@ from simsearch.cli.app import app, echo_json, echo_table, reported
 from simsearch.cli.options import FORMAT_OPTION, HEAD_OPTION, INDEX_OPTION, QUIET_OPTION, Format
 
 
-
 @app.command("synth")
 def synth_command(
     out: Path = typer.Argument(..., help="VOC year folder to write (JPEGImages/, Annotations/, ImageSets/Main/)."),

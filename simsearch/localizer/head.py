@@ -88,7 +88,7 @@ class HeadSpec:
     weights: str
     weights_sha256: str  # the backbone weights' hash: features of other weights mean nothing to it
     feature_shape: tuple[int, int, int]  # C, H, W of the maps it reads
-    version: str  # changes with every training run; stored with each prediction
+    version: str  # a hash of the weights (same weights, same version); stored with each prediction
     width: int = 256
     hidden: int = 512
     target: str = "largest"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from simsearch.storage import layout
 from simsearch.pipeline.embed import EmbedConfig, embedder_from_config, iter_file_batches
-from simsearch.errors import BadInputError, NotFoundError
+from simsearch.errors import NotFoundError
 from simsearch.pipeline.read import file_sha256, fit_objects, scan
 from simsearch.localizer.predict import predict_missing
 from simsearch.records import ImageRecord, Skipped

@@ -1,4 +1,4 @@
-"""Stage 2, embed: turn images into a spatial feature map and a pooled, normalised vector.
+"""Embed: turn images into a spatial feature map and a pooled, normalised vector.
 
 Backbones live in a small registry by name. Each is cut before its pooling and
 classifier, because the localizer and object-level search need the map's geometry;

@@ -1,4 +1,4 @@
-"""Stage 1, read: find the images under a folder and their ground-truth boxes.
+"""Read: find the images under a folder and their ground-truth boxes.
 
 Three layouts are understood, and one folder may mix them:
 - Pascal VOC year folders (`JPEGImages/`, `Annotations/*.xml`, `ImageSets/Main/*.txt`),
@@ -19,7 +19,7 @@ import os
 import stat
 import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO

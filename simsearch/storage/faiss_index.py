@@ -1,4 +1,4 @@
-"""Stage 3, index: FAISS over the stored vectors, exact when small, approximate when large.
+"""FAISS over the stored vectors, exact when small, approximate when large.
 
 faiss's own words at the boundary: `xb` (database vectors), `xq` (queries), `k`,
 and searches return `D, I` (scores, ids). Ids are the SQLite record ids

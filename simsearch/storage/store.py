@@ -14,7 +14,6 @@ counts, column lists and dict rows (`db.query`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -172,15 +171,19 @@ class Store:
             if create:
                 conn.executescript(SCHEMA)
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: fails on garbage
+            self.db = sqlite_utils.Database(conn)
+            self._columns: list[str] | None = None
+            self._has_predictions = self._ensure_predictions_table()
         except BaseException:
             conn.close()
             raise
-        self.db = sqlite_utils.Database(conn)
-        self._columns: list[str] | None = None
-        self._has_predictions = self._ensure_predictions_table()
 
     def _ensure_predictions_table(self) -> bool:
-        """Indexes made before the predictions table joined the schema get it on first open (when writable)."""
+        """Indexes made before the predictions table joined the schema get it on first open.
+
+        This is the one write a reader may make (an empty table, once); in a read-only
+        folder such an index simply reads as having no predictions until a writer opens it.
+        """
         if self.db["predictions"].exists():
             return True
         try:

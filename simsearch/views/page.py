@@ -12,7 +12,7 @@ import os
 import urllib.parse
 from pathlib import Path
 
-from simsearch.search.searcher import QueryResult
+from simsearch.retrieval.searcher import QueryResult
 from simsearch.pipeline.read import open_image
 from simsearch.views.render import Renderer, jpeg_bytes, record_box, thumbnail
 

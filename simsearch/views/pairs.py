@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from simsearch.errors import BadInputError
-from simsearch.search.searcher import Searcher
+from simsearch.retrieval.searcher import Searcher
 from simsearch.records import Record
 from simsearch.views.render import Renderer, font
 

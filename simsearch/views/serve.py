@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from simsearch.errors import (BadInputError, ImageTooLargeError, IndexBusyError, IndexDamagedError, NotFoundError,
                                SimsearchError)
-from simsearch.search.searcher import Neighbour, Searcher
+from simsearch.retrieval.searcher import Neighbour, Searcher
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
 from simsearch.records import Record
 from simsearch.views.http_guards import TokenGate, UploadCap, bind

@@ -1,8 +1,9 @@
 """Search: neighbours of an image file, a record id or a vector, with what is known of each.
 
-`Searcher` is the one search path: the CLI, the HTML page, `pairs` and the web app
-all go through `search_vector` (exclusions and the class filter included), and
-`refresh` is the one place that reopens an index a build has changed. It keeps the
+`Searcher` is the one search path: the CLI, the HTML page and the web app go
+through `search`/`search_vector` (exclusions and the class filter included),
+`pairs` through its batched `knn`, and `refresh` is the one place that reopens an
+index a build has changed. It keeps the
 FAISS index, the SQLite connection and (once needed) the backbone loaded, so
 repeated queries pay only for the search and one lookup. Results carry `Record`s;
 JSON is made from them at the CLI and HTTP edges.
@@ -47,7 +48,8 @@ class Neighbour:
         return self.record.path
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "score": self.score, **self.record.to_json()}
+        shown = self.record.to_json()
+        return {"rank": self.rank, "id": shown.pop("id"), "path": shown.pop("path"), "score": self.score, **shown}
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Searcher:
         self.device, self.precision, self.weights, self.max_pixels = device, precision, weights, max_pixels
         self._embedder: Embedder | None = None
         self._open()
+        self._closed = False
 
     def _open(self) -> None:
         self.store = Store(self.dir)
@@ -84,12 +87,16 @@ class Searcher:
         """Reopen the index if a build changed it since it was loaded; whether it did.
 
         The backbone is kept: an index never changes its embedder (the build refuses).
+        A reopen that fails (everything pruned, a damaged file) raises now and is tried
+        again on the next call, never leaving a closed store behind.
         """
-        if self.store.generation == self.loaded_generation:
-            return False
-        self.store.close()
-        self._open()
-        return True
+        if self._closed or self.store.generation != self.loaded_generation:
+            self.store.close()
+            self._closed = True
+            self._open()
+            self._closed = False
+            return True
+        return False
 
     def __enter__(self) -> "Searcher":
         return self
@@ -120,8 +127,10 @@ class Searcher:
 
     def vector_of_record(self, image_id: int) -> np.ndarray:
         """(1, D) stored vector of a record."""
-        self.store.image(image_id)  # NotFoundError with its hint when the id is unknown
-        return self.store.vectors([int(image_id)])[1]
+        ids, xq = self.store.vectors([int(image_id)])
+        if not len(ids):
+            self.store.image(image_id)  # NotFoundError with its hint when the id is unknown
+        return xq
 
     # ------------------------------------------------------------ searching
 
@@ -148,8 +157,8 @@ class Searcher:
             raise BadInputError("k must be at least 1")
         record = None
         if isinstance(query, (int, np.integer)):
-            xq = self.vector_of_record(int(query))
-            record = self.record(int(query))
+            record = self.record(int(query))  # NotFoundError with its hint when the id is unknown
+            xq = self.store.vectors([record.id])[1]
             described = {"id": record.id, "path": record.path, "sha256": record.sha256}
         else:
             path = Path(query)
