@@ -213,3 +213,12 @@ def test_build_killed_midway_then_rerun_has_one_record_per_image(tmp_path: Path,
     assert store.count("embeddings") == 40
     assert faiss_index.load(*layout.faiss_paths(index_dir)).ntotal == 40
     assert layout.faiss_generation(index_dir) == store.generation
+
+
+def test_the_top_level_search_stays_a_function(demo_index: Path):
+    """`simsearch.search` is the public one-call API; a subpackage of that name once shadowed it."""
+    import simsearch
+
+    first = simsearch.search(demo_index, 1, 2)
+    again = simsearch.search(demo_index, 1, 2)  # the second call used to find a module there
+    assert [n.id for n in first.neighbours] == [n.id for n in again.neighbours] and len(first.neighbours) == 2
