@@ -19,6 +19,7 @@ import os
 import stat
 import warnings
 import xml.etree.ElementTree as ET
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -142,8 +143,7 @@ def open_image(path: str | os.PathLike | BinaryIO,
     """
     label = name or path
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            warnings.simplefilter("ignore")  # PIL warns about odd EXIF and the like: never the user's business
+        with _quiet(), Image.open(path) as im:
             width, height = im.size
             rotated = im.format in ("JPEG", "MPO", "TIFF", "WEBP") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             full_size = (height, width) if rotated else (width, height)
@@ -169,6 +169,14 @@ def open_image(path: str | os.PathLike | BinaryIO,
     except Exception as e:  # noqa: BLE001 - PIL's plugins raise many types on hostile bytes; all mean "unusable"
         detail = str(e).replace(str(path), str(label)) if isinstance(path, (str, os.PathLike)) else str(e)
         raise BadInputError(f"{label}: cannot decode image ({type(e).__name__}: {detail})") from e
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """PIL warns on stderr about odd EXIF and the like while opening: never the user's business."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
