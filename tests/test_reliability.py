@@ -375,3 +375,15 @@ def test_images_a_killed_build_committed_get_predictions_on_the_rerun(demo_index
     assert report.added == 0
     with Store(index) as store:
         assert store.ids_without_prediction() == []  # ... and still predicts what the killed run left
+
+
+def test_info_says_who_is_writing(small_index: Path):
+    from simsearch.storage.info import describe_index
+    from simsearch.storage.layout import writer_lock
+
+    assert describe_index(small_index)["writer"] is None
+    with writer_lock(small_index, "build-index"):
+        out = subprocess.run([sys.executable, "-m", "simsearch.cli", "info", "--index", str(small_index),
+                              "--format", "table"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and f"writer      build-index pid {os.getpid()}" in out.stdout, out.stdout
+    assert describe_index(small_index)["writer"] is None  # released, and reading did not take it

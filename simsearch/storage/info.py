@@ -22,5 +22,6 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "dim": emb.dim if emb else None,
             "spec": asdict(spec) if spec else None,
             "faiss_up_to_date": layout.faiss_is_current(store),
+            "writer": layout.writer(index_dir),  # who is writing to it now, if anyone
             "skipped_files": store.skipped(),
         }

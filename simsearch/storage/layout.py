@@ -190,6 +190,23 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
+def writer(index_dir: str | os.PathLike) -> str | None:
+    """Who is writing to the index now ("build-index pid 1234"), or None when nobody is.
+
+    Read from the kernel's table of locks (Linux /proc/locks), never by taking the
+    lock: a check that took it, however briefly, could make a starting build fail.
+    """
+    try:
+        info = os.stat(Path(index_dir) / LOCK)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    held = any(parts[1] == "FLOCK" and device in parts for parts in (line.split() for line in table.splitlines())
+               if len(parts) > 5)
+    return holder(index_dir) if held else None
+
+
 def holder(index_dir: str | os.PathLike) -> str:
     """Who holds the lock, as its holder wrote it ("build-index pid 1234")."""
     try:
