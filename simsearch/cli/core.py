@@ -36,7 +36,7 @@ def build_index_command(
         report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune))
     echo_json(asdict(report))
     typer.echo(
-        f"indexed {report.ntotal} images in {index} ({report.index_type}): {report.added} added, "
+        f"indexed {report.ntotal} images in {index} ({report.index_type}, FAISS {report.faiss or 'kept'}): {report.added} added, "
         f"{report.replaced} replaced, {report.unchanged} unchanged, {report.moved} moved, {report.pruned} pruned, "
         f"{len(report.skipped)} skipped; {report.images_per_second:.1f} img/s ({report.precision} on {report.device})",
         err=True,

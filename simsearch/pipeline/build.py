@@ -52,6 +52,7 @@ class BuildReport:
     pruned: int = 0
     skipped: list[dict] = field(default_factory=list)
     index_type: str = ""
+    faiss: str = ""  # how index.faiss came to match: kept, updated (in place) or rebuilt
     ntotal: int = 0
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -112,8 +113,8 @@ def build_index(config: BuildConfig) -> BuildReport:
         skipped = _merged(skipped)
         store.record_skipped(skipped)
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
-        spec = layout.sync_faiss(store, embedder.spec, config.index_type)
-        report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
+        synced = layout.sync_faiss(store, embedder.spec, config.index_type)
+        report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
         predict_missing(store)
     report.seconds = time.perf_counter() - started
     return report
@@ -131,8 +132,8 @@ def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:
         report.pruned = _prune(store, config.data, [])
         log.info("%s is gone: pruned its %d records", config.data, report.pruned)
         if store.count("embeddings"):
-            spec = layout.sync_faiss(store, saved.embedder, config.index_type)
-            report.index_type, report.ntotal = spec.index_type, store.count("embeddings")
+            synced = layout.sync_faiss(store, saved.embedder, config.index_type)
+            report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
     report.seconds = time.perf_counter() - started
     return report
 

@@ -231,24 +231,49 @@ def saved_generation(path: Path, state_path: Path, verify: bool | None = None) -
     return state["generation"]
 
 
-def load(path: Path, state_path: Path, use_gpu: bool = True):
+def load(path: Path, state_path: Path, use_gpu: bool = True, writable: bool = False):
     """Memory-mapped where the index type allows it, so opening a large index is instant.
 
-    Raises IndexDamagedError when faiss cannot read the file or it holds another
-    count of vectors than stamped: the caller rebuilds it from SQLite.
+    `writable`: read into memory instead, so vectors can be added and removed. Raises
+    IndexDamagedError when faiss cannot read the file or it holds another count of
+    vectors than stamped: the caller rebuilds it from SQLite.
     """
     faiss = _faiss()
     state = _state(state_path)
     try:
-        try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        except RuntimeError:
-            index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path)) if writable else _read_mapped(faiss, path)
     except RuntimeError as e:
         raise IndexDamagedError(f"{path} cannot be read ({str(e).splitlines()[0]})") from e
     if state is None or index.ntotal != state["ntotal"]:
         raise IndexDamagedError(f"{path} holds {index.ntotal} vectors, not the {state and state['ntotal']} stamped")
     return _to_gpu(index) if use_gpu else index
+
+
+def _read_mapped(faiss, path: Path):
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:  # index types that cannot be mapped are read into memory
+        return faiss.read_index(str(path))
+
+
+def ids_of(index) -> set[int]:
+    """The ids an IndexIDMap holds (the SQLite record ids)."""
+    faiss = _faiss()
+    return set(faiss.vector_to_array(index.id_map).tolist())
+
+
+def can_remove(index) -> bool:
+    """Whether vectors can be removed in place (HNSW graphs cannot)."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    return not hasattr(inner, "hnsw")
+
+
+def is_trained_on_data(index) -> bool:
+    """Whether the index learnt from its vectors (IVF centroids, PQ codebooks): those age as data grows."""
+    faiss = _faiss()
+    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    return faiss.try_extract_index_ivf(inner) is not None or "PQ" in type(inner).__name__
 
 
 def gpu_count() -> int:

@@ -27,8 +27,11 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from simsearch.errors import BadInputError, IndexBusyError, IndexDamagedError, NotFoundError
 from simsearch.spec import IndexSpec
@@ -100,11 +103,31 @@ def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
         release_writer_lock(lock)
 
 
-def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> IndexSpec:
+# An IVF index is trained once, on the collection as it was; new vectors are added to its lists
+# until the collection has grown this many times over, when its centroids no longer fit and it is
+# retrained. Search breadth is re-tuned after updates that grow the collection by RETUNE_GROWTH.
+RETRAIN_GROWTH = 4.0
+RETUNE_GROWTH = 1.25
+
+
+@dataclass(frozen=True)
+class FaissSync:
+    """What `sync_faiss` did: the spec it saved, and how the FAISS file came to match SQLite."""
+
+    spec: IndexSpec
+    action: str  # "kept" (already current), "updated" (vectors added/removed in place) or "rebuilt"
+    added: int = 0
+    removed: int = 0
+
+
+def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> FaissSync:
     """Make index.faiss hold exactly SQLite's vectors (the writer's side: it holds the lock).
 
-    The file's checksum is read, not assumed: build-index vouches for what it leaves.
-    Search breadth is tuned to the recall target on this very index when it is rebuilt.
+    An incremental run updates the saved index in place (new vectors added, removed ones
+    taken out) instead of rebuilding it from every vector; it is rebuilt when its type
+    changes with the collection's size, when it cannot remove (HNSW), when an IVF has
+    outgrown its training, or when the file is not to be trusted. The file's checksum is
+    read, not assumed: build-index vouches for what it leaves.
     """
     if index_type:
         store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
@@ -113,18 +136,65 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
         raise BadInputError(f"no images could be indexed (see the skipped files: simsearch info --index {store.dir})")
     factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(count, embedder_spec.dim)
     saved = store.spec
-    if faiss_generation(store.dir, verify=True) != store.generation or saved is None or saved.index_type != factory:
+    same_type = saved is not None and saved.index_type == factory
+    on_disk = faiss_generation(store.dir, verify=True)
+    if same_type and on_disk == store.generation:
+        return FaissSync(saved, "kept")
+    update = _updated_in_place(store, factory) if same_type and on_disk is not None else None
+    if update is not None:
+        index, generation, added, removed = update
+        params = faiss_index.SearchParams(saved.nprobe, saved.efsearch)
+        tuned_at = int(store.get_meta("faiss_tuned_count", "0") or 0)
+        if index.ntotal > RETUNE_GROWTH * tuned_at and (params.nprobe or params.efsearch):
+            _, ids, xb = store.vector_snapshot()  # the writer holds the lock: this is `generation`'s vectors
+            params, _ = faiss_index.tune_params(index, xb, ids)
+            store.set_meta("faiss_tuned_count", str(index.ntotal))
+        faiss_index.save(index, *faiss_paths(store.dir), generation)
+        result = FaissSync(saved, "updated", added, removed)
+    else:
         # Generation and vectors from one read transaction: the stamp can only name what the file holds.
         generation, ids, xb = store.vector_snapshot()
         index = faiss_index.build(xb, ids, factory)
         params, _ = faiss_index.tune_params(index, xb, ids)
         faiss_index.save(index, *faiss_paths(store.dir), generation)
-    else:
-        params = faiss_index.SearchParams(saved.nprobe, saved.efsearch)
+        store.set_meta("faiss_trained_count", str(len(ids)))
+        store.set_meta("faiss_tuned_count", str(len(ids)))
+        result = FaissSync(saved, "rebuilt", len(ids), 0)
     spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)
     if saved != spec:
         store.save_spec(spec)
-    return spec
+    return FaissSync(spec, result.action, result.added, result.removed)
+
+
+def _updated_in_place(store: "Store", factory: str):
+    """(index, generation, added, removed): the saved index brought up to SQLite's ids, or None to rebuild."""
+    generation, ids = store.id_snapshot()
+    try:
+        index = faiss_index.load(*faiss_paths(store.dir), use_gpu=False, writable=True)
+    except IndexDamagedError as e:
+        log.warning("%s; rebuilding it", e)
+        return None
+    held = faiss_index.ids_of(index)
+    wanted = set(ids.tolist())
+    removed = sorted(held - wanted)
+    added = sorted(wanted - held)
+    if removed and not faiss_index.can_remove(index):
+        log.info("%s cannot remove vectors: rebuilding instead", factory)
+        return None
+    trained = int(store.get_meta("faiss_trained_count", "0") or 0)
+    if faiss_index.is_trained_on_data(index) and len(ids) > RETRAIN_GROWTH * max(trained, 1):
+        log.info("%s was trained on %d vectors and the index now holds %d: retraining", factory, trained, len(ids))
+        return None
+    if removed:
+        index.remove_ids(np.asarray(removed, dtype=np.int64))
+    if added:
+        new_ids, xb = store.vectors(added)
+        index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), new_ids)
+    if faiss_index.ids_of(index) != wanted:  # never save an index that does not hold exactly SQLite's ids
+        log.warning("in-place update of %s left other ids than SQLite's: rebuilding", factory)
+        return None
+    log.info("updated %s in place: %d added, %d removed", factory, len(added), len(removed))
+    return index, generation, len(added), len(removed)
 
 
 def faiss_is_current(store: "Store") -> bool:

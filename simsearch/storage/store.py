@@ -359,6 +359,14 @@ class Store:
             ids, xb = self.vectors()
         return generation, ids, xb
 
+    def id_snapshot(self) -> tuple[int, np.ndarray]:
+        """(generation, ids with a vector) read in one transaction."""
+        with self._read_transaction():
+            generation = self.generation
+            ids = np.fromiter((r[0] for r in self.db.execute("SELECT image_id FROM embeddings ORDER BY image_id")),
+                              dtype=np.int64)
+        return generation, ids
+
     @contextmanager
     def _read_transaction(self) -> Iterator[None]:
         conn = self.db.conn
