@@ -125,13 +125,6 @@ class Searcher:
         image = open_image(path, draft=self.spec.embedder.preprocess.input_size, max_pixels=self.max_pixels)
         return self.vector_of_image(image)
 
-    def vector_of_record(self, image_id: int) -> np.ndarray:
-        """(1, D) stored vector of a record."""
-        ids, xq = self.store.vectors([int(image_id)])
-        if not len(ids):
-            self.store.image(image_id)  # NotFoundError with its hint when the id is unknown
-        return xq
-
     # ------------------------------------------------------------ searching
 
     def knn(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

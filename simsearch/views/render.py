@@ -19,7 +19,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from simsearch.errors import SimsearchError
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
 from simsearch.records import GroundTruthObject, Prediction, Record
 from simsearch.storage import layout
@@ -172,7 +171,7 @@ class Renderer:
         """The whole image, longest side `size` (JPEGs decode at a reduced scale that still covers it)."""
         key = record.sha256[:16]
         return self._cached(f"{record.id}-thumb{self.size}-{key}.jpg",
-                            lambda: thumbnail(self._open(record, self._thumb_draft), self.size))
+                            lambda: thumbnail(self.open(record, self._thumb_draft), self.size))
 
     def crop(self, record: Record, box: Box | None = None) -> bytes:
         """A box of the record (by default `record_box`), longest side `size`."""
@@ -180,15 +179,12 @@ class Renderer:
         coords = f"{record.sha256}:{box.xmin:.1f},{box.ymin:.1f},{box.xmax:.1f},{box.ymax:.1f}"
         key = hashlib.sha1(coords.encode()).hexdigest()[:16]
         return self._cached(f"{record.id}-crop{self.size}-{key}.jpg",
-                            lambda: thumbnail(crop(self._open(record), box), self.size))
+                            lambda: thumbnail(crop(self.open(record), box), self.size))
 
-    def _open(self, record: Record, draft=None) -> Image.Image:
+    def open(self, record: Record, draft=None) -> Image.Image:
         """The record's file under the pixel limit; messages name the record and file, not its folder."""
-        try:
-            return open_image(record.path, draft=draft, max_pixels=self.max_pixels,
-                              name=f"record {record.id} ({Path(record.path).name})")
-        except SimsearchError as e:
-            raise type(e)(str(e).replace(record.path, Path(record.path).name)) from None
+        return open_image(record.path, draft=draft, max_pixels=self.max_pixels,
+                          name=f"record {record.id} ({Path(record.path).name})")
 
     def _thumb_draft(self, width: int, height: int) -> tuple[int, int]:
         scale = self.size / max(width, height, 1)

@@ -133,23 +133,19 @@ class Browser:
 
     def image_file(self, image_id: int) -> Path:
         """The record's own file: the only way a path reaches the client's response."""
-        path = Path(self._record(image_id).path)
-        if not path.is_file():
-            raise NotFoundError(f"record {image_id}: its file {path.name} is gone; rebuild with --prune")
-        return path
+        return _existing_file(self._record(image_id))
 
     def overlay_jpeg(self, image_id: int) -> bytes:
         record = self._record(image_id)
-        path = self.image_file(image_id)
         with self._decode_slots:
-            image = self._open_record_file(record, path, draft=_region_draft)
+            image = self._open_record_file(record, draft=_region_draft)
             return jpeg_bytes(overlay(image, record.objects, record.prediction))
 
-    def _open_record_file(self, record: Record, path: Path, draft=None) -> Image.Image:
-        """An index file decoded under the pixel limit; messages name the record, not the file's folder."""
+    def _open_record_file(self, record: Record, draft=None) -> Image.Image:
+        """An index file decoded under the pixel limit (by the renderer, which names the record in messages)."""
+        _existing_file(record)
         try:
-            return open_image(path, draft=draft, max_pixels=self.config.max_pixels,
-                              name=f"record {record.id} ({path.name})")
+            return self.renderer.open(record, draft)
         except ImageTooLargeError as e:
             raise ImageTooLargeError(_too_large(e, "serve --max-pixels is below this index's images")) from None
 
@@ -168,15 +164,14 @@ class Browser:
     def search_id(self, image_id: int, k: int, label: str | None = None, box: str | None = None) -> dict:
         """Neighbours of a record, or of a region of it when `box` is given."""
         k = self._k(k)
-        record = self._record(image_id)
-        query = {"id": image_id, "path_name": Path(record.path).name, "width": record.width, "height": record.height}
         if not box:
             with self._lock:
-                neighbours = self._fresh().search(image_id, k, label).neighbours
-            return {"query": query, "neighbours": [self._public(n) for n in neighbours]}
-        path = self.image_file(image_id)
+                result = self._fresh().search(image_id, k, label)
+            return {"query": _query_of(result.record), "neighbours": [self._public(n) for n in result.neighbours]}
+        record = self._record(image_id)
+        query = _query_of(record)
         with self._decode_slots:
-            image = self._open_record_file(record, path, draft=_region_draft)
+            image = self._open_record_file(record, draft=_region_draft)
             region, image = _crop_region(image, box)
             query["box"] = list(region)
             xq = self._embed(image)
@@ -272,6 +267,18 @@ def _too_large(error: ImageTooLargeError, advice: str) -> str:
     """open_image's message for the client: 'image too large: NAME: WxH pixels ... limit ...; ADVICE'."""
     message = str(error).split("; pass --max-pixels", 1)[0]  # that advice is for whoever runs the server
     return f"image too large: {message}; {advice}"
+
+
+def _existing_file(record: Record) -> Path:
+    path = Path(record.path)
+    if not path.is_file():
+        raise NotFoundError(f"record {record.id}: its file {path.name} is gone; rebuild with --prune")
+    return path
+
+
+def _query_of(record: Record) -> dict:
+    """What the client sees of a query record."""
+    return {"id": record.id, "path_name": Path(record.path).name, "width": record.width, "height": record.height}
 
 
 def _region_draft(width: int, height: int) -> tuple[int, int]:
