@@ -188,7 +188,7 @@ def _plan(store: Store, known: dict[str, tuple[int, str, int, int]], records: li
             store.touch(str(record.path), stat.st_size, stat.st_mtime_ns)
             plan.unchanged += 1
             continue
-        if entry is None:
+        if entry is None and known:  # a first build has no records that could have moved
             gone = [i for path, i in store.paths_with_sha256(sha).items() if not os.path.exists(path)]
             if gone:
                 row = store.image(gone[0])
