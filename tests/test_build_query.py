@@ -222,3 +222,21 @@ def test_the_top_level_search_stays_a_function(demo_index: Path):
     first = simsearch.search(demo_index, 1, 2)
     again = simsearch.search(demo_index, 1, 2)  # the second call used to find a module there
     assert [n.id for n in first.neighbours] == [n.id for n in again.neighbours] and len(first.neighbours) == 2
+
+
+def test_padding_a_shape_group_changes_no_vector(lite0):
+    """CUDA runs each shape group padded to a power of two; the padding must not leak into vectors."""
+    import torch
+
+    from simsearch.pipeline.embed import Embedder
+
+    torch.manual_seed(0)
+    images = [torch.randn(3, 192, 256) for _ in range(3)] + [torch.randn(3, 224, 224) for _ in range(2)]
+    ragged = lite0.embed_batch(images)
+    padded_embedder = Embedder.__new__(Embedder)
+    padded_embedder.__dict__.update(lite0.__dict__)
+    padded_embedder._padded_size = lambda n: 8  # what CUDA does, forced here on the CPU
+    padded = padded_embedder.embed_batch(images)
+    assert padded.vectors.shape == ragged.vectors.shape and padded.maps.shape == ragged.maps.shape
+    assert ((padded.vectors * ragged.vectors).sum(axis=1) > 0.9999).all()
+    assert abs(padded.maps.astype("float32") - ragged.maps.astype("float32")).max() < 1e-2
