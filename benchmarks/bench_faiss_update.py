@@ -32,13 +32,13 @@ def _add(store, xb: np.ndarray, start: int) -> list[int]:
         part = xb[chunk:chunk + 5000]
         ids += store.add_images([
             NewImage(ImageRecord(Path(f"/bench/{start + chunk + i:08d}.jpg"), "folder", "bench"),
-                     f"{start + chunk + i:064x}", 1, 1, 8, 8, v, np.zeros((1, 1, 1), np.float16))
+                     f"{start + chunk + i:064x}", 1, 1, 8, 8, v)
             for i, v in enumerate(part)])
     return ids
 
 
 def measure(n: int, factory: str, seed: int = 0) -> list[dict]:
-    from simsearch.spec import EmbedderSpec
+    from simsearch.spec import EmbedderSpec, IndexSpec
     from simsearch.storage import layout
     from simsearch.storage.store import Store
 
@@ -48,6 +48,7 @@ def measure(n: int, factory: str, seed: int = 0) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "idx", create=True) as store:
         progress(f"{factory}: {n} records")
+        store.save_spec(IndexSpec(spec, index_type=None))
         ids = _add(store, xb[:n], 0)
         started = time.perf_counter()
         layout.sync_faiss(store, spec, factory)

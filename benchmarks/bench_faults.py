@@ -215,6 +215,32 @@ def _alive(pid: int) -> bool:
 
 # ---------------------------------------------------------------- the consistency check
 
+def _shard_problems(conn, index_dir: Path) -> list[str]:
+    """Every position points inside a committed row of an existing shard file, and no two share a row."""
+    problems = []
+    committed = {(k, sh): n for k, sh, n in conn.execute("SELECT kind, shard, rows FROM shards")}
+    row = conn.execute("SELECT value FROM meta WHERE key='spec'").fetchone()
+    if row is None:
+        return []  # reported by the caller
+    spec = json.loads(row[0])
+    dim = spec["embedder"]["dim"]
+    c, h, w = spec["embedder"]["feature_shape"]
+    for kind, table, row_bytes in (("vec", "embeddings", dim * 2), ("map", "feature_maps", c * h * w * 2)):
+        seen = set()
+        for image_id, shard, row in conn.execute(f"SELECT image_id, shard, row FROM {table}"):
+            path = index_dir / "shards" / f"{kind}-{shard:06d}.f16"
+            if (shard, row) in seen:
+                problems.append(f"{table}: two records at {kind} shard {shard} row {row}")
+            seen.add((shard, row))
+            if row >= committed.get((kind, shard), 0):
+                problems.append(f"{table}: record {image_id} points past the committed rows of {path.name}")
+            elif not path.exists() or path.stat().st_size < (row + 1) * row_bytes:
+                problems.append(f"{table}: record {image_id}'s row is missing from {path.name}")
+        if len(problems) > 5:
+            break
+    return problems[:5]
+
+
 def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
                 need_predictions: bool = False) -> dict:
     """Everything a finished index must satisfy; `problems` is empty when it does.
@@ -250,11 +276,17 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
             problems.append(f"{len(paths) - len(set(paths))} duplicate paths")
         shas = [r[2] for r in rows]
         out["duplicate_sha256"] = len(shas) - len(set(shas))
-        for table in ("embeddings", "feature_maps"):
-            got = sorted(r[0] for r in conn.execute(f"SELECT image_id FROM {table}"))
-            if got != ids:
-                problems.append(f"{table}: {len(got)} rows for {len(ids)} images"
-                                + ("" if len(got) != len(ids) else " (different ids)"))
+        got = sorted(r[0] for r in conn.execute("SELECT image_id FROM embeddings"))
+        if got != ids:
+            problems.append(f"embeddings: {len(got)} rows for {len(ids)} images"
+                            + ("" if len(got) != len(ids) else " (different ids)"))
+        # Maps are kept for every record with boxes (and may be for others), never for a missing record.
+        mapped = {r[0] for r in conn.execute("SELECT image_id FROM feature_maps")}
+        boxed = {r[0] for r in conn.execute("SELECT DISTINCT image_id FROM objects")}
+        if mapped - set(ids) or boxed - mapped:
+            problems.append(f"feature_maps: {len(mapped - set(ids))} for missing images, "
+                            f"{len(boxed - mapped)} records with boxes lack one")
+        problems += _shard_problems(conn, index_dir)
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         spec = json.loads(meta["spec"]) if "spec" in meta else None
         if spec is None or spec.get("index_type") in (None, "pending"):

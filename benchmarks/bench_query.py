@@ -76,14 +76,13 @@ def make_library_index(n: int, factory: str | None = None, seed: int = 0) -> Pat
     store = Store(index_dir, create=True)
     store.save_spec(IndexSpec(spec, index_type=None))
     xb, _ = clustered(n, spec.dim, seed, clusters=200)
-    tiny_map = np.zeros((1, 1, 1), dtype=np.float16)  # maps are not read by queries; keep the file small
     labels = ["person", "car", "dog", "chair", "cat"]
     for start in range(0, n, 2000):
         items = []
         for i in range(start, min(n, start + 2000)):
             record = ImageRecord(Path(f"/synthetic/{i:07d}.jpg"), "voc", "synthetic", "train",
                                  [GroundTruthObject(labels[i % 5], 10, 20, 110, 220)])
-            items.append(NewImage(record, f"{i:064x}", 1000, 0, 500, 375, xb[i], tiny_map))
+            items.append(NewImage(record, f"{i:064x}", 1000, 0, 500, 375, xb[i]))
         store.add_images(items)
     sync_faiss(store, spec, factory)
     store.close()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from simsearch.records import ImageRecord
-from simsearch.spec import EmbedderSpec
+from simsearch.spec import EmbedderSpec, IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import NewImage, Store
 from vectors import clustered_vectors
@@ -21,8 +21,10 @@ SPEC = EmbedderSpec("synthetic", "none", "0" * 64, DIM, (1, 1, 1))
 
 
 def _add(store: Store, vectors: np.ndarray, start: int) -> list[int]:
+    if store.spec is None:  # the store shapes its vector shards by the spec, as a build does
+        store.save_spec(IndexSpec(SPEC, index_type=None))
     items = [NewImage(ImageRecord(Path(f"/synthetic/{start + i:06d}.jpg"), "folder", "synthetic"), f"{start + i:064x}",
-                      1, 1, 8, 8, v, np.zeros((1, 1, 1), np.float16)) for i, v in enumerate(vectors)]
+                      1, 1, 8, 8, v) for i, v in enumerate(vectors)]
     return store.add_images(items)
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from simsearch.pipeline.build import BuildConfig, build_index
 from simsearch.pipeline.embed import EmbedConfig
 from simsearch.errors import BadInputError, IndexBusyError, NotFoundError
+import simsearch.pipeline.build as build_module
 from simsearch.storage.store import Store
 
 CONFIG = EmbedConfig("efficientnet-lite0", device="cpu", workers=0, quiet=True)
@@ -229,7 +230,7 @@ def test_faiss_is_stamped_with_the_generation_of_the_vectors_it_holds(tmp_path: 
         def build_while_another_writer_commits(xb_, ids_, factory, *a, **k):
             with Store(index) as other:  # commits between the vector read and the stamp
                 record = ImageRecord(tmp_path / "late.jpg", "folder", "data")
-                other.add_images([NewImage(record, "f" * 64, 1, 1, 96, 72, xb[0], np.zeros((1, 1, 1), np.float16))])
+                other.add_images([NewImage(record, "f" * 64, 1, 1, 96, 72, xb[0])])
             return real_build(xb_, ids_, factory, *a, **k)
 
         (index / "index.state.json").unlink()  # force a rebuild
@@ -337,8 +338,10 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_pa
         "import os, signal, sys, time\n"
         "from simsearch.storage.layout import writer_lock\n"
         f"with writer_lock({str(tmp_path)!r}, 'build-index'):\n"
-        "    if os.fork() == 0:\n"
-        "        time.sleep(30); os._exit(0)\n"  # the orphaned worker outlives its parent
+        "    r, w = os.pipe()\n"
+        "    if os.fork() == 0:\n"  # the child's at-fork handlers have run once fork returns in it
+        "        os.write(w, b'x'); time.sleep(30); os._exit(0)\n"  # the orphaned worker outlives its parent
+        "    os.read(r, 1)\n"  # under load the child may not have run yet: wait until it has
         "    print('locked', flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -349,7 +352,10 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_pa
     os.close(lock)
 
 
-def test_images_a_killed_build_committed_get_predictions_on_the_rerun(demo_index: Path, tmp_path: Path):
+def test_predictions_come_with_the_records_and_late_heads_predict_from_the_files(demo_index: Path, tmp_path: Path):
+    """A build with a head commits each image's prediction in its own transaction (no map kept for
+    photos without boxes); images committed before the head arrived are predicted on the next run
+    from their files, since their maps were not kept."""
     import shutil
 
     from simsearch.localizer.predict import localize
@@ -359,22 +365,30 @@ def test_images_a_killed_build_committed_get_predictions_on_the_rerun(demo_index
     shutil.copytree(demo_index, index)
     train(TrainConfig(index_dir=index, epochs=2, val_fraction=0.4, quiet=True))
     localize(index)
+    head, away = index / "localizer.pt", tmp_path / "localizer.pt"
+    head.rename(away)  # images committed while the index has no head ...
+    late = tmp_path / "late"
+    _photos(late, 4)
+    _build(late, index)
+    away.rename(head)
+    with Store(index) as store:
+        waiting = store.ids_without_prediction()
+        assert len(waiting) == 4 and store.ids_with_feature_map(waiting) == set()
+    report = _build(late, index)  # ... are predicted on the re-run, which embeds nothing new
+    assert report.added == 0
+    with Store(index) as store:
+        assert store.ids_without_prediction() == []
     data = tmp_path / "more"
     _photos(data, 6)
-    import simsearch.pipeline.build as build_module
-
     real = build_module.predict_missing
-    build_module.predict_missing = lambda store: 0  # the kill: predictions never written
+    build_module.predict_missing = lambda store: 0  # not needed: the batch carried its predictions
     try:
         _build(data, index)
     finally:
         build_module.predict_missing = real
     with Store(index) as store:
-        assert len(store.ids_without_prediction()) == 6
-    report = _build(data, index)  # the re-run embeds nothing new ...
-    assert report.added == 0
-    with Store(index) as store:
-        assert store.ids_without_prediction() == []  # ... and still predicts what the killed run left
+        assert store.ids_without_prediction() == []
+        assert store.ids_with_feature_map(store.ids()) == set(store.ids_with_objects())
 
 
 def test_info_says_who_is_writing(small_index: Path):

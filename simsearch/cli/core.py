@@ -23,6 +23,7 @@ def build_index_command(
     workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes; -1 = one per spare core."),
     index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
     prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone (all of them when DATA itself is gone)."),
+    keep_maps: bool = typer.Option(False, "--keep-maps", help="Keep every image's feature map (125-200 KB each), not only those of images with boxes, so a localizer trained later predicts without reading the images again."),
     max_pixels: int = MAX_PIXELS_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -33,7 +34,8 @@ def build_index_command(
     with reported():
         embed = EmbedConfig(model=model, weights=weights, device=device, precision=precision, batch_size=batch_size,
                             workers=workers, quiet=quiet, max_pixels=max_pixels * 1_000_000)
-        report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune))
+        report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune,
+                                         keep_maps=keep_maps))
     echo_json(asdict(report))
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}, FAISS {report.faiss or 'kept'}): {report.added} added, "

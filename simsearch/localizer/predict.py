@@ -8,8 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from simsearch.errors import NotFoundError
 from simsearch.localizer.head import Localizer
+from simsearch.pipeline.embed import EmbedConfig, Embedder, iter_file_batches, load_backbone_for
 from simsearch.records import Prediction
 from simsearch.storage.store import Store
 from simsearch.storage.layout import writer_lock
@@ -36,18 +39,53 @@ def open_localizer(store: Store, head_dir: str | os.PathLike | None = None, devi
     return localizer
 
 
+def predictions_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequence[tuple[int, int]]
+                          ) -> list[Prediction]:
+    """One prediction per map, its box in pixels of the original image of the (width, height) given."""
+    labels, scores, boxes = localizer.predict_maps(maps)
+    return [Prediction(localizer.spec.classes[int(label)], float(score), float(box[0] * w), float(box[1] * h),
+                       float(box[2] * w), float(box[3] * h), localizer.spec.version)
+            for label, score, box, (w, h) in zip(labels, scores, boxes, sizes)]
+
+
 def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chunk: int = 2048
                     ) -> dict[int, Prediction]:
-    """Predictions for records `ids`, with boxes in pixels of each original image."""
+    """Predictions for records `ids`, with boxes in pixels of each original image.
+
+    Kept maps are read from the store; records whose map was not kept get it from the
+    backbone again (their files are read once more); a record whose file is gone by
+    then is left without a prediction, and said so in the log.
+    """
     out: dict[int, Prediction] = {}
-    for start in range(0, len(ids), chunk):
-        part = [int(i) for i in ids[start:start + chunk]]
+    kept = store.ids_with_feature_map(ids)
+    stored = [int(i) for i in ids if int(i) in kept]
+    for start in range(0, len(stored), chunk):
+        part = stored[start:start + chunk]
         sizes = store.sizes(part)
-        labels, scores, boxes = localizer.predict_maps(store.feature_maps(part))
-        for i, label, score, box in zip(part, labels, scores, boxes):
-            w, h = sizes[i]
-            out[i] = Prediction(localizer.spec.classes[int(label)], float(score), float(box[0] * w),
-                                float(box[1] * h), float(box[2] * w), float(box[3] * h), localizer.spec.version)
+        out.update(zip(part, predictions_from_maps(localizer, store.feature_maps(part), [sizes[i] for i in part])))
+    again = [int(i) for i in ids if int(i) not in kept]
+    if again:
+        out.update(_predict_from_files(store, localizer, again))
+    return out
+
+
+def _predict_from_files(store: Store, localizer: Localizer, ids: list[int]) -> dict[int, Prediction]:
+    spec = store.spec
+    if spec is None:
+        raise NotFoundError(f"{store.dir}: index has no spec; rebuild it")
+    log.info("embedding %d images again for their feature maps (not kept: build with --keep-maps to keep them)",
+             len(ids))
+    embedder = Embedder(load_backbone_for(spec.embedder, None, store.get_meta("weights_path")))
+    records = store.records(ids)
+    order = [i for i in ids if i in records]
+    out: dict[int, Prediction] = {}
+    for batch in iter_file_batches([records[i].path for i in order], embedder, EmbedConfig(quiet=True)):
+        for position, reason in batch.failures:
+            log.warning("%s: cannot predict (%s)", records[order[position]].path, reason)
+        if batch.embedded is None:
+            continue
+        part = [order[position] for position in batch.indices]
+        out.update(zip(part, predictions_from_maps(localizer, batch.embedded.maps, batch.sizes)))
     return out
 
 
@@ -57,7 +95,7 @@ def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = 
     started = time.perf_counter()
     with writer_lock(index_dir, "localize"), Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
-        predictions = predict_records(store, localizer, store.ids_with_feature_maps() if ids is None else ids)
+        predictions = predict_records(store, localizer, store.ids() if ids is None else ids)
         store.write_predictions(predictions)
     return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started)
 

@@ -1,8 +1,9 @@
 """The build pipeline: read -> embed -> store, batch by batch, then sync the FAISS index.
 
-Incremental and crash-safe by construction: each embedded batch is one SQLite
-transaction (records, boxes, vectors together), and FAISS is rebuilt from SQLite
-whenever its stamp says it is stale. Killing the process at any moment loses at
+Incremental and crash-safe by construction: each embedded batch's vectors go to
+shard files first, then one SQLite transaction commits its records, boxes,
+predictions and the positions of its vectors together; FAISS is updated from the
+store whenever its stamp says it is stale. Killing the process at any moment loses at
 most the batch in flight; running again finishes the job with no duplicates.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ from simsearch.storage import layout
 from simsearch.pipeline.embed import EmbedConfig, embedder_from_config, iter_file_batches
 from simsearch.errors import NotFoundError
 from simsearch.pipeline.read import file_sha256, fit_objects, scan
-from simsearch.localizer.predict import predict_missing
+from simsearch.localizer.head import Localizer
+from simsearch.localizer.predict import open_localizer, predict_missing, predictions_from_maps
 from simsearch.records import ImageRecord, Skipped
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.storage.store import NewImage, Store
@@ -37,6 +39,9 @@ class BuildConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index_type: str | None = None  # faiss factory string; None: chosen by size
     prune: bool = False  # drop records under `data` whose files are gone
+    # Feature maps (125-200 KB an image) are kept for records with boxes, which the localizer trains
+    # on; True keeps every record's, so that a new head predicts without reading the images again.
+    keep_maps: bool = False
 
 
 @dataclass
@@ -77,6 +82,10 @@ def build_index(config: BuildConfig) -> BuildReport:
             check_compatible(saved.embedder, embedder.spec, f"index {config.index_dir}")
         else:  # claim the index for this embedder before the first vector lands
             store.save_spec(IndexSpec(embedder.spec, index_type=None))
+        if store.upgrade_layout():
+            log.info("%s: vectors moved out of SQLite into %s", config.index_dir, layout.SHARDS)
+        store.clean_shards()  # rows a killed build wrote but never committed
+        localizer = open_localizer(store) if Localizer.exists(store.dir) else None
         if config.embed.weights and Path(config.embed.weights).is_file():
             store.set_meta("weights_path", str(Path(config.embed.weights).resolve()))  # for query-by-image
         known = store.known_files()
@@ -95,14 +104,17 @@ def build_index(config: BuildConfig) -> BuildReport:
                 skipped += [Skipped(todo[i][0].path, reason) for i, reason in batch.failures]
                 if batch.embedded is None:
                     continue
+                predictions = (predictions_from_maps(localizer, batch.embedded.maps, batch.sizes) if localizer
+                               else [None] * len(batch.indices))
                 items = []
                 for row, i in enumerate(batch.indices):
                     record, (sha, size, mtime) = todo[i]
                     width, height = batch.sizes[row]
                     record, problems = _fitted(record, width, height)
                     skipped += problems
-                    items.append(NewImage(record, sha, size, mtime, width, height,
-                                          batch.embedded.vectors[row], batch.embedded.maps[row]))
+                    keep = config.keep_maps or bool(record.objects)
+                    items.append(NewImage(record, sha, size, mtime, width, height, batch.embedded.vectors[row],
+                                          batch.embedded.maps[row] if keep else None, predictions[row]))
                 report.replaced += sum(str(it.record.path) in known for it in items)
                 new_ids += store.add_images(items)
         embedded = len(new_ids)
@@ -110,6 +122,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.images_per_second = embedded / max(time.perf_counter() - embed_started, 1e-9) if embedded else 0.0
         if config.prune:
             report.pruned = _prune(store, config.data, result.records)
+        _compact(store)
         skipped = _merged(skipped)
         store.record_skipped(skipped)
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
@@ -130,12 +143,19 @@ def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:
         if saved is None or not store.finished:
             raise NotFoundError(f"{config.data}: no such folder (and the index was never finished)")
         report.pruned = _prune(store, config.data, [])
+        _compact(store)
         log.info("%s is gone: pruned its %d records", config.data, report.pruned)
         if store.count("embeddings"):
             synced = layout.sync_faiss(store, saved.embedder, config.index_type)
             report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _compact(store: Store) -> None:
+    """Rewrite shards once removed and replaced records hold half their rows (bounded dead space)."""
+    for kind in ("vec", "map"):
+        store.compact(kind)
 
 
 def _fitted(record: ImageRecord, width: int, height: int) -> tuple[ImageRecord, list[Skipped]]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from pathlib import Path
 
 from simsearch.storage import layout
 from simsearch.storage.store import Store
@@ -23,5 +24,21 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "spec": asdict(spec) if spec else None,
             "faiss_up_to_date": layout.faiss_is_current(store),
             "writer": layout.writer(index_dir),  # who is writing to it now, if anyone
+            "disk": _disk(Path(index_dir), summary["images"]),
             "skipped_files": store.skipped(),
         }
+
+
+def _disk(index_dir: Path, images: int) -> dict:
+    """Bytes on disk by part, and per image without thumbnails (which are made on demand)."""
+    parts = {"sqlite": 0, "shards": 0, "faiss": 0, "thumbs": 0}
+    for path in index_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        top = path.relative_to(index_dir).parts[0]
+        part = ("thumbs" if top == layout.THUMBS else "shards" if top == layout.SHARDS
+                else "sqlite" if top.startswith(layout.DB) else "faiss" if top.startswith("index.") else None)
+        if part:
+            parts[part] += path.stat().st_size
+    parts["per_image_without_thumbs"] = (sum(parts.values()) - parts["thumbs"]) // images if images else 0
+    return parts

@@ -51,6 +51,7 @@ HEAD = "localizer.pt"
 LEGACY_HEAD_SPEC = "localizer.json"  # the head's spec before it moved into HEAD
 LOCK = "write.lock"
 THUMBS = "thumbs"
+SHARDS = "shards"  # vector and map rows (storage/shards.py)
 
 
 def faiss_paths(index_dir: str | os.PathLike) -> tuple[Path, Path]:

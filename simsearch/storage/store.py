@@ -1,10 +1,19 @@
-"""The store: one SQLite file per index holds records, boxes, vectors, maps, predictions and the spec.
+"""The store: SQLite holds records, boxes, predictions and the spec; shard files hold vectors and maps.
 
 Every read and write of the database is a method here; no other module writes SQL.
-Vectors live in SQLite beside their records and are written in the same
-transaction, so a killed build can never leave a record without its vector or the
-reverse; the FAISS file is derived from them and stamped with the `generation` it
-reflects, so a stale FAISS file is detected and rebuilt rather than trusted.
+A vector (float16) and, where something needs it, a feature map live in append-only
+shard files (`shards.py`); SQLite holds each record's (shard, row). The rows are
+on disk before the transaction that points at them commits, and that transaction
+writes the record, its boxes, its positions and the shards' committed row counts
+together, so a killed build can never leave a record without its vector or the
+reverse. The FAISS file is derived from the vectors and stamped with the
+`generation` it reflects, so a stale FAISS file is detected and rebuilt rather
+than trusted.
+
+Feature maps (~98% of a record's bytes when they lived in SQLite) are kept for
+records with ground-truth boxes (the localizer trains on them), or for every record
+when a build asks for it; others get their map again from the backbone when a head
+needs it (`localizer.predict`).
 
 Why a raw connection under sqlite-utils: crash safety rests on explicit
 `BEGIN IMMEDIATE ... COMMIT` transactions of our own that span several tables
@@ -30,11 +39,25 @@ from simsearch.errors import IndexDamagedError, NotFoundError
 from simsearch.records import GroundTruthObject, ImageRecord, Prediction, Record, Skipped
 from simsearch.spec import IndexSpec
 from simsearch.storage import layout
+from simsearch.storage.shards import ShardFiles
 
 log = logging.getLogger(__name__)
 
 
-SCHEMA = """
+POSITION_TABLES = """
+CREATE TABLE IF NOT EXISTS embeddings (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    shard INTEGER NOT NULL,  -- the vector: float16, L2-normalised, row `row` of shards/vec-SHARD.f16
+    row INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS feature_maps (
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    shard INTEGER NOT NULL,  -- float16, shape spec.embedder.feature_shape, in shards/map-SHARD.f16
+    row INTEGER NOT NULL
+);
+"""
+
+SCHEMA = POSITION_TABLES + """
 CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is also the FAISS id
     path TEXT NOT NULL UNIQUE,
@@ -59,13 +82,11 @@ CREATE TABLE IF NOT EXISTS objects (
 );
 CREATE INDEX IF NOT EXISTS objects_image ON objects(image_id);
 CREATE INDEX IF NOT EXISTS objects_label ON objects(label);
-CREATE TABLE IF NOT EXISTS embeddings (
-    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
-    vector BLOB NOT NULL  -- float32, L2-normalised
-);
-CREATE TABLE IF NOT EXISTS feature_maps (
-    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
-    data BLOB NOT NULL  -- float16, shape spec.embedder.feature_shape
+CREATE TABLE IF NOT EXISTS shards (
+    kind TEXT NOT NULL,  -- vec | map
+    shard INTEGER NOT NULL,
+    rows INTEGER NOT NULL,  -- rows committed; anything past them in the file was never pointed at
+    PRIMARY KEY (kind, shard)
 );
 CREATE TABLE IF NOT EXISTS skipped (
     path TEXT PRIMARY KEY,
@@ -94,7 +115,8 @@ class NewImage:
     width: int
     height: int
     vector: np.ndarray  # (D,) float32
-    feature_map: np.ndarray  # (C, H, W) float16
+    feature_map: np.ndarray | None = None  # (C, H, W); None: not kept (see the module docstring)
+    prediction: Prediction | None = None  # the localizer's, when the index has a head: committed with the record
 
 
 def _now() -> str:
@@ -174,6 +196,9 @@ class Store:
             self.db = sqlite_utils.Database(conn)
             self._columns: list[str] | None = None
             self._has_predictions = self._ensure_predictions_table()
+            # Indexes made before vectors left SQLite keep them as blobs until a build upgrades them.
+            self.legacy = "vector" in self.db["embeddings"].columns_dict
+            self._shards: dict[str, ShardFiles] = {}
         except BaseException:
             conn.close()
             raise
@@ -261,10 +286,21 @@ class Store:
         return {path: (i, sha, size, mtime) for path, i, sha, size, mtime in rows}
 
     def add_images(self, items: Sequence[NewImage]) -> list[int]:
-        """Insert (or replace, by path) a batch of embedded images in one transaction."""
+        """Insert (or replace, by path) a batch of embedded images in one transaction.
+
+        Their vectors and kept maps are written to shard files first; the transaction
+        then points at them, so a kill before it commits leaves only unreferenced rows.
+        """
+        if not items:
+            return []
+        self._refuse_legacy_write()
+        vec_rows = self._append("vec", np.stack([np.asarray(it.vector) for it in items]))
+        kept = [k for k, it in enumerate(items) if it.feature_map is not None]
+        map_rows = self._append("map", np.stack([items[k].feature_map for k in kept])) if kept else []
+        map_of = dict(zip(kept, map_rows))
         ids: list[int] = []
         with self.transaction() as conn:
-            for item in items:
+            for k, item in enumerate(items):
                 path = str(item.record.path)
                 conn.execute("DELETE FROM images WHERE path = ?", [path])  # a changed file: replace it whole
                 cur = conn.execute(
@@ -276,13 +312,150 @@ class Store:
                 image_id = int(cur.lastrowid)
                 ids.append(image_id)
                 self._insert_objects(conn, image_id, item.record.objects)
-                conn.execute("INSERT INTO embeddings(image_id, vector) VALUES (?, ?)",
-                             [image_id, np.ascontiguousarray(item.vector, dtype=np.float32).tobytes()])
-                conn.execute("INSERT INTO feature_maps(image_id, data) VALUES (?, ?)",
-                             [image_id, np.ascontiguousarray(item.feature_map, dtype=np.float16).tobytes()])
+                conn.execute("INSERT INTO embeddings(image_id, shard, row) VALUES (?, ?, ?)",
+                             [image_id, *vec_rows[k]])
+                if k in map_of:
+                    conn.execute("INSERT INTO feature_maps(image_id, shard, row) VALUES (?, ?, ?)",
+                                 [image_id, *map_of[k]])
+                if item.prediction is not None:
+                    p = item.prediction
+                    conn.execute("INSERT INTO predictions(image_id, label, score, xmin, ymin, xmax, ymax, "
+                                 "head_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 [image_id, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, p.head_version])
                 conn.execute("DELETE FROM skipped WHERE path = ?", [path])
+            self._commit_rows(conn, "vec", vec_rows)
+            self._commit_rows(conn, "map", map_rows)
             self._bump(conn)
         return ids
+
+    # ------------------------------------------------------------ shard files
+
+    def shard_files(self, kind: str) -> ShardFiles:
+        """The vector ("vec") or map ("map") shards of this index, shaped by its spec."""
+        if kind not in self._shards:
+            spec = self.spec
+            if spec is None:
+                raise NotFoundError(f"{self.dir}: index has no spec; rebuild it")
+            shape = (spec.embedder.dim,) if kind == "vec" else tuple(spec.embedder.feature_shape)
+            self._shards[kind] = ShardFiles(self.dir / layout.SHARDS, kind, shape)
+        return self._shards[kind]
+
+    def _committed_rows(self, kind: str) -> dict[int, int]:
+        return dict(self.db.execute("SELECT shard, rows FROM shards WHERE kind = ?", [kind]).fetchall())
+
+    def _append(self, kind: str, rows: np.ndarray, fresh: bool = False,
+                after: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+        """Write rows after the last committed one (or after `after`, written but not committed yet).
+
+        A new shard starts when one is full, or at once when `fresh`. Returns each
+        row's (shard, row); nothing points at them until `_commit_rows` runs in the
+        transaction that inserts their positions.
+        """
+        files = self.shard_files(kind)
+        committed = self._committed_rows(kind)
+        last = max(committed, default=-1)
+        shard, start = (last, committed[last]) if last >= 0 else (0, 0)
+        if after:
+            shard, start = after[-1][0], after[-1][1] + 1
+        elif fresh and start:
+            shard, start = max([last, *files.on_disk()]) + 1, 0
+        placed: list[tuple[int, int]] = []
+        done = 0
+        while done < len(rows):
+            if start >= files.rows_per_shard:
+                shard, start = shard + 1, 0
+            take = min(len(rows) - done, files.rows_per_shard - start)
+            files.write(shard, start, rows[done:done + take])
+            placed += [(shard, start + r) for r in range(take)]
+            done, start = done + take, start + take
+        return placed
+
+    @staticmethod
+    def _commit_rows(conn: sqlite3.Connection, kind: str, placed: Sequence[tuple[int, int]]) -> None:
+        ends: dict[int, int] = {}
+        for shard, row in placed:
+            ends[shard] = max(ends.get(shard, 0), row + 1)
+        conn.executemany("INSERT INTO shards(kind, shard, rows) VALUES (?, ?, ?) ON CONFLICT(kind, shard) "
+                         "DO UPDATE SET rows = max(rows, excluded.rows)", [(kind, s, n) for s, n in ends.items()])
+
+    def clean_shards(self) -> int:
+        """Delete shard files no committed row lives in (a killed writer's, or retired by `compact`).
+
+        Only under the writer lock: a writer that is appending owns the files it writes.
+        """
+        removed = 0
+        for kind in ("vec", "map"):
+            files = self.shard_files(kind)
+            orphans = sorted(set(files.on_disk()) - set(self._committed_rows(kind)))
+            files.remove(orphans)
+            removed += len(orphans)
+        return removed
+
+    def compact(self, kind: str, min_dead: float = 0.5) -> int:
+        """Copy live rows to fresh shards when at least `min_dead` of the rows belong to removed records.
+
+        The old shards are retired in the same transaction that moves the positions,
+        and deleted by the next writer's `clean_shards`, so a reader that read old
+        positions just before can still open them. Returns the rows copied.
+        """
+        table = "embeddings" if kind == "vec" else "feature_maps"
+        total = self.db.execute("SELECT coalesce(sum(rows), 0) FROM shards WHERE kind = ?", [kind]).fetchone()[0]
+        live = self.count(table)
+        if total == 0 or (total - live) / total < min_dead:
+            return 0
+        ids, positions = self._positions(table, None)
+        data = self._gather(kind, positions) if len(ids) else np.zeros((0,))
+        placed = self._append(kind, data, fresh=True) if len(ids) else []
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM shards WHERE kind = ?", [kind])
+            conn.executemany(f"UPDATE {table} SET shard = ?, row = ? WHERE image_id = ?",
+                             [(s, r, int(i)) for (s, r), i in zip(placed, ids)])
+            self._commit_rows(conn, kind, placed)
+        log.info("compacted %s shards: %d live of %d rows", kind, live, total)
+        return len(ids)
+
+    def upgrade_layout(self) -> bool:
+        """Move an older index's vector and map blobs out of SQLite into shards (no re-embedding).
+
+        Under the writer lock. The shards are written first and the tables swapped in
+        one transaction, so a kill at any point leaves the old layout whole or the new one.
+        """
+        if not self.legacy:
+            return False
+        conn = self.db.conn
+        conn.executescript(SCHEMA)  # the shards table, for indexes that predate it
+        moved: dict[str, tuple[list[int], list[tuple[int, int]]]] = {}
+        for kind, table, column, dtype in (("vec", "embeddings", "vector", np.float32),
+                                           ("map", "feature_maps", "data", np.float16)):
+            files = self.shard_files(kind)
+            ids: list[int] = []
+            placed: list[tuple[int, int]] = []
+            rows = conn.execute(f"SELECT image_id, {column} FROM {table} ORDER BY image_id")
+            while chunk := rows.fetchmany(1024):
+                data = np.stack([np.frombuffer(blob, dtype=dtype).reshape(files.row_shape) for _, blob in chunk])
+                ids += [r[0] for r in chunk]
+                placed += self._append(kind, data, after=placed)
+            moved[kind] = (ids, placed)
+        with self.transaction() as tx:
+            tx.execute("DROP TABLE embeddings")
+            tx.execute("DROP TABLE feature_maps")
+            for statement in filter(str.strip, POSITION_TABLES.split(";")):
+                tx.execute(statement)
+            for kind, table in (("vec", "embeddings"), ("map", "feature_maps")):
+                ids, placed = moved[kind]
+                tx.executemany(f"INSERT INTO {table}(image_id, shard, row) VALUES (?, ?, ?)",
+                               [(i, s, r) for i, (s, r) in zip(ids, placed)])
+                self._commit_rows(tx, kind, placed)
+        self.legacy = False
+        conn.execute("VACUUM")  # give the blobs' space back
+        log.info("moved %d vectors and %d maps out of SQLite into %s", len(moved["vec"][0]), len(moved["map"][0]),
+                 self.dir / layout.SHARDS)
+        return True
+
+    def _refuse_legacy_write(self) -> None:
+        if self.legacy:
+            raise IndexDamagedError(f"{self.dir} keeps its vectors in SQLite (an older layout); "
+                                    f"run simsearch build-index to upgrade it first")
 
     def move_image(self, image_id: int, record: ImageRecord, size: int, mtime_ns: int) -> None:
         """A known file found at a new path (same bytes): keep its id and vector, take the new path and boxes."""
@@ -337,11 +510,38 @@ class Store:
         return self.db[table].count if self.db[table].exists() else 0
 
     def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, xb) in id order; xb is (n, dim) float32."""
+        """(ids, xb) in id order (all records, or those of `ids` that exist); xb is (n, dim) float32."""
+        if self.legacy:
+            return self._legacy_vectors(ids)
+        found, positions = self._positions("embeddings", ids)
+        if not len(found):
+            return found, np.zeros((0, 0), dtype=np.float32)
+        return found, self._gather("vec", positions)
+
+    def _positions(self, table: str, ids: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (n, 2) shard/row) of a position table, in id order."""
+        sql = f"SELECT image_id, shard, row FROM {table}"
+        rows = (self.db.execute(sql + " ORDER BY image_id").fetchall() if ids is None
+                else sorted(self._rows_for(sql + " WHERE image_id IN ({})", ids)))
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
+        table_array = np.array(rows, dtype=np.int64)
+        return table_array[:, 0], table_array[:, 1:]
+
+    def _gather(self, kind: str, positions: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Rows at these (shard, row) positions, in their order."""
+        files = self.shard_files(kind)
+        out = np.empty((len(positions), *files.row_shape), dtype=dtype)
+        for shard in np.unique(positions[:, 0]):
+            mask = positions[:, 0] == shard
+            out[mask] = files.read(int(shard), positions[mask, 1], dtype)
+        return out
+
+    def _legacy_vectors(self, ids: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
         if ids is None:
             rows = self.db.execute("SELECT image_id, vector FROM embeddings ORDER BY image_id").fetchall()
         else:
-            rows = self._rows_for("SELECT image_id, vector FROM embeddings WHERE image_id IN ({})", ids)
+            rows = sorted(self._rows_for("SELECT image_id, vector FROM embeddings WHERE image_id IN ({})", ids))
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         id_array = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -382,11 +582,19 @@ class Store:
         if spec is None:
             raise NotFoundError(f"{self.dir}: index has no spec; rebuild it")
         shape = tuple(spec.embedder.feature_shape)
-        rows = dict(self._rows_for("SELECT image_id, data FROM feature_maps WHERE image_id IN ({})", ids))
-        missing = [i for i in ids if i not in rows]
+        if self.legacy:
+            rows = dict(self._rows_for("SELECT image_id, data FROM feature_maps WHERE image_id IN ({})", ids))
+            missing = [i for i in ids if i not in rows]
+            if missing:
+                raise NotFoundError(f"no feature map stored for records {missing[:5]}; rebuild the index")
+            return np.stack([np.frombuffer(rows[i], dtype=np.float16).reshape(shape) for i in ids])
+        found, positions = self._positions("feature_maps", ids)
+        where = {int(i): k for k, i in enumerate(found)}
+        missing = [i for i in ids if int(i) not in where]
         if missing:
-            raise NotFoundError(f"no feature map stored for records {missing[:5]}; rebuild the index")
-        return np.stack([np.frombuffer(rows[i], dtype=np.float16).reshape(shape) for i in ids])
+            raise NotFoundError(f"no feature map kept for records {missing[:5]}; build with --keep-maps to keep them")
+        maps = self._gather("map", positions, np.float16)
+        return maps[[where[int(i)] for i in ids]] if len(ids) else np.zeros((0, *shape), dtype=np.float16)
 
     def _rows_for(self, sql: str, ids: Sequence[int]) -> list[tuple]:
         rows: list[tuple] = []
@@ -455,13 +663,17 @@ class Store:
     def ids_with_feature_maps(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT image_id FROM feature_maps ORDER BY image_id")]
 
+    def ids_with_feature_map(self, ids: Sequence[int]) -> set[int]:
+        """Those of `ids` whose map is kept (the others get theirs from the backbone again)."""
+        return {r[0] for r in self._rows_for("SELECT image_id FROM feature_maps WHERE image_id IN ({})", ids)}
+
     def ids_without_prediction(self) -> list[int]:
-        """Records with a feature map that the localizer has not predicted for yet."""
+        """Records the localizer has not predicted for yet."""
         if not self._has_predictions:
-            return self.ids_with_feature_maps()
+            return self.ids()
         return [r[0] for r in self.db.execute(
-            "SELECT f.image_id FROM feature_maps f LEFT JOIN predictions p ON p.image_id = f.image_id "
-            "WHERE p.image_id IS NULL ORDER BY f.image_id")]
+            "SELECT i.id FROM images i LEFT JOIN predictions p ON p.image_id = i.id "
+            "WHERE p.image_id IS NULL ORDER BY i.id")]
 
     def count_split(self, split: str) -> int:
         return self.db.execute("SELECT count(*) FROM images WHERE split = ?", [split]).fetchone()[0]
