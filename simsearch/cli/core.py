@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -9,6 +10,13 @@ import typer
 
 from simsearch.cli.app import app, echo_json, echo_table, reported
 from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, MAX_PIXELS_OPTION, QUIET_OPTION, Format
+
+
+class Engine(str, Enum):
+    """Who embeds the images of a build."""
+
+    local = "local"  # this process and its decode workers: fastest on one machine
+    ray = "ray"  # a Ray actor pool: several machines or GPUs
 
 
 @app.command("build-index")
@@ -26,6 +34,8 @@ def build_index_command(
     keep_maps: bool = typer.Option(False, "--keep-maps", help="Keep every image's feature map (125-200 KB each), not only those of images with boxes, so a localizer trained later predicts without reading the images again."),
     max_pixels: int = MAX_PIXELS_OPTION,
     quiet: bool = QUIET_OPTION,
+    engine: Engine = typer.Option(Engine.local, "--engine", help="Who embeds: local (this machine; fastest on one machine) or ray (a Ray actor pool: one GPU per actor where the cluster has GPUs, CPU actors otherwise; needs: pip install 'simsearch\\[ray]')."),
+    address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the cluster to run on, from one of its nodes: auto (the one `ray start --head` runs on this machine) or HEAD:6379. Default: $RAY_ADDRESS (set by `ray job submit`), else a Ray instance started for this build alone. The images, the weights and simsearch must be at the same paths on every node."),
 ) -> None:
     """Index every image under DATA. Run again to add new or changed files only."""
     from simsearch.pipeline.build import BuildConfig, build_index
@@ -35,7 +45,7 @@ def build_index_command(
         embed = EmbedConfig(model=model, weights=weights, device=device, precision=precision, batch_size=batch_size,
                             workers=workers, quiet=quiet, max_pixels=max_pixels * 1_000_000)
         report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune,
-                                         keep_maps=keep_maps))
+                                         keep_maps=keep_maps, engine=engine.value, address=address))
     echo_json(asdict(report))
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}, FAISS {report.faiss or 'kept'}): {report.added} added, "

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from simsearch.storage import layout
-from simsearch.pipeline.embed import EmbedConfig, embedder_from_config, iter_file_batches
-from simsearch.errors import NotFoundError
+from simsearch.pipeline.embed import EmbedConfig, FileBatch, embedder_from_config, iter_file_batches
+from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.read import file_sha256, fit_objects, scan
 from simsearch.localizer.head import Localizer
 from simsearch.localizer.predict import open_localizer, predict_missing, predictions_from_maps
@@ -42,6 +43,8 @@ class BuildConfig:
     # Feature maps (125-200 KB an image) are kept for records with boxes, which the localizer trains
     # on; True keeps every record's, so that a new head predicts without reading the images again.
     keep_maps: bool = False
+    engine: str = "local"  # who embeds: "local" (this process and its decode workers) or "ray" (a Ray actor pool)
+    address: str | None = None  # engine "ray": the cluster (auto, HEAD:6379); None: $RAY_ADDRESS, else a private local Ray
 
 
 @dataclass
@@ -72,11 +75,14 @@ def build_index(config: BuildConfig) -> BuildReport:
         return _prune_vanished(config, started)
     result = scan(config.data)
     report = BuildReport(index_dir=str(config.index_dir), scanned=len(result.records))
-    # The backbone loads first: when its weights are missing, no empty index folder is left behind.
-    embedder = embedder_from_config(config.embed)
+    # The backbone loads first, and the engine is checked: when either cannot run, no empty index folder is left behind.
+    file_batches = _engine(config)
+    embedder = embedder_from_config(_driver_embed(config))
     Path(config.index_dir).mkdir(parents=True, exist_ok=True)
     with writer_lock(config.index_dir, "build-index"), Store(config.index_dir, create=True) as store:
         report.precision, report.device = embedder.precision_name, str(embedder.device)
+        if config.engine == "ray":  # the actors pick theirs
+            report.precision, report.device = config.embed.precision, f"ray {config.address or 'local'}"
         saved = store.spec
         if saved is not None:
             check_compatible(saved.embedder, embedder.spec, f"index {config.index_dir}")
@@ -100,7 +106,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         new_ids: list[int] = []
         embed_started = time.perf_counter()
         if todo:
-            for batch in iter_file_batches([r.path for r, _ in todo], embedder, config.embed):
+            for batch in file_batches([r.path for r, _ in todo], embedder, config.embed):
                 skipped += [Skipped(todo[i][0].path, reason) for i, reason in batch.failures]
                 if batch.embedded is None:
                     continue
@@ -131,6 +137,25 @@ def build_index(config: BuildConfig) -> BuildReport:
         predict_missing(store)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _engine(config: BuildConfig) -> Callable[..., Iterator[FileBatch]]:
+    """Who embeds the files, as a function of (paths, embedder, embed config) yielding FileBatches."""
+    if config.engine == "local":
+        if config.address is not None:
+            raise BadInputError("--address is for --engine ray")
+        return iter_file_batches
+    if config.engine == "ray":
+        from simsearch.pipeline.ray_engine import ray_file_batches
+
+        return ray_file_batches(config.address)
+    raise BadInputError(f"unknown engine {config.engine!r}; use local or ray")
+
+
+def _driver_embed(config: BuildConfig) -> EmbedConfig:
+    """What this process loads: with Ray the actors embed, on the cluster's devices, so here the
+    backbone only vouches for the spec (on the CPU, whatever --device and --precision ask of the actors)."""
+    return config.embed if config.engine != "ray" else replace(config.embed, device="cpu", precision="fp32")
 
 
 def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:
