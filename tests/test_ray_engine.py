@@ -71,7 +71,7 @@ def indexes(tmp_path_factory, data: Path, ray_cluster: str) -> dict[str, Path]:
     built = {}
     for engine in ("local", "ray"):
         built[engine] = tmp_path_factory.mktemp("ray-index") / engine
-        report = build_index(BuildConfig(data, built[engine], LITE0, engine=engine))
+        report = build_index(BuildConfig(data, built[engine], LITE0, engine=engine, keep_maps=True))  # compare every map
         assert report.added == report.ntotal > 20, report
     return built
 
