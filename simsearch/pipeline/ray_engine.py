@@ -40,7 +40,7 @@ from simsearch.spec import EmbedderSpec, check_compatible
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'simsearch[ray]'"
-MAX_CPUS_PER_ACTOR = 8  # torch's CPU inference scales poorly past this: more, smaller actors use a node better
+MAX_CPUS_PER_ACTOR = 8  # a many-core node gets several 8-thread actors, not one wide one (a choice, not measured here)
 CONNECT_TIMEOUT_S = 5.0  # Ray itself retries an unreachable address for minutes; we ask once, briefly
 ADDRESS_HELP = "--address is auto (the cluster `ray start --head` runs on this machine) or HEAD:6379 (its head node)"
 
