@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_embed", "bench_gpu", "bench_compare", "bench_query", "bench_faiss_update", "bench_map", "bench_faults",
-           "bench_engines")
+SCRIPTS = ("bench_embed", "bench_gpu", "bench_compare", "bench_query", "bench_faiss_update", "bench_scale", "bench_map",
+           "bench_faults", "bench_engines")
 
 
 def main() -> int:

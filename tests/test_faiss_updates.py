@@ -29,7 +29,7 @@ def _add(store: Store, vectors: np.ndarray, start: int) -> list[int]:
 
 
 def _ids(index_dir: Path) -> set[int]:
-    return faiss_index.ids_of(faiss_index.load(*layout.faiss_paths(index_dir), use_gpu=False))
+    return set(faiss_index.ids_of(faiss_index.load(*layout.faiss_paths(index_dir), use_gpu=False)).tolist())
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat", "IVF16,Flat"])

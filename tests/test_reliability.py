@@ -225,18 +225,19 @@ def test_faiss_is_stamped_with_the_generation_of_the_vectors_it_holds(tmp_path: 
     with Store(index) as store:
         spec = store.spec
         _, xb = store.vectors()
-        real_build = faiss_index.build
+        real_add = faiss_index.add
 
-        def build_while_another_writer_commits(xb_, ids_, factory, *a, **k):
-            with Store(index) as other:  # commits between the vector read and the stamp
+        def add_while_another_writer_commits(index_, xb_, ids_):
+            with Store(index) as other:  # commits between the read of the ids and the stamp
                 record = ImageRecord(tmp_path / "late.jpg", "folder", "data")
                 other.add_images([NewImage(record, "f" * 64, 1, 1, 96, 72, xb[0])])
-            return real_build(xb_, ids_, factory, *a, **k)
+            monkeypatch.setattr(faiss_index, "add", real_add)
+            return real_add(index_, xb_, ids_)
 
         (index / "index.state.json").unlink()  # force a rebuild
-        monkeypatch.setattr(faiss_index, "build", build_while_another_writer_commits)
+        monkeypatch.setattr(faiss_index, "add", add_while_another_writer_commits)
         sync_faiss(store, spec.embedder)
-        monkeypatch.setattr(faiss_index, "build", real_build)
+        monkeypatch.setattr(faiss_index, "add", real_add)
         assert layout.faiss_generation(index) == store.generation - 1  # not current: it lacks late.jpg
     assert _consistent(index)[0] == 4  # and so the next reader rebuilds it with all four
 

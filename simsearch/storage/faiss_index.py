@@ -1,17 +1,29 @@
 """FAISS over the stored vectors, exact when small, approximate when large.
 
 faiss's own words at the boundary: `xb` (database vectors), `xq` (queries), `k`,
-and searches return `D, I` (scores, ids). Ids are the SQLite record ids
-(`IndexIDMap2`), so a hit needs no translation table.
+and searches return `D, I` (scores, ids). Ids are the SQLite record ids, so a hit
+needs no translation table: an IVF keeps them in its inverted lists, any other
+type is wrapped in `IndexIDMap2`.
+
+Large collections get an IVF over 8-bit scalar-quantized vectors (`IVF{nlist},SQ8`,
+a quarter of float32), whose inverted lists a reader memory-maps, so a query
+process holds only the pages it touches. Measured at 1M x 1280-d on 2 cores
+(benchmarks/bench_scale.py, vectors with the spectrum of real Lite0 embeddings):
+HNSW32,Flat needs over 5 GB of RAM there; IVF1024,SQ8 builds in about a minute,
+needs 1.3 KB a vector and reaches held-out recall@10 0.95 at about 30x the QPS of
+exact search, where IVF2048 was no faster at that recall and 1.6x slower to build,
+and IVF4096 slower still (6 min of k-means).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +35,13 @@ log = logging.getLogger(__name__)
 
 VERIFY_MAX_BYTES = 512 * 1024 * 1024  # checksum read on open up to here (sha256 runs at ~1.8 GB/s)
 EXACT_MAX = 50_000  # below this, exact search is fast enough (a few ms a query) and perfect
-HNSW_MAX = 1_000_000  # up to here HNSW's memory (vectors + graph) is affordable; above, IVF-PQ
+# Above EXACT_MAX, IVF over SQ8 codes. HNSW (`--index-type HNSW32,Flat`) answers faster at
+# 100k-300k (0.7-1.3 ms against 4-10 ms at held-out recall@10 0.95), but measured there it built
+# 45x slower (64 s against 1.4 s at 100k x 1280-d; 225 s at 300k), held 4x the memory, must be
+# rebuilt whenever a record is removed, and recall tuned on indexed records overstated its
+# recall on new images (0.98 against 0.94): an index that grows and shrinks in place is IVF.
+SQ8_MAX_BYTES = 6 << 30  # SQ8 codes up to here (4.7M x 1280-d); beyond, PQ codes a tenth of the size
+RECALL_TARGET = 0.95  # recall@10 against exact search that tuning aims for
 
 
 def _faiss():
@@ -35,14 +53,41 @@ def _faiss():
 
 
 def choose_factory(n: int, dim: int) -> str:
-    """An index type by size, the way autofaiss does: exact, then HNSW, then IVF-PQ."""
+    """An index type by size: exact, then IVF over SQ8 codes, then IVF-PQ once SQ8 codes outgrow memory."""
     if n <= EXACT_MAX:
         return "Flat"
-    if n <= HNSW_MAX:
-        return "HNSW32,Flat"
-    nlist = 1 << int(round(math.log2(4 * math.sqrt(n))))
+    nlist = ivf_lists(n)
+    if n * dim <= SQ8_MAX_BYTES:
+        return f"IVF{nlist},SQ8"
     m = next(m for m in (64, 48, 32, 16, 8) if dim % m == 0)
     return f"IVF{nlist},PQ{m}"
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for n vectors: about sqrt(n), a power of two (1024 at 1M).
+
+    Measured at 1M x 1280-d: 1024, 2048 and 4096 lists reach recall@10 0.95 at about the
+    same query time (more lists, fewer vectors per list, more lists to probe), while
+    k-means and assignment cost grow with the list count (1, 1.6 and 9 minutes).
+    """
+    return max(16, 1 << int(round(math.log2(math.sqrt(max(n, 1))))))
+
+
+def same_family(saved: str | None, wanted: str) -> bool:
+    """Whether an index of type `saved` can keep serving where `wanted` would be chosen now.
+
+    IVF indexes differ in their list count as the collection grows; one of the same
+    encoding keeps its lists until it has outgrown its training (layout.RETRAIN_GROWTH),
+    instead of being rebuilt each time the size crosses a power of two.
+    """
+    if saved is None:
+        return False
+    if saved == wanted:
+        return True
+    def encoding(factory: str) -> str | None:
+        head, _, rest = factory.partition(",")
+        return rest if head.startswith("IVF") and rest else None
+    return encoding(saved) is not None and encoding(saved) == encoding(wanted)
 
 
 @dataclass
@@ -53,38 +98,74 @@ class SearchParams:
     efsearch: int | None = None
 
 
-def build(xb: np.ndarray, ids: np.ndarray, factory: str, params: SearchParams | None = None):
-    """A trained, filled inner-product index with SQLite ids (built on the CPU; `load` moves it to a GPU)."""
+def empty(factory: str, dim: int):
+    """An untrained, empty inner-product index of this type that holds SQLite ids."""
     faiss = _faiss()
-    n, dim = xb.shape
-    started = time.perf_counter()
     try:
         inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise BadInputError(f"faiss cannot make index type {factory!r}: {e}") from e
-    index = faiss.IndexIDMap2(inner)
-    if not inner.is_trained:
-        needed = _training_size(inner)
-        if n < needed:
-            raise BadInputError(
-                f"index type {factory!r} needs at least {needed} vectors to train, the index has {n}. "
-                "Use a smaller IVF list count or leave --index-type unset."
-            )
-        sample = xb if n <= 50 * needed else xb[np.random.default_rng(0).choice(n, 50 * needed, replace=False)]
-        inner.train(np.ascontiguousarray(sample, dtype=np.float32))
-    if n:
+    if faiss.try_extract_index_ivf(inner) is not None:
+        # An IVF stores ids in its lists. Wrapped in IndexIDMap2 it would not: its removals leave
+        # the wrapper's positions out of step with the lists, and hits come back as other records.
+        return inner
+    return faiss.IndexIDMap2(inner)
+
+
+def training_size(index, n: int) -> int:
+    """How many of n vectors to train `index` on (0: it needs no training); BadInputError when n is too few."""
+    if index.is_trained:
+        return 0
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    needed = int(ivf.nlist) if ivf is not None else 256  # PQ codebooks and the like
+    if n < needed:
+        raise BadInputError(
+            f"index type {_factory_name(index)} needs at least {needed} vectors to train, the index has {n}. "
+            "Use a smaller IVF list count or leave --index-type unset."
+        )
+    return min(n, 50 * needed)
+
+
+def _factory_name(index) -> str:
+    faiss = _faiss()
+    inner = _inner(index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    return f"IVF{ivf.nlist} ({type(inner).__name__})" if ivf is not None else type(inner).__name__
+
+
+def train(index, sample: np.ndarray) -> None:
+    faiss = _faiss()
+    inner = _inner(index)
+    started = time.perf_counter()
+    inner.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.is_trained = inner.is_trained
+    log.info("trained %s on %d vectors in %.2fs", _factory_name(index), len(sample), time.perf_counter() - started)
+
+
+def add(index, xb: np.ndarray, ids: np.ndarray) -> None:
+    """Add vectors with their SQLite ids."""
+    if len(ids):
         index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def remove(index, ids: np.ndarray) -> int:
+    """Remove vectors by SQLite id (where `can_remove`); how many went."""
+    return int(index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))) if len(ids) else 0
+
+
+def build(xb: np.ndarray, ids: np.ndarray, factory: str, params: SearchParams | None = None):
+    """A trained, filled inner-product index with SQLite ids (built on the CPU; `load` moves it to a GPU)."""
+    n, dim = xb.shape
+    started = time.perf_counter()
+    index = empty(factory, dim)
+    wanted = training_size(index, n)
+    if wanted:
+        train(index, xb if wanted >= n else xb[np.sort(np.random.default_rng(0).choice(n, wanted, replace=False))])
+    add(index, xb, ids)
     apply_params(index, params or default_params(factory))
     log.info("built %s over %d vectors in %.2fs", factory, n, time.perf_counter() - started)
     return index
-
-
-def _training_size(inner) -> int:
-    faiss = _faiss()
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None:
-        return int(ivf.nlist)
-    return 256  # PQ codebooks and the like
 
 
 def default_params(factory: str) -> SearchParams:
@@ -98,10 +179,153 @@ def default_params(factory: str) -> SearchParams:
 
 NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
 EFSEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+PROBE_QUERIES = 200  # records whose exact neighbours tuning measures recall against
 
 
-def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = 0.95, k: int = 10,
-                sample: int = 200, seed: int = 0) -> tuple[SearchParams, float]:
+@dataclass
+class RecallProbe:
+    """Exact neighbours of a sample of indexed records: what tuning measures recall against.
+
+    Kept up to date as vectors come and go, so the recall target can be re-checked
+    after every incremental build without an exact pass over the whole collection:
+    new vectors are compared with the queries only (`add`), and removed ones are
+    struck out of the lists (`remove`). A list holds `depth` > k neighbours, so a few
+    removals still leave the true k nearest of what remains; a query that lost too
+    many, or was itself removed, stops counting. The query vectors stay in the store:
+    callers pass them as `xq`, in the order of `queries`.
+    """
+
+    queries: np.ndarray  # (q,) int64, sorted: ids of the query records
+    truth: np.ndarray  # (q, depth) int64: each query's nearest other records, best first; -1: none known
+    scores: np.ndarray  # (q, depth) float32: their inner products; -inf where truth is -1
+
+    @classmethod
+    def start(cls, queries: np.ndarray, depth: int = 20) -> "RecallProbe":
+        """Queries with no neighbours yet: `add` every indexed vector to fill them."""
+        queries = np.unique(np.asarray(queries, dtype=np.int64))
+        return cls(queries, np.full((len(queries), depth), -1, dtype=np.int64),
+                   np.full((len(queries), depth), -np.inf, dtype=np.float32))
+
+    @classmethod
+    def sample(cls, ids: np.ndarray, n: int = PROBE_QUERIES, seed: int = 0, depth: int = 20) -> "RecallProbe":
+        rng = np.random.default_rng(seed)
+        return cls.start(rng.choice(ids, min(n, len(ids)), replace=False), depth)
+
+    def add(self, xq: np.ndarray, xb: np.ndarray, ids: np.ndarray) -> None:
+        """Merge vectors `xb` (with their ids) into each query's neighbours (`xq`: the queries' vectors)."""
+        faiss = _faiss()
+        if not len(ids) or not len(self.queries):
+            return
+        depth = self.truth.shape[1]
+        D, I = faiss.knn(np.ascontiguousarray(xq, dtype=np.float32), np.ascontiguousarray(xb, dtype=np.float32),
+                         min(depth + 1, len(ids)), faiss.METRIC_INNER_PRODUCT)
+        found = np.where(I >= 0, np.asarray(ids, dtype=np.int64)[np.maximum(I, 0)], -1)
+        own = (found == self.queries[:, None]) | (found < 0)  # a query is not its own neighbour
+        self._merge(np.concatenate([self.truth, np.where(own, -1, found)], axis=1),
+                    np.concatenate([self.scores, np.where(own, -np.inf, D).astype(np.float32)], axis=1))
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Strike removed records out of the lists, and drop the queries among them."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(ids):
+            return
+        keep = ~np.isin(self.queries, ids)
+        self.queries, truth, scores = self.queries[keep], self.truth[keep], self.scores[keep]
+        gone = np.isin(truth, ids)
+        self._merge(np.where(gone, -1, truth), np.where(gone, -np.inf, scores).astype(np.float32))
+
+    def _merge(self, truth: np.ndarray, scores: np.ndarray) -> None:
+        depth = self.truth.shape[1]
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+        self.truth = np.take_along_axis(truth, order, axis=1)
+        self.scores = np.take_along_axis(scores, order, axis=1)
+
+    def usable(self, k: int, ntotal: int) -> np.ndarray:
+        """Which queries still know their k nearest (all others, in a collection of k or fewer)."""
+        return (self.truth >= 0).sum(axis=1) >= min(k, max(ntotal - 1, 0))
+
+    def to_json(self) -> str:
+        def pack(a: np.ndarray) -> str:
+            return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
+        return json.dumps({"depth": self.truth.shape[1], "queries": pack(self.queries), "truth": pack(self.truth),
+                           "scores": pack(self.scores)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RecallProbe":
+        data = json.loads(text)
+        def unpack(key: str, dtype) -> np.ndarray:
+            return np.frombuffer(base64.b64decode(data[key]), dtype=dtype).copy()
+        queries = unpack("queries", np.int64)
+        shape = (len(queries), int(data["depth"]))
+        return cls(queries, unpack("truth", np.int64).reshape(shape), unpack("scores", np.float32).reshape(shape))
+
+
+def _ladder(index, k: int) -> list[SearchParams]:
+    faiss = _faiss()
+    inner = _inner(index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return [SearchParams(nprobe=p) for p in NPROBE_LADDER if p <= ivf.nlist] or [SearchParams(nprobe=ivf.nlist)]
+    if hasattr(inner, "hnsw"):
+        return [SearchParams(efsearch=e) for e in EFSEARCH_LADDER if e >= k]
+    return []  # exact: nothing to tune
+
+
+def is_tunable(index) -> bool:
+    """Whether the index has a search breadth to tune (IVF, HNSW), i.e. is not exact."""
+    return bool(_ladder(index, 10))
+
+
+def probe_recall(index, probe: RecallProbe, xq: np.ndarray, k: int = 10) -> float:
+    """recall@k of `index` at its current breadth against the probe's exact neighbours (self excluded)."""
+    rows = probe.usable(k, index.ntotal)
+    if not rows.any():
+        return float("nan")
+    queries, truth, xq = probe.queries[rows], probe.truth[rows], np.ascontiguousarray(xq[rows], dtype=np.float32)
+    _, found = index.search(xq, min(k + 1, max(1, index.ntotal)))
+    hits = []
+    for q, row, t in zip(queries, found, truth):
+        want = {int(i) for i in t[:k] if i >= 0}
+        got = [int(f) for f in row if f >= 0 and f != q][:k]
+        hits.append(len(want & set(got)) / max(1, len(want)))
+    return float(np.mean(hits))
+
+
+def tune(index, probe: RecallProbe, xq: np.ndarray, target: float = RECALL_TARGET, k: int = 10,
+         above: SearchParams | None = None) -> tuple[SearchParams, float]:
+    """The narrowest breadth on the ladder (wider than `above`) whose recall@k on the probe reaches `target`.
+
+    Applies it to `index`. When no step reaches the target (lossy codes such as PQ),
+    the narrowest step within 0.01 of the best recall seen, since searching wider past
+    the plateau costs time and buys nothing.
+    """
+    ladder = _ladder(index, k)
+    if not ladder:
+        return SearchParams(), 1.0
+    if above is not None:
+        floor = above.nprobe or above.efsearch or 0
+        ladder = [p for p in ladder if (p.nprobe or p.efsearch or 0) > floor] or ladder[-1:]
+    started = time.perf_counter()
+    measured: list[tuple[SearchParams, float]] = []
+    for params in ladder:
+        apply_params(index, params)
+        recall = probe_recall(index, probe, xq, k)
+        if math.isnan(recall):
+            return ladder[-1], 1.0  # nothing to measure against (a collection of one)
+        measured.append((params, recall))
+        if recall >= target:
+            break
+    else:
+        best = max(r for _, r in measured)
+        params, recall = next((p, r) for p, r in measured if r >= best - 0.01)
+        apply_params(index, params)
+        log.warning("recall@%d target %.2f not reached by %s; best %.3f", k, target, _factory_name(index), best)
+    log.info("tuned %s to recall@%d %.3f in %.2fs", params, k, recall, time.perf_counter() - started)
+    return params, recall
+
+
+def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = RECALL_TARGET, k: int = 10,
+                sample: int = PROBE_QUERIES, seed: int = 0) -> tuple[SearchParams, float]:
     """The narrowest search breadth whose recall@k, measured on a sample, reaches `target`.
 
     Recall is verified, not assumed: `sample` database vectors are searched exactly
@@ -110,6 +334,8 @@ def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = 0.95, k:
     none reaches it, which happens with lossy codes such as PQ). Each query's own
     record is dropped from both lists, so the measured neighbours are the other
     images a user would see. Returns the params (applied to `index`) and the recall.
+    (`RecallProbe` + `tune` do the same over vectors read in chunks, and keep the
+    exact neighbours for re-checking after incremental updates.)
 
     That is exactly the recall of query-by-id. New images can see less where the
     data has no low-dimensional structure: on benchmarks/bench_query.py's isotropic
@@ -117,53 +343,43 @@ def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = 0.95, k:
     0.87 (IVF, 200k). Tuning on copies nudged off the data instead was tried and
     dropped: it misjudged IVF-PQ badly (sample recall 0.14 against 0.47 held out).
     """
+    if not _ladder(index, k):
+        return SearchParams(), 1.0
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0:
+        return _ladder(index, k)[-1], 1.0
+    probe = RecallProbe.sample(ids, sample, seed, depth=k)
+    order = np.argsort(ids, kind="stable")
+    rows = order[np.searchsorted(ids[order], probe.queries)]
+    xq = np.ascontiguousarray(xb[rows], dtype=np.float32)
+    probe.add(xq, xb, ids)
+    return tune(index, probe, xq, target, k)
+
+
+def _layers(index) -> list:
+    """The indexes searched together: a saved IVF and its delta (`IndexShards`), else the index itself."""
     faiss = _faiss()
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None:
-        ladder = [SearchParams(nprobe=p) for p in NPROBE_LADDER if p <= ivf.nlist] or [SearchParams(nprobe=ivf.nlist)]
-    elif hasattr(inner, "hnsw"):
-        ladder = [SearchParams(efsearch=e) for e in EFSEARCH_LADDER if e >= k]
-    else:
-        return SearchParams(), 1.0  # exact: nothing to tune
-    n = len(xb)
-    if n == 0:
-        return ladder[-1], 1.0
-    rows = np.random.default_rng(seed).choice(n, min(sample, n), replace=False)
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    xq = xb[rows]
-    started = time.perf_counter()
-    _, exact = faiss.knn(xq, xb, min(k + 1, n), faiss.METRIC_INNER_PRODUCT)
-    truth = [set(ids[j] for j in row if j >= 0 and ids[j] != ids[q]) for q, row in zip(rows, exact)]
-    measured: list[tuple[SearchParams, float]] = []
-    for params in ladder:
-        apply_params(index, params)
-        _, found = index.search(xq, min(k + 1, n))
-        recall = float(np.mean([
-            len(t & {int(f) for f in row if f != ids[q]}) / max(1, len(t)) for q, row, t in zip(rows, found, truth)
-        ]))
-        measured.append((params, recall))
-        if recall >= target:
-            break
-    else:
-        # Target out of reach (lossy codes): the narrowest breadth within 0.01 of the best recall seen,
-        # since searching wider past the plateau costs time and buys nothing.
-        best = max(r for _, r in measured)
-        params, recall = next((p, r) for p, r in measured if r >= best - 0.01)
-        apply_params(index, params)
-        log.warning("recall@%d target %.2f not reached by %s; best %.3f", k, target, type(inner).__name__, best)
-    log.info("tuned %s to recall@%d %.3f in %.2fs", params, k, recall, time.perf_counter() - started)
-    return params, recall
+    if isinstance(index, faiss.IndexShards):
+        return [faiss.downcast_index(index.at(i)) for i in range(index.count())]
+    return [index]
+
+
+def _inner(index):
+    """The (first layer's) index under an IndexIDMap2 wrapper, or the index itself."""
+    faiss = _faiss()
+    index = _layers(index)[0]
+    return faiss.downcast_index(index.index) if hasattr(index, "id_map") else index
 
 
 def apply_params(index, params: SearchParams) -> None:
     faiss = _faiss()
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
-    ivf = faiss.try_extract_index_ivf(inner)
-    if ivf is not None and params.nprobe:
-        ivf.nprobe = params.nprobe
-    if hasattr(inner, "hnsw") and params.efsearch:
-        inner.hnsw.efSearch = params.efsearch
+    for layer in _layers(index):
+        inner = _inner(layer)
+        ivf = faiss.try_extract_index_ivf(inner)
+        if ivf is not None and params.nprobe:
+            ivf.nprobe = params.nprobe
+        if hasattr(inner, "hnsw") and params.efsearch:
+            inner.hnsw.efSearch = params.efsearch
 
 
 def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,17 +393,53 @@ def save(index, path: Path, state_path: Path, generation: int) -> None:
     """Write atomically, then stamp with the store generation it reflects and the file's checksum.
 
     The stamp names the file by size and sha256, so a FAISS file that is truncated,
-    damaged, or written by another process after the stamp is never trusted.
+    damaged, or written by another process after the stamp is never trusted. The
+    checksum is taken of the bytes as they are written (one pass over a large file,
+    not two), and a reader that has the old file open or mapped keeps reading the
+    old file whole: the new one replaces it only once complete. A delta the old
+    stamp named is no longer part of the index (the caller deletes its file).
     """
+    stamp = _write(index, path)
+    _write_state(state_path, {"generation": generation, **stamp})
+
+
+def save_delta(delta, path: Path, state_path: Path, delta_path: Path, generation: int) -> None:
+    """Stamp `path` (unchanged) + `delta` (written to its own new file) as the index of `generation`.
+
+    An IVF grows by a delta instead of a rewrite: a small IVF with the same centroids
+    and codec holding the vectors added since `path` was written. `delta_path` must be
+    a new name: readers that still follow the previous stamp keep finding its delta.
+    The stamp is the commit point: it is replaced last, atomically.
+    """
+    state = _state(state_path)
+    if state is None:
+        raise IndexDamagedError(f"{state_path} is missing: a delta needs the stamp of the index it extends")
+    stamp = _write(delta, delta_path)
+    base = {key: state[key] for key in ("ntotal", "size", "sha256")}
+    _write_state(state_path, {"generation": generation, **base, "delta": {"file": delta_path.name, **stamp}})
+
+
+def _write(index, path: Path) -> dict:
+    """Write `index` to `path` atomically; its ntotal, size and sha256 (taken as the bytes are written)."""
     faiss = _faiss()
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    faiss.write_index(_to_cpu(index), str(tmp))
-    state = {"generation": generation, "ntotal": int(index.ntotal), "size": tmp.stat().st_size,
-             "sha256": _sha256(tmp)}
+    digest = hashlib.sha256()
+    size = 0
+    with open(tmp, "wb") as f:
+        def write(chunk: bytes) -> None:
+            nonlocal size
+            digest.update(chunk)
+            f.write(chunk)
+            size += len(chunk)
+        faiss.write_index(_to_cpu(index), faiss.PyCallbackIOWriter(write, 1 << 22))
     os.replace(tmp, path)
-    state_tmp = state_path.with_name(f"{state_path.name}.{os.getpid()}.tmp")
-    state_tmp.write_text(json.dumps(state))
-    os.replace(state_tmp, state_path)
+    return {"ntotal": int(index.ntotal), "size": size, "sha256": digest.hexdigest()}
+
+
+def _write_state(state_path: Path, state: dict) -> None:
+    tmp = state_path.with_name(f"{state_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_path)
 
 
 def _sha256(path: Path) -> str:
@@ -201,52 +453,134 @@ def _sha256(path: Path) -> str:
 def _state(state_path: Path) -> dict | None:
     try:
         state = json.loads(state_path.read_text())
-        return {"generation": int(state["generation"]), "ntotal": int(state["ntotal"]),
-                "size": int(state["size"]), "sha256": str(state["sha256"])}
+        found = {"generation": int(state["generation"]), "ntotal": int(state["ntotal"]),
+                 "size": int(state["size"]), "sha256": str(state["sha256"])}
+        if state.get("delta") is not None:
+            delta = state["delta"]
+            name = str(delta["file"])
+            if Path(name).name != name:
+                return None  # the delta lives beside the index, by name only
+            found["delta"] = {"file": name, "ntotal": int(delta["ntotal"]), "size": int(delta["size"]),
+                              "sha256": str(delta["sha256"])}
+        return found
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent, damaged, or written before the checksum existed: not trusted
+
+
+def delta_file(path: Path, state_path: Path) -> Path | None:
+    """The delta file the stamp names beside `path`, if any."""
+    state = _state(state_path)
+    return path.with_name(state["delta"]["file"]) if state and "delta" in state else None
 
 
 def saved_generation(path: Path, state_path: Path, verify: bool | None = None) -> int | None:
     """The store generation the saved FAISS file reflects, or None when there is no file to trust.
 
-    The file must have the stamped size and, with `verify`, the stamped sha256
-    (build-index always verifies: it vouches for the file it leaves). By default the
-    checksum is read for files up to VERIFY_MAX_BYTES (a quarter second at most);
-    larger ones are trusted on size, and `load` checks their vector count, so opening
-    a million-image index for a query does not read gigabytes first.
+    The file (and the delta the stamp names) must have the stamped size and, with
+    `verify`, the stamped sha256 (build-index always verifies: it vouches for the file
+    it leaves). By default the checksum is read for files up to VERIFY_MAX_BYTES (a
+    quarter second at most); larger ones are trusted on size, and `load` checks their
+    vector count, so opening a million-image index for a query does not read
+    gigabytes first.
     """
     state = _state(state_path)
     if state is None:
         return None
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return None
-    if verify is None:
-        verify = size <= VERIFY_MAX_BYTES
-    if size != state["size"] or (verify and _sha256(path) != state["sha256"]):
-        log.warning("%s does not match its stamp (damaged or replaced): it will be rebuilt", path)
-        return None
+    parts = [(path, state)] + ([(path.with_name(state["delta"]["file"]), state["delta"])] if "delta" in state else [])
+    for part, stamp in parts:
+        try:
+            size = part.stat().st_size
+        except OSError:
+            return None
+        check = size <= VERIFY_MAX_BYTES if verify is None else verify
+        if size != stamp["size"] or (check and _sha256(part) != stamp["sha256"]):
+            log.warning("%s does not match its stamp (damaged or replaced): it will be rebuilt", part)
+            return None
     return state["generation"]
 
 
 def load(path: Path, state_path: Path, use_gpu: bool = True, writable: bool = False):
     """Memory-mapped where the index type allows it, so opening a large index is instant.
 
-    `writable`: read into memory instead, so vectors can be added and removed. Raises
-    IndexDamagedError when faiss cannot read the file or it holds another count of
-    vectors than stamped: the caller rebuilds it from SQLite.
+    An IVF's inverted lists stay in the file, mapped (faiss reads them as
+    OnDiskInvertedLists): a query process holds only the pages its probes touch. A
+    delta the stamp names is read into memory and searched beside the file
+    (`IndexShards`, which merges their top k).
+    `writable`: one index in memory instead, the delta folded in, so vectors can be
+    added and removed; the bytes are checked against the stamp's sha256 as they are
+    read. Raises IndexDamagedError when faiss cannot read a file, a checksum differs,
+    a file holds another count of vectors than stamped, or an IVF's ids are out of
+    step with its lists: the caller rebuilds it from SQLite.
     """
-    faiss = _faiss()
     state = _state(state_path)
+    if state is None:
+        raise IndexDamagedError(f"{path} has no stamp to check it against")
+    if writable:
+        index = _read(path, state, verified=True)
+        delta = _read_delta(path, state)
+        if delta is not None:
+            index.merge_from(delta, 0)
+        return index
+    index = stacked(*load_layers(path, state_path))
+    return _to_gpu(index) if use_gpu else index
+
+
+def stacked(base, delta):
+    """`base` and its `delta` searched as one index (`base` alone when there is no delta)."""
+    faiss = _faiss()
+    if delta is None:
+        return base
+    index = faiss.IndexShards(base.d, False, False)  # ids as the layers hold them; top k merged by score
+    index.add_shard(base)
+    index.add_shard(delta)
+    return index
+
+
+def load_layers(path: Path, state_path: Path):
+    """(file, delta or None): the saved index memory-mapped (not checksummed here) and its delta in memory."""
+    state = _state(state_path)
+    if state is None:
+        raise IndexDamagedError(f"{path} has no stamp to check it against")
+    return _read(path, state, verified=False), _read_delta(path, state)
+
+
+def _read_delta(path: Path, state: dict):
+    if "delta" not in state:
+        return None
+    return _read(path.with_name(state["delta"]["file"]), state["delta"], verified=True)
+
+
+def _read(path: Path, stamp: dict, verified: bool):
+    faiss = _faiss()
     try:
-        index = faiss.read_index(str(path)) if writable else _read_mapped(faiss, path)
+        index = _read_verified(faiss, path, stamp) if verified else _read_mapped(faiss, path)
     except RuntimeError as e:
         raise IndexDamagedError(f"{path} cannot be read ({str(e).splitlines()[0]})") from e
-    if state is None or index.ntotal != state["ntotal"]:
-        raise IndexDamagedError(f"{path} holds {index.ntotal} vectors, not the {state and state['ntotal']} stamped")
-    return _to_gpu(index) if use_gpu else index
+    if index.ntotal != stamp["ntotal"]:
+        raise IndexDamagedError(f"{path} holds {index.ntotal} vectors, not the {stamp['ntotal']} stamped")
+    if not _ids_in_step(index):
+        raise IndexDamagedError(f"{path} is an IVF whose id map was put out of step by an in-place removal "
+                                "(older simsearch wrapped IVF indexes in IndexIDMap2)")
+    return index
+
+
+def _read_verified(faiss, path: Path, stamp: dict):
+    """Read into memory, checking the bytes against the stamped sha256 on the way."""
+    digest = hashlib.sha256()
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise IndexDamagedError(f"{path} cannot be opened ({e.strerror or e})") from e
+    with f:
+        def read(n: int) -> bytes:
+            chunk = f.read(n)
+            digest.update(chunk)
+            return chunk
+        index = faiss.read_index(faiss.PyCallbackIOReader(read, 1 << 22))
+        rest = f.read(1)
+    if rest or digest.hexdigest() != stamp["sha256"]:
+        raise IndexDamagedError(f"{path} does not match its stamp's checksum (damaged or replaced)")
+    return index
 
 
 def _read_mapped(faiss, path: Path):
@@ -256,23 +590,84 @@ def _read_mapped(faiss, path: Path):
         return faiss.read_index(str(path))
 
 
-def ids_of(index) -> set[int]:
-    """The ids an IndexIDMap holds (the SQLite record ids)."""
+def empty_delta(path: Path):
+    """An empty IVF with the centroids and codec of the IVF saved at `path`, to hold what is added next."""
     faiss = _faiss()
-    return set(faiss.vector_to_array(index.id_map).tolist())
+    twin = _read_mapped(faiss, path)  # mapped: its lists are not read, only replaced
+    ivf = faiss.extract_index_ivf(twin)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns it now
+    ivf.ntotal = 0
+    twin.ntotal = 0
+    return twin
+
+
+def can_layer(index) -> bool:
+    """Whether additions can go to a delta beside the file (an IVF holding its own ids) instead of a rewrite."""
+    faiss = _faiss()
+    return not hasattr(index, "id_map") and faiss.try_extract_index_ivf(index) is not None
+
+
+def _ivf_ids(ivf) -> np.ndarray:
+    """Every id stored in an IVF's inverted lists (in list order)."""
+    faiss = _faiss()
+    invlists = ivf.invlists
+    parts = []
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            parts.append(faiss.rev_swig_ptr(invlists.get_ids(list_no), size).copy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _ids_in_step(index) -> bool:
+    """False for an IndexIDMap2 over an IVF whose list positions no longer match the map.
+
+    Such a wrapper (what simsearch built before IVFs held their own ids) misnumbers
+    every hit after an in-place removal: the lists keep the old positions while the
+    map closes up. In step means the lists hold each position below ntotal once.
+    """
+    faiss = _faiss()
+    if not hasattr(index, "id_map"):
+        return True
+    ivf = faiss.try_extract_index_ivf(_inner(index))
+    if ivf is None:
+        return True
+    positions = _ivf_ids(ivf)
+    return len(positions) == index.ntotal and (not len(positions) or (
+        positions.max() < index.ntotal and len(np.unique(positions)) == len(positions)))
+
+
+def ids_of(index) -> np.ndarray:
+    """The SQLite ids the index holds, sorted."""
+    faiss = _faiss()
+    found = []
+    for layer in _layers(index):
+        if hasattr(layer, "id_map"):
+            found.append(faiss.vector_to_array(layer.id_map))
+            continue
+        ivf = faiss.try_extract_index_ivf(layer)
+        if ivf is None:
+            raise BadInputError(f"{type(layer).__name__} does not hold SQLite ids")
+        found.append(_ivf_ids(ivf))
+    return np.sort(np.concatenate(found))
 
 
 def can_remove(index) -> bool:
-    """Whether vectors can be removed in place (HNSW graphs cannot)."""
+    """Whether vectors can be removed in place: IVF (ids in its lists) and flat; not HNSW graphs."""
     faiss = _faiss()
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
-    return not hasattr(inner, "hnsw")
+    inner = _inner(index)
+    if hasattr(inner, "hnsw"):
+        return False
+    # An IVF under an id map (older files) would misnumber its hits after a removal.
+    return not (hasattr(_layers(index)[0], "id_map") and faiss.try_extract_index_ivf(inner) is not None)
 
 
 def is_trained_on_data(index) -> bool:
     """Whether the index learnt from its vectors (IVF centroids, PQ codebooks): those age as data grows."""
     faiss = _faiss()
-    inner = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    inner = _inner(index)
     return faiss.try_extract_index_ivf(inner) is not None or "PQ" in type(inner).__name__
 
 

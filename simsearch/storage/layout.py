@@ -7,6 +7,7 @@ An index folder holds:
 | `simsearch.sqlite` | records, boxes, vectors, maps, predictions, spec: the source of truth | build, localize |
 | `spec.json` | a human-readable copy of the spec | build |
 | `index.faiss` + `index.state.json` | FAISS over the vectors, stamped with the generation, size and sha256 it holds | build, or any reader that found it stale |
+| `index.delta-N.faiss` | an IVF's vectors added since index.faiss was written (named in the stamp) | build |
 | `localizer.pt` | the trained head: weights and spec in one file | train-localizer |
 | `write.lock` | held by the one writer at a time | build, localize, train-localizer |
 | `thumbs/` | cached thumbnails and box crops | views |
@@ -23,6 +24,7 @@ that rebuilt FAISS saves it only when no writer holds the folder.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -47,6 +49,7 @@ DB = "simsearch.sqlite"
 SPEC = "spec.json"
 FAISS = "index.faiss"
 FAISS_STATE = "index.state.json"
+FAISS_DELTA = "index.delta-{generation}.faiss"  # vectors added to an IVF since index.faiss was written
 HEAD = "localizer.pt"
 LEGACY_HEAD_SPEC = "localizer.json"  # the head's spec before it moved into HEAD
 LOCK = "write.lock"
@@ -70,21 +73,29 @@ def open_faiss(store: "Store", spec: IndexSpec):
     A rebuilt file is saved for the next process unless a writer holds the folder
     (it will write its own) or the folder is read-only (the rebuild still answers).
     """
-    generation = store.generation
     index = None
-    if faiss_generation(store.dir) == generation:
-        try:
-            index = faiss_index.load(*faiss_paths(store.dir))
-        except IndexDamagedError as e:
-            log.warning("%s; rebuilding it from %s", e, store.dir / DB)
+    for _ in range(3):  # a writer that moved on between our reads: read its new stamp rather than rebuild
+        generation = store.generation
+        if faiss_generation(store.dir) == generation:
+            try:
+                index = faiss_index.load(*faiss_paths(store.dir))
+                break
+            except IndexDamagedError as e:
+                if faiss_generation(store.dir) == generation:
+                    log.warning("%s; rebuilding it from %s", e, store.dir / DB)
+                    break
+        elif store.generation == generation:
+            break
     if index is None:
         log.warning("index.faiss is stale or damaged; rebuilding it from %s", store.dir / DB)
-        generation, ids, xb = store.vector_snapshot()
-        if not len(ids):
+        if not store.count("embeddings"):
             raise NotFoundError(f"{store.dir} holds no images (all were pruned); add some: "
                                 f"simsearch build-index DATA --index {store.dir}")
-        index = faiss_index.build(xb, ids, spec.index_type)
-        _save_unless_busy(store.dir, index, generation)
+        generation, ids, index, _, _ = _rebuilt(store, spec.index_type, spec.embedder.dim, probe=False)
+        # Read in chunks outside one transaction: saved only if nothing changed meanwhile and
+        # it holds exactly that generation's ids (a writer may be committing).
+        if store.generation == generation and np.array_equal(faiss_index.ids_of(index), ids):
+            _save_unless_busy(store.dir, index, generation)
     faiss_index.apply_params(index, faiss_index.SearchParams(spec.nprobe, spec.efsearch))
     return generation, index
 
@@ -104,11 +115,16 @@ def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
         release_writer_lock(lock)
 
 
-# An IVF index is trained once, on the collection as it was; new vectors are added to its lists
-# until the collection has grown this many times over, when its centroids no longer fit and it is
-# retrained. Search breadth is re-tuned after updates that grow the collection by RETUNE_GROWTH.
+# An IVF index is trained once, on a sample of the collection as it was; new vectors are added to
+# its lists until the collection has grown this many times over, when its centroids no longer fit
+# and it is retrained. After every update the recall target is re-checked on the recall probe
+# (widening the search if it fell short); after growth by RETUNE_GROWTH the breadth is tuned
+# again from the narrowest step, since a wider collection may also need less.
 RETRAIN_GROWTH = 4.0
 RETUNE_GROWTH = 1.25
+CHUNK = 50_000  # vectors read from the store at a time while building: bounds the writer's memory
+DELTA_MAX_SHARE = 0.1  # an IVF's delta is folded into its file past this share of the file's vectors
+PROBE_META = "faiss_recall_probe"  # the exact neighbours tuning measures recall against, with their generation
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,8 @@ class FaissSync:
     action: str  # "kept" (already current), "updated" (vectors added/removed in place) or "rebuilt"
     added: int = 0
     removed: int = 0
+    recall: float | None = None  # recall@10 against exact search on the probe, at the saved breadth (None: exact)
+    retuned: bool = False  # whether the search breadth was chosen again
 
 
 def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> FaissSync:
@@ -126,76 +144,225 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
 
     An incremental run updates the saved index in place (new vectors added, removed ones
     taken out) instead of rebuilding it from every vector; it is rebuilt when its type
-    changes with the collection's size, when it cannot remove (HNSW), when an IVF has
-    outgrown its training, or when the file is not to be trusted. The file's checksum is
-    read, not assumed: build-index vouches for what it leaves.
+    changes with the collection's size (an IVF keeps its lists while it grows, see
+    RETRAIN_GROWTH), when it cannot remove (HNSW), when an IVF has outgrown its
+    training, or when the file is not to be trusted. The file's checksum is read, not
+    assumed: build-index vouches for what it leaves. A rebuild reads the vectors CHUNK
+    at a time, so the writer holds the index and one chunk, never every vector.
     """
     if index_type:
         store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
     count = store.count("embeddings")
     if count == 0:
         raise BadInputError(f"no images could be indexed (see the skipped files: simsearch info --index {store.dir})")
-    factory = store.get_meta("index_type_forced") or faiss_index.choose_factory(count, embedder_spec.dim)
+    forced = store.get_meta("index_type_forced")
+    wanted = forced or faiss_index.choose_factory(count, embedder_spec.dim)
     saved = store.spec
-    same_type = saved is not None and saved.index_type == factory
-    on_disk = faiss_generation(store.dir, verify=True)
-    if same_type and on_disk == store.generation:
+    saved_type = saved.index_type if saved is not None else None
+    same_type = saved_type == wanted or (not forced and faiss_index.same_family(saved_type, wanted))
+    factory = saved_type if same_type else wanted  # an IVF keeps its list count until it is retrained
+    on_disk = faiss_generation(store.dir, verify=False)
+    if same_type and on_disk == store.generation and faiss_generation(store.dir, verify=True) == on_disk:
         return FaissSync(saved, "kept")
-    update = _updated_in_place(store, factory) if same_type and on_disk is not None else None
+    update = _updated_in_place(store, factory, on_disk) if same_type and on_disk is not None else None
     if update is not None:
-        index, generation, added, removed = update
-        params = faiss_index.SearchParams(saved.nprobe, saved.efsearch)
-        tuned_at = int(store.get_meta("faiss_tuned_count", "0") or 0)
-        if index.ntotal > RETUNE_GROWTH * tuned_at and (params.nprobe or params.efsearch):
-            _, ids, xb = store.vector_snapshot()  # the writer holds the lock: this is `generation`'s vectors
-            params, _ = faiss_index.tune_params(index, xb, ids)
-            store.set_meta("faiss_tuned_count", str(index.ntotal))
-        faiss_index.save(index, *faiss_paths(store.dir), generation)
-        result = FaissSync(saved, "updated", added, removed)
+        generation, probe, index = update.generation, update.probe, update.searched
+        params, recall, retuned = _rechecked(store, index, probe, update.xq,
+                                             faiss_index.SearchParams(saved.nprobe, saved.efsearch))
+        result = FaissSync(saved, "updated", update.added, update.removed)
     else:
-        # Generation and vectors from one read transaction: the stamp can only name what the file holds.
-        generation, ids, xb = store.vector_snapshot()
-        index = faiss_index.build(xb, ids, factory)
-        params, _ = faiss_index.tune_params(index, xb, ids)
-        faiss_index.save(index, *faiss_paths(store.dir), generation)
-        store.set_meta("faiss_trained_count", str(len(ids)))
-        store.set_meta("faiss_tuned_count", str(len(ids)))
-        result = FaissSync(saved, "rebuilt", len(ids), 0)
+        factory = wanted
+        generation, ids, index, probe, xq = _rebuilt(store, factory, embedder_spec.dim)
+        if not np.array_equal(faiss_index.ids_of(index), ids):
+            raise IndexDamagedError(f"{store.dir / DB} changed while index.faiss was rebuilt; was another process "
+                                    "writing without the lock? Run build-index again")
+        params, recall = faiss_index.tune(index, probe, xq) if probe is not None else (faiss_index.SearchParams(), None)
+        result, retuned = FaissSync(saved, "rebuilt", len(ids), 0), True
+    paths = faiss_paths(store.dir)
+    if update is not None and update.layered:
+        faiss_index.save_delta(update.index, *paths, store.dir / FAISS_DELTA.format(generation=generation), generation)
+    else:
+        faiss_index.save(index, *paths, generation)
+    _remove_stale_deltas(store.dir)
+    # What the file was trained and tuned on is recorded once it exists (a kill before leaves the old file's).
+    if result.action == "rebuilt":
+        store.set_meta("faiss_trained_count", str(index.ntotal))
+    if retuned:
+        store.set_meta("faiss_tuned_count", str(index.ntotal))
+    if probe is not None:
+        store.set_meta(PROBE_META, json.dumps({"generation": generation, "probe": probe.to_json()}))
     spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)
     if saved != spec:
         store.save_spec(spec)
-    return FaissSync(spec, result.action, result.added, result.removed)
+    return FaissSync(spec, result.action, result.added, result.removed, recall, retuned)
 
 
-def _updated_in_place(store: "Store", factory: str):
-    """(index, generation, added, removed): the saved index brought up to SQLite's ids, or None to rebuild."""
+def _chunks(ids: np.ndarray) -> Iterator[np.ndarray]:
+    size = CHUNK
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]
+
+
+def _rebuilt(store: "Store", factory: str, dim: int, probe: bool = True):
+    """(generation, ids, index, probe, xq): a new index of SQLite's vectors, read CHUNK at a time.
+
+    The generation is read with the ids, in one transaction; the writer holds the lock,
+    so the vectors read after are that generation's (the caller checks the ids). The
+    recall probe's exact neighbours are gathered on the same pass; its queries are
+    records outside the training sample, so they meet the centroids as new images do.
+    """
     generation, ids = store.id_snapshot()
+    index = faiss_index.empty(factory, dim)
+    wanted = faiss_index.training_size(index, len(ids))
+    rng = np.random.default_rng(0)
+    trained_on = np.zeros(0, dtype=np.int64)
+    if wanted:
+        trained_on = np.sort(rng.choice(ids, wanted, replace=False)) if wanted < len(ids) else ids
+        faiss_index.train(index, store.vectors(trained_on)[1])
+    recall_probe = xq = None
+    if probe and faiss_index.is_tunable(index):
+        outside = np.setdiff1d(ids, trained_on, assume_unique=True)
+        recall_probe = faiss_index.RecallProbe.sample(outside if len(outside) >= faiss_index.PROBE_QUERIES else ids)
+        xq = _probe_vectors(store, recall_probe)
+    for chunk in _chunks(ids):
+        chunk_ids, xb = store.vectors(chunk)
+        faiss_index.add(index, xb, chunk_ids)
+        if recall_probe is not None:
+            recall_probe.add(xq, xb, chunk_ids)
+    return generation, ids, index, recall_probe, xq
+
+
+def _probe_vectors(store: "Store", probe: "faiss_index.RecallProbe") -> np.ndarray:
+    """The probe's query vectors, in its order (queries whose record is gone are dropped from it)."""
+    found, xq = store.vectors(probe.queries)
+    gone = np.setdiff1d(probe.queries, found, assume_unique=True)
+    if len(gone):
+        probe.remove(gone)
+    return xq.reshape(len(probe.queries), -1)
+
+
+def _saved_probe(store: "Store", generation: int) -> "faiss_index.RecallProbe | None":
+    """The recall probe that matches the FAISS file of this generation, if one was saved with it."""
     try:
-        index = faiss_index.load(*faiss_paths(store.dir), use_gpu=False, writable=True)
+        saved = json.loads(store.get_meta(PROBE_META) or "null")
+        if saved is None or int(saved["generation"]) != generation:
+            return None
+        return faiss_index.RecallProbe.from_json(saved["probe"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class _Update:
+    """An index brought up to SQLite's ids in place, ready to save."""
+
+    index: object  # what is saved: the whole index, or (layered) the delta beside the unchanged file
+    searched: object  # what a reader searches: the index, or the file and the delta stacked
+    layered: bool
+    generation: int
+    added: int
+    removed: int
+    probe: "faiss_index.RecallProbe | None"
+    xq: np.ndarray | None
+
+
+def _updated_in_place(store: "Store", factory: str, on_disk: int) -> _Update | None:
+    """The saved index brought up to SQLite's ids, or None to rebuild.
+
+    An IVF takes new vectors into a delta beside its file (`index.delta-N.faiss`), so
+    adding 1% to a million-image index writes megabytes, not the whole file; the delta
+    is folded into a rewritten file when it passes DELTA_MAX_SHARE of it, or when
+    vectors must be removed from the file. Other types are read, changed and rewritten.
+    The recall probe saved with the file follows the same changes (new vectors merged
+    into its neighbour lists, removed ones struck out); without one, a fresh probe is
+    gathered with an exact pass over every vector.
+    """
+    generation, ids = store.id_snapshot()
+    path, state_path = faiss_paths(store.dir)
+    try:
+        base, delta = faiss_index.load_layers(path, state_path)
     except IndexDamagedError as e:
         log.warning("%s; rebuilding it", e)
         return None
-    held = faiss_index.ids_of(index)
-    wanted = set(ids.tolist())
-    removed = sorted(held - wanted)
-    added = sorted(wanted - held)
-    if removed and not faiss_index.can_remove(index):
+    base_ids = faiss_index.ids_of(base)
+    delta_ids = faiss_index.ids_of(delta) if delta is not None else np.zeros(0, dtype=np.int64)
+    held = np.union1d(base_ids, delta_ids)
+    removed = np.setdiff1d(held, ids, assume_unique=True)
+    added = np.setdiff1d(ids, held, assume_unique=True)
+    if len(removed) and not faiss_index.can_remove(base):
         log.info("%s cannot remove vectors: rebuilding instead", factory)
         return None
     trained = int(store.get_meta("faiss_trained_count", "0") or 0)
-    if faiss_index.is_trained_on_data(index) and len(ids) > RETRAIN_GROWTH * max(trained, 1):
+    if faiss_index.is_trained_on_data(base) and len(ids) > RETRAIN_GROWTH * max(trained, 1):
         log.info("%s was trained on %d vectors and the index now holds %d: retraining", factory, trained, len(ids))
         return None
-    if removed:
-        index.remove_ids(np.asarray(removed, dtype=np.int64))
-    if added:
-        new_ids, xb = store.vectors(added)
-        index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), new_ids)
-    if faiss_index.ids_of(index) != wanted:  # never save an index that does not hold exactly SQLite's ids
+    delta_after = len(delta_ids) + len(added) - np.isin(removed, delta_ids).sum()
+    layered = (faiss_index.can_layer(base) and not np.isin(removed, base_ids).any()
+               and delta_after <= DELTA_MAX_SHARE * base.ntotal)
+    if layered:
+        if faiss_generation(store.dir, verify=True) != on_disk:  # the checksum of the file it vouches for
+            return None
+        index = delta if delta is not None else faiss_index.empty_delta(path)
+    else:
+        try:
+            index = faiss_index.load(path, state_path, use_gpu=False, writable=True)
+        except IndexDamagedError as e:
+            log.warning("%s; rebuilding it", e)
+            return None
+    probe = _saved_probe(store, on_disk) if faiss_index.is_tunable(base) else None
+    faiss_index.remove(index, removed)
+    xq = None
+    if probe is not None:
+        probe.remove(removed)
+        xq = _probe_vectors(store, probe)
+    for chunk in _chunks(added):
+        chunk_ids, xb = store.vectors(chunk)
+        faiss_index.add(index, xb, chunk_ids)
+        if probe is not None:
+            probe.add(xq, xb, chunk_ids)
+    searched = faiss_index.stacked(base, index) if layered else index
+    if not np.array_equal(faiss_index.ids_of(searched), ids):  # never save an index without exactly SQLite's ids
         log.warning("in-place update of %s left other ids than SQLite's: rebuilding", factory)
         return None
-    log.info("updated %s in place: %d added, %d removed", factory, len(added), len(removed))
-    return index, generation, len(added), len(removed)
+    if faiss_index.is_tunable(base) and (probe is None or len(probe.queries) < faiss_index.PROBE_QUERIES // 2
+                                         or probe.usable(10, len(ids)).sum() < len(probe.queries) // 2):
+        log.info("no usable recall probe for %s: an exact pass over %d vectors", factory, len(ids))
+        probe = faiss_index.RecallProbe.sample(ids)
+        xq = _probe_vectors(store, probe)
+        for chunk in _chunks(ids):
+            chunk_ids, xb = store.vectors(chunk)
+            probe.add(xq, xb, chunk_ids)
+    log.info("updated %s in place%s: %d added, %d removed", factory, " (delta)" if layered else "",
+             len(added), len(removed))
+    return _Update(index, searched, layered, generation, len(added), len(removed), probe, xq)
+
+
+def _remove_stale_deltas(index_dir: Path) -> None:
+    """Delete delta files the stamp no longer names (a reader that has one open keeps reading it)."""
+    keep = faiss_index.delta_file(*faiss_paths(index_dir))
+    for found in Path(index_dir).glob(FAISS_DELTA.format(generation="*")):
+        if found != keep:
+            try:
+                found.unlink()
+            except OSError:
+                pass
+
+
+def _rechecked(store: "Store", index, probe, xq, params: "faiss_index.SearchParams"):
+    """(params, recall, retuned) after an in-place update: the recall target re-checked, the breadth widened if short."""
+    if probe is None:
+        return params, None, False
+    tuned_at = int(store.get_meta("faiss_tuned_count", "0") or 0)
+    if index.ntotal > RETUNE_GROWTH * tuned_at:
+        params, recall = faiss_index.tune(index, probe, xq)
+        return params, recall, True
+    faiss_index.apply_params(index, params)
+    recall = faiss_index.probe_recall(index, probe, xq)
+    if recall < faiss_index.RECALL_TARGET:
+        log.info("recall@10 %.3f at %s after the update: widening", recall, params)
+        params, recall = faiss_index.tune(index, probe, xq, above=params)
+        return params, recall, False
+    return params, recall, False
 
 
 def faiss_is_current(store: "Store") -> bool:
