@@ -244,3 +244,41 @@ def test_recall_probe_follows_adds_and_removals_exactly():
     assert 701 in gone and 701 not in probe.queries  # a query goes with its record
     again = faiss_index.RecallProbe.from_json(probe.to_json())
     assert np.array_equal(again.truth, probe.truth) and np.array_equal(again.queries, probe.queries)
+
+
+def test_the_recheck_searches_again_only_queries_whose_neighbours_changed():
+    xb = clustered_vectors(2700, DIM, seed=11)
+    ids = np.arange(1, 2701, dtype=np.int64)
+    index = faiss_index.build(xb[:2500], ids[:2500], "IVF16,Flat")  # exact codes: no near ties
+    faiss_index.apply_params(index, faiss_index.SearchParams(nprobe=2))  # recall well below 1
+    probe = faiss_index.RecallProbe.sample(ids[:2500], 150)
+    xq = xb[probe.queries - 1]
+    probe.add(xq, xb[:2500], ids[:2500])
+    before = faiss_index.probe_recall(index, probe, xq)
+    assert 0.3 < before < 0.99
+    faiss_index.add(index, xb[2500:], ids[2500:])
+    probe.add(xq, xb[2500:], ids[2500:])
+    stale = np.isnan(probe.recall)
+    assert 0 < stale.sum() < len(probe.queries)  # only queries that gained a true neighbour
+    searched = []
+    real_search = index.search
+    index.search = lambda x, k: searched.append(len(x)) or real_search(x, k)
+    after = faiss_index.probe_recall(index, probe, xq)
+    assert searched == [stale.sum()]
+    full = faiss_index.probe_recall(index, faiss_index.RecallProbe(probe.queries, probe.truth, probe.scores), xq)
+    assert after == pytest.approx(full)
+
+
+def test_tuning_picks_the_narrowest_rung_that_reaches_the_target():
+    xb = clustered_vectors(6000, DIM, seed=12)
+    ids = np.arange(6000, dtype=np.int64)
+    index = faiss_index.build(xb, ids, "IVF64,SQ8")
+    probe = faiss_index.RecallProbe.sample(ids, 200)
+    xq = xb[probe.queries]
+    probe.add(xq, xb, ids)
+    params, recall = faiss_index.tune(index, probe, xq, target=0.95)
+    assert recall >= 0.95 and faiss_index.probe_recall(index, probe, xq) == recall
+    ladder = [p for p in faiss_index.NPROBE_LADDER if p <= 64]
+    narrower = ladder[ladder.index(params.nprobe) - 1]
+    faiss_index.apply_params(index, faiss_index.SearchParams(nprobe=narrower))
+    assert faiss_index.probe_recall(index, probe, xq) < 0.95

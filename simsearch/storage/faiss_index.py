@@ -177,8 +177,9 @@ def default_params(factory: str) -> SearchParams:
     return SearchParams()
 
 
-NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
-EFSEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+                 640, 768, 896, 1024)
+EFSEARCH_LADDER = (16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 768, 1024)
 PROBE_QUERIES = 200  # records whose exact neighbours tuning measures recall against
 
 
@@ -193,23 +194,36 @@ class RecallProbe:
     removals still leave the true k nearest of what remains; a query that lost too
     many, or was itself removed, stops counting. The query vectors stay in the store:
     callers pass them as `xq`, in the order of `queries`.
+
+    Each query's recall at the breadth it was last searched with is kept too, and
+    only queries whose k nearest changed are searched again (`probe_recall`): a query
+    whose exact neighbours did not change gets the same answer from the index, but
+    for a new vector whose quantized score overtakes a true neighbour's (a near tie).
     """
 
     queries: np.ndarray  # (q,) int64, sorted: ids of the query records
     truth: np.ndarray  # (q, depth) int64: each query's nearest other records, best first; -1: none known
     scores: np.ndarray  # (q, depth) float32: their inner products; -inf where truth is -1
+    recall: np.ndarray | None = None  # (q,) float32: recall@k measured at `breadth`; nan: to measure again
+    breadth: int = 0  # the nprobe / efSearch `recall` was measured at (0: never)
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        if self.recall is None or len(self.recall) != len(self.queries):
+            self.recall = np.full(len(self.queries), np.nan, dtype=np.float32)
 
     @classmethod
-    def start(cls, queries: np.ndarray, depth: int = 20) -> "RecallProbe":
+    def start(cls, queries: np.ndarray, depth: int = 20, k: int = 10) -> "RecallProbe":
         """Queries with no neighbours yet: `add` every indexed vector to fill them."""
         queries = np.unique(np.asarray(queries, dtype=np.int64))
         return cls(queries, np.full((len(queries), depth), -1, dtype=np.int64),
-                   np.full((len(queries), depth), -np.inf, dtype=np.float32))
+                   np.full((len(queries), depth), -np.inf, dtype=np.float32), k=k)
 
     @classmethod
-    def sample(cls, ids: np.ndarray, n: int = PROBE_QUERIES, seed: int = 0, depth: int = 20) -> "RecallProbe":
+    def sample(cls, ids: np.ndarray, n: int = PROBE_QUERIES, seed: int = 0, depth: int = 20,
+               k: int = 10) -> "RecallProbe":
         rng = np.random.default_rng(seed)
-        return cls.start(rng.choice(ids, min(n, len(ids)), replace=False), depth)
+        return cls.start(rng.choice(ids, min(n, len(ids)), replace=False), depth, k)
 
     def add(self, xq: np.ndarray, xb: np.ndarray, ids: np.ndarray) -> None:
         """Merge vectors `xb` (with their ids) into each query's neighbours (`xq`: the queries' vectors)."""
@@ -230,15 +244,18 @@ class RecallProbe:
         if not len(ids):
             return
         keep = ~np.isin(self.queries, ids)
-        self.queries, truth, scores = self.queries[keep], self.truth[keep], self.scores[keep]
-        gone = np.isin(truth, ids)
-        self._merge(np.where(gone, -1, truth), np.where(gone, -np.inf, scores).astype(np.float32))
+        self.queries, self.recall = self.queries[keep], self.recall[keep]
+        self.truth, self.scores = self.truth[keep], self.scores[keep]
+        gone = np.isin(self.truth, ids)
+        self._merge(np.where(gone, -1, self.truth), np.where(gone, -np.inf, self.scores).astype(np.float32))
 
     def _merge(self, truth: np.ndarray, scores: np.ndarray) -> None:
         depth = self.truth.shape[1]
         order = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
-        self.truth = np.take_along_axis(truth, order, axis=1)
-        self.scores = np.take_along_axis(scores, order, axis=1)
+        truth = np.take_along_axis(truth, order, axis=1)
+        changed = (truth[:, :self.k] != self.truth[:, :self.k]).any(axis=1)
+        self.recall[changed] = np.nan  # their k nearest changed: search them again
+        self.truth, self.scores = truth, np.take_along_axis(scores, order, axis=1)
 
     def usable(self, k: int, ntotal: int) -> np.ndarray:
         """Which queries still know their k nearest (all others, in a collection of k or fewer)."""
@@ -247,8 +264,9 @@ class RecallProbe:
     def to_json(self) -> str:
         def pack(a: np.ndarray) -> str:
             return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()
-        return json.dumps({"depth": self.truth.shape[1], "queries": pack(self.queries), "truth": pack(self.truth),
-                           "scores": pack(self.scores)})
+        return json.dumps({"depth": self.truth.shape[1], "k": self.k, "breadth": self.breadth,
+                           "queries": pack(self.queries), "truth": pack(self.truth), "scores": pack(self.scores),
+                           "recall": pack(self.recall)})
 
     @classmethod
     def from_json(cls, text: str) -> "RecallProbe":
@@ -257,7 +275,8 @@ class RecallProbe:
             return np.frombuffer(base64.b64decode(data[key]), dtype=dtype).copy()
         queries = unpack("queries", np.int64)
         shape = (len(queries), int(data["depth"]))
-        return cls(queries, unpack("truth", np.int64).reshape(shape), unpack("scores", np.float32).reshape(shape))
+        return cls(queries, unpack("truth", np.int64).reshape(shape), unpack("scores", np.float32).reshape(shape),
+                   unpack("recall", np.float32), int(data["breadth"]), int(data["k"]))
 
 
 def _ladder(index, k: int) -> list[SearchParams]:
@@ -276,28 +295,46 @@ def is_tunable(index) -> bool:
     return bool(_ladder(index, 10))
 
 
+def _breadth(index) -> int:
+    faiss = _faiss()
+    inner = _inner(index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        return int(ivf.nprobe)
+    return int(inner.hnsw.efSearch) if hasattr(inner, "hnsw") else 0
+
+
 def probe_recall(index, probe: RecallProbe, xq: np.ndarray, k: int = 10) -> float:
-    """recall@k of `index` at its current breadth against the probe's exact neighbours (self excluded)."""
+    """recall@k of `index` at its current breadth against the probe's exact neighbours (self excluded).
+
+    Searches only the queries not yet measured at this breadth (all of them after
+    the breadth changed; after an update, those whose k nearest changed).
+    """
     rows = probe.usable(k, index.ntotal)
     if not rows.any():
         return float("nan")
-    queries, truth, xq = probe.queries[rows], probe.truth[rows], np.ascontiguousarray(xq[rows], dtype=np.float32)
-    _, found = index.search(xq, min(k + 1, max(1, index.ntotal)))
-    hits = []
-    for q, row, t in zip(queries, found, truth):
-        want = {int(i) for i in t[:k] if i >= 0}
-        got = [int(f) for f in row if f >= 0 and f != q][:k]
-        hits.append(len(want & set(got)) / max(1, len(want)))
-    return float(np.mean(hits))
+    breadth = _breadth(index)
+    if breadth != probe.breadth or k != probe.k:
+        probe.recall[:], probe.breadth, probe.k = np.nan, breadth, k
+    todo = np.flatnonzero(rows & np.isnan(probe.recall))
+    if len(todo):
+        _, found = index.search(np.ascontiguousarray(xq[todo], dtype=np.float32), min(k + 1, max(1, index.ntotal)))
+        for row, hits in zip(todo, found):
+            want = {int(i) for i in probe.truth[row, :k] if i >= 0}
+            got = [int(f) for f in hits if f >= 0 and f != probe.queries[row]][:k]
+            probe.recall[row] = len(want & set(got)) / max(1, len(want))
+    return float(np.mean(probe.recall[rows]))
 
 
 def tune(index, probe: RecallProbe, xq: np.ndarray, target: float = RECALL_TARGET, k: int = 10,
          above: SearchParams | None = None) -> tuple[SearchParams, float]:
     """The narrowest breadth on the ladder (wider than `above`) whose recall@k on the probe reaches `target`.
 
-    Applies it to `index`. When no step reaches the target (lossy codes such as PQ),
-    the narrowest step within 0.01 of the best recall seen, since searching wider past
-    the plateau costs time and buys nothing.
+    Applies it to `index`. The ladder is walked in doubling steps until one reaches the
+    target, then bisected between it and the step below (recall grows with breadth),
+    so a fine ladder costs a few extra searches, not one per rung. When no step
+    reaches the target (lossy codes such as PQ), the narrowest step within 0.01 of the
+    best recall seen, since searching wider past the plateau costs time and buys nothing.
     """
     ladder = _ladder(index, k)
     if not ladder:
@@ -306,22 +343,52 @@ def tune(index, probe: RecallProbe, xq: np.ndarray, target: float = RECALL_TARGE
         floor = above.nprobe or above.efsearch or 0
         ladder = [p for p in ladder if (p.nprobe or p.efsearch or 0) > floor] or ladder[-1:]
     started = time.perf_counter()
-    measured: list[tuple[SearchParams, float]] = []
-    for params in ladder:
-        apply_params(index, params)
-        recall = probe_recall(index, probe, xq, k)
+    measured: dict[int, float] = {}
+
+    def recall_at(i: int) -> float:
+        if i not in measured:
+            apply_params(index, ladder[i])
+            measured[i] = probe_recall(index, probe, xq, k)
+        return measured[i]
+
+    coarse = _doubling([p.nprobe or p.efsearch or 0 for p in ladder])
+    below, reached = -1, None
+    for i in coarse:
+        recall = recall_at(i)
         if math.isnan(recall):
             return ladder[-1], 1.0  # nothing to measure against (a collection of one)
-        measured.append((params, recall))
         if recall >= target:
+            reached = i
             break
-    else:
-        best = max(r for _, r in measured)
-        params, recall = next((p, r) for p, r in measured if r >= best - 0.01)
-        apply_params(index, params)
+        below = i
+    if reached is None:
+        best = max(measured.values())
+        chosen = min(i for i, r in measured.items() if r >= best - 0.01)
         log.warning("recall@%d target %.2f not reached by %s; best %.3f", k, target, _factory_name(index), best)
-    log.info("tuned %s to recall@%d %.3f in %.2fs", params, k, recall, time.perf_counter() - started)
+    else:
+        low, chosen = below + 1, reached  # the answer lies in (below, reached]
+        while low < chosen:
+            middle = (low + chosen) // 2
+            if recall_at(middle) >= target:
+                chosen = middle
+            else:
+                low = middle + 1
+    params, recall = ladder[chosen], recall_at(chosen)
+    apply_params(index, params)
+    log.info("tuned %s to recall@%d %.3f in %.2fs (%d steps measured)", params, k, recall,
+             time.perf_counter() - started, len(measured))
     return params, recall
+
+
+def _doubling(width: list[int]) -> list[int]:
+    """Indexes of ladder steps at least twice as wide as the one before them, and the widest step."""
+    picked = [0]
+    for i, w in enumerate(width):
+        if w >= 2 * width[picked[-1]]:
+            picked.append(i)
+    if picked[-1] != len(width) - 1:
+        picked.append(len(width) - 1)
+    return picked
 
 
 def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = RECALL_TARGET, k: int = 10,
@@ -348,7 +415,7 @@ def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = RECALL_T
     ids = np.asarray(ids, dtype=np.int64)
     if len(ids) == 0:
         return _ladder(index, k)[-1], 1.0
-    probe = RecallProbe.sample(ids, sample, seed, depth=k)
+    probe = RecallProbe.sample(ids, sample, seed, depth=k, k=k)
     order = np.argsort(ids, kind="stable")
     rows = order[np.searchsorted(ids[order], probe.queries)]
     xq = np.ascontiguousarray(xb[rows], dtype=np.float32)

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,19 +153,23 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
     """
     if index_type:
         store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
-    count = store.count("embeddings")
-    if count == 0:
+    with ThreadPoolExecutor(1) as pool:
+        # The checksum of a large file takes about as long as listing a million ids (hashlib and
+        # faiss leave the GIL): both at once.
+        checked = pool.submit(faiss_generation, store.dir, True)
+        generation, ids = store.id_snapshot()
+        on_disk = checked.result()
+    if not len(ids):
         raise BadInputError(f"no images could be indexed (see the skipped files: simsearch info --index {store.dir})")
     forced = store.get_meta("index_type_forced")
-    wanted = forced or faiss_index.choose_factory(count, embedder_spec.dim)
+    wanted = forced or faiss_index.choose_factory(len(ids), embedder_spec.dim)
     saved = store.spec
     saved_type = saved.index_type if saved is not None else None
     same_type = saved_type == wanted or (not forced and faiss_index.same_family(saved_type, wanted))
     factory = saved_type if same_type else wanted  # an IVF keeps its list count until it is retrained
-    on_disk = faiss_generation(store.dir, verify=False)
-    if same_type and on_disk == store.generation and faiss_generation(store.dir, verify=True) == on_disk:
+    if same_type and on_disk == generation:
         return FaissSync(saved, "kept")
-    update = _updated_in_place(store, factory, on_disk) if same_type and on_disk is not None else None
+    update = _updated_in_place(store, factory, on_disk, generation, ids) if same_type and on_disk is not None else None
     if update is not None:
         generation, probe, index = update.generation, update.probe, update.searched
         params, recall, retuned = _rechecked(store, index, probe, update.xq,
@@ -266,8 +271,8 @@ class _Update:
     xq: np.ndarray | None
 
 
-def _updated_in_place(store: "Store", factory: str, on_disk: int) -> _Update | None:
-    """The saved index brought up to SQLite's ids, or None to rebuild.
+def _updated_in_place(store: "Store", factory: str, on_disk: int, generation: int, ids: np.ndarray) -> _Update | None:
+    """The saved index (checksummed: generation `on_disk`) brought up to SQLite's `ids` of `generation`, or None to rebuild.
 
     An IVF takes new vectors into a delta beside its file (`index.delta-N.faiss`), so
     adding 1% to a million-image index writes megabytes, not the whole file; the delta
@@ -277,7 +282,6 @@ def _updated_in_place(store: "Store", factory: str, on_disk: int) -> _Update | N
     into its neighbour lists, removed ones struck out); without one, a fresh probe is
     gathered with an exact pass over every vector.
     """
-    generation, ids = store.id_snapshot()
     path, state_path = faiss_paths(store.dir)
     try:
         base, delta = faiss_index.load_layers(path, state_path)
@@ -286,7 +290,7 @@ def _updated_in_place(store: "Store", factory: str, on_disk: int) -> _Update | N
         return None
     base_ids = faiss_index.ids_of(base)
     delta_ids = faiss_index.ids_of(delta) if delta is not None else np.zeros(0, dtype=np.int64)
-    held = np.union1d(base_ids, delta_ids)
+    held = np.sort(np.concatenate([base_ids, delta_ids]))
     removed = np.setdiff1d(held, ids, assume_unique=True)
     added = np.setdiff1d(ids, held, assume_unique=True)
     if len(removed) and not faiss_index.can_remove(base):
@@ -300,8 +304,6 @@ def _updated_in_place(store: "Store", factory: str, on_disk: int) -> _Update | N
     layered = (faiss_index.can_layer(base) and not np.isin(removed, base_ids).any()
                and delta_after <= DELTA_MAX_SHARE * base.ntotal)
     if layered:
-        if faiss_generation(store.dir, verify=True) != on_disk:  # the checksum of the file it vouches for
-            return None
         index = delta if delta is not None else faiss_index.empty_delta(path)
     else:
         try:
@@ -321,7 +323,8 @@ def _updated_in_place(store: "Store", factory: str, on_disk: int) -> _Update | N
         if probe is not None:
             probe.add(xq, xb, chunk_ids)
     searched = faiss_index.stacked(base, index) if layered else index
-    if not np.array_equal(faiss_index.ids_of(searched), ids):  # never save an index without exactly SQLite's ids
+    now = np.sort(np.concatenate([base_ids, faiss_index.ids_of(index)])) if layered else faiss_index.ids_of(index)
+    if not np.array_equal(now, ids):  # never save an index without exactly SQLite's ids
         log.warning("in-place update of %s left other ids than SQLite's: rebuilding", factory)
         return None
     if faiss_index.is_tunable(base) and (probe is None or len(probe.queries) < faiss_index.PROBE_QUERIES // 2
