@@ -4,7 +4,8 @@ An index folder holds:
 
 | file | what | written by |
 |---|---|---|
-| `simsearch.sqlite` | records, boxes, vectors, maps, predictions, spec: the source of truth | build, localize |
+| `simsearch.sqlite` | records, boxes, predictions, spec, where each vector and map sits: the source of truth | build, localize |
+| `shards/vec-N.f16`, `shards/map-N.f16` | float16 vectors and kept feature maps, append-only (`shards.py`) | build |
 | `spec.json` | a human-readable copy of the spec | build |
 | `index.faiss` + `index.state.json` | FAISS over the vectors, stamped with the generation, size and sha256 it holds | build, or any reader that found it stale |
 | `index.delta-N.faiss` | an IVF's vectors added since index.faiss was written (named in the stamp) | build |
