@@ -1,4 +1,5 @@
-"""The index type for large collections (issue 11): IVF over SQ8 codes, grown by deltas, tuned on a recall probe.
+"""The index type for large collections (issue 11): IVF-PQ fast-scan re-ranked with the stored vectors, grown by
+deltas, tuned on a recall probe.
 
 Small vectors through the real store and sync rule; the thresholds that choose the
 type are lowered so that a few thousand vectors take the large-collection path.
@@ -12,6 +13,7 @@ import pytest
 
 from simsearch.errors import IndexDamagedError
 from simsearch.records import ImageRecord
+from simsearch.retrieval.searcher import Searcher
 from simsearch.spec import EmbedderSpec, IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import NewImage, Store
@@ -25,7 +27,7 @@ SPEC = EmbedderSpec("synthetic", "none", "0" * 64, DIM, (1, 1, 1))
 
 @pytest.fixture()
 def large_path(monkeypatch):
-    """Thousands of vectors count as a large collection: IVF-SQ8 is chosen."""
+    """Thousands of vectors count as a large collection: IVF-PQ fast-scan is chosen."""
     monkeypatch.setattr(faiss_index, "EXACT_MAX", 100)
 
 
@@ -47,17 +49,41 @@ def _deltas(index_dir: Path) -> list[str]:
     return sorted(p.name for p in index_dir.glob("index.delta-*.faiss"))
 
 
-def test_large_collections_get_ivf_over_sq8_with_about_sqrt_n_lists():
+def test_large_collections_get_ivf_pq_fast_scan_with_about_sqrt_n_lists_and_reranking():
     assert faiss_index.choose_factory(faiss_index.EXACT_MAX, 1280) == "Flat"
-    assert faiss_index.choose_factory(100_000, 1280) == "IVF256,SQ8"
-    assert faiss_index.choose_factory(1_000_000, 1280) == "IVF1024,SQ8"
-    assert faiss_index.choose_factory(1_000_000, 2048) == "IVF1024,SQ8"
-    assert faiss_index.choose_factory(4_000_000, 1280) == "IVF2048,SQ8"
-    huge = faiss_index.choose_factory(20_000_000, 2048)  # SQ8 codes past SQ8_MAX_BYTES: PQ
-    assert huge.startswith("IVF") and "PQ" in huge
-    assert faiss_index.same_family("IVF1024,SQ8", "IVF2048,SQ8")
-    assert not faiss_index.same_family("IVF1024,SQ8", "IVF1024,PQ64")
+    assert faiss_index.choose_factory(100_000, 1280) == "IVF256,PQ320x4fs"
+    assert faiss_index.choose_factory(1_000_000, 1280) == "IVF1024,PQ320x4fs"
+    assert faiss_index.choose_factory(1_000_000, 2048) == "IVF1024,PQ512x4fs"
+    assert faiss_index.choose_factory(4_000_000, 1280) == "IVF2048,PQ320x4fs"
+    assert faiss_index.rerank_depth("IVF1024,PQ320x4fs") == faiss_index.RERANK
+    assert faiss_index.rerank_depth("IVF1024,SQ8") is None and faiss_index.rerank_depth("Flat") is None
+    assert faiss_index.same_family("IVF1024,PQ320x4fs", "IVF2048,PQ320x4fs")
+    assert not faiss_index.same_family("IVF1024,SQ8", "IVF1024,PQ320x4fs")
     assert not faiss_index.same_family("HNSW32,Flat", "IVF1024,SQ8")
+
+
+def test_reranking_returns_exact_scores_and_recovers_what_the_codes_lose():
+    both = clustered_vectors(6200, 64, seed=13)
+    xb, xq = both[:6000], both[6000:]
+    ids = np.arange(100, 6100, dtype=np.int64)
+    index = faiss_index.build(xb, ids, "IVF16,PQ16x4fs")  # 4 dimensions a 4-bit code, as chosen for large sets
+    faiss_index.apply_params(index, faiss_index.SearchParams(nprobe=16))  # every list: only the codes err
+
+    def vectors_of(wanted):
+        wanted = np.sort(wanted)
+        return wanted, xb[wanted - 100]
+
+    _, exact = faiss.knn(xq, xb, 10, faiss.METRIC_INNER_PRODUCT)
+    _, coded = faiss_index.search(index, xq, 10)
+    D, reranked = faiss_index.search(index, xq, 10, rerank=200, vectors_of=vectors_of)
+    assert recall_at_k(reranked, ids[exact], 10) >= recall_at_k(coded, ids[exact], 10) + 0.2
+    assert recall_at_k(reranked, ids[exact], 10) >= 0.9
+    assert np.allclose(D[:, 0], np.einsum("ij,ij->i", xq, xb[reranked[:, 0] - 100]), atol=1e-5)  # exact scores
+    assert np.all(np.diff(D, axis=1) <= 1e-6)  # best first
+    gone = set(reranked[0, :3].tolist())  # records removed since the index was saved: no answer
+    _, without = faiss_index.search(index, xq[:1], 10, rerank=100,
+                                    vectors_of=lambda w: vectors_of(np.array([i for i in w if i not in gone])))
+    assert not gone & set(without[0].tolist())
 
 
 def test_ivf_sq8_round_trips_mapped_with_sqlite_ids(tmp_path: Path):
@@ -111,7 +137,8 @@ def test_additions_go_to_a_delta_without_retraining(tmp_path: Path, large_path):
     with Store(index_dir, create=True) as store:
         _add(store, xb[:2000], 0)
         built = layout.sync_faiss(store, SPEC)
-        assert built.action == "rebuilt" and built.spec.index_type == "IVF32,SQ8"
+        assert built.action == "rebuilt" and built.spec.index_type == "IVF32,PQ8x4fs"
+        assert built.spec.rerank == faiss_index.RERANK
         main_file = layout.faiss_paths(index_dir)[0]
         before = (main_file.read_bytes(), _centroids(index_dir))
         new = _add(store, xb[2000:2100], 2000)
@@ -128,11 +155,11 @@ def test_additions_go_to_a_delta_without_retraining(tmp_path: Path, large_path):
         ids, _ = store.vectors()
         generation, index = layout.open_faiss(store, store.spec)  # a reader: the file and its delta together
         assert generation == store.generation
+        _, found = faiss_index.search(index, xb[2000:2100], 1, store.spec.rerank, store.vectors)
+    assert np.array_equal(found[:, 0], np.asarray(new))  # new images are found, re-ranked exactly
     assert np.array_equal(_centroids(index_dir), before[1])
     assert index.ntotal == len(ids) == 2150
     assert np.array_equal(faiss_index.ids_of(index), ids)
-    _, found = faiss_index.search(index, xb[2000:2100], 1)
-    assert (found[:, 0] == np.asarray(new)).mean() >= 0.95  # new images are found (SQ8: near-ties aside)
 
 
 def test_a_delta_is_folded_in_past_its_share_or_when_the_file_loses_vectors(tmp_path: Path, large_path):
@@ -161,14 +188,14 @@ def test_an_ivf_keeps_its_lists_as_it_grows_until_it_outgrows_its_training(tmp_p
     xb = clustered_vectors(9000, DIM, seed=6)
     with Store(tmp_path / "idx", create=True) as store:
         _add(store, xb[:2000], 0)
-        assert layout.sync_faiss(store, SPEC).spec.index_type == "IVF32,SQ8"
+        assert layout.sync_faiss(store, SPEC).spec.index_type == "IVF32,PQ8x4fs"
         _add(store, xb[2000:5000], 2000)  # sqrt(5000) would choose 64 lists; 2.5x the training: kept
         synced = layout.sync_faiss(store, SPEC)
-        assert (synced.action, synced.spec.index_type) == ("updated", "IVF32,SQ8")
+        assert (synced.action, synced.spec.index_type) == ("updated", "IVF32,PQ8x4fs")
         _add(store, xb[5000:], 5000)  # past 4x the 2000 it was trained on
         synced = layout.sync_faiss(store, SPEC)
         assert synced.action == "rebuilt"
-        assert synced.spec.index_type == faiss_index.choose_factory(9000, DIM) == "IVF128,SQ8"  # lists for its size
+        assert synced.spec.index_type == faiss_index.choose_factory(9000, DIM) == "IVF128,PQ8x4fs"  # lists for n
         assert store.get_meta("faiss_trained_count") == "9000"
 
 
@@ -180,9 +207,9 @@ def test_recall_target_is_reached_and_rechecked_after_adds(tmp_path: Path, large
         built = layout.sync_faiss(store, SPEC)
         assert built.recall >= faiss_index.RECALL_TARGET and built.spec.nprobe < 32  # tuned, not simply widest
         ids, all_xb = store.vectors()
-        index = layout.open_faiss(store, store.spec)[1]
         _, exact = faiss.knn(xq, all_xb, 10, faiss.METRIC_INNER_PRODUCT)
-        assert recall_at_k(faiss_index.search(index, xq, 10)[1], ids[exact], 10) >= 0.9  # held out, checked apart
+        with Searcher(tmp_path / "idx") as searcher:  # the query path, re-ranking included
+            assert recall_at_k(searcher.knn(xq, 10)[1], ids[exact], 10) >= 0.9  # held out, checked apart
         # Narrow the saved breadth by hand: the re-check after the next add must find the shortfall and widen.
         store.save_spec(IndexSpec(SPEC, built.spec.index_type, nprobe=1))
         _add(store, xb[3600:3700], 3600)

@@ -14,9 +14,8 @@ from vectors import clustered_vectors, recall_at_k
 def test_choice_by_size():
     assert faiss_index.choose_factory(1_000, 2048) == "Flat"
     assert faiss_index.choose_factory(faiss_index.EXACT_MAX, 2048) == "Flat"
-    assert faiss_index.choose_factory(200_000, 2048) == "IVF512,SQ8"
-    big = faiss_index.choose_factory(5_000_000, 2048)
-    assert big.startswith("IVF") and "PQ" in big
+    assert faiss_index.choose_factory(200_000, 2048) == "IVF512,PQ512x4fs"
+    assert faiss_index.choose_factory(5_000_000, 2048) == "IVF2048,PQ512x4fs"
 
 
 def test_flat_returns_sqlite_ids_and_exact_scores():

@@ -128,8 +128,11 @@ class Searcher:
     # ------------------------------------------------------------ searching
 
     def knn(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """D, I for each row of `xq` (I is -1 where fewer than k vectors exist): FAISS in its own words."""
-        return faiss_index.search(self.index, xq, k)
+        """D, I for each row of `xq` (I is -1 where fewer than k vectors exist): FAISS in its own words.
+
+        An index of compressed codes has its candidates re-scored with the stored vectors (`spec.rerank`).
+        """
+        return faiss_index.search(self.index, xq, k, self.spec.rerank, self.store.vectors)
 
     def search_vector(self, xq: np.ndarray, k: int, exclude: set[int] | frozenset[int] = frozenset(),
                       label: str | None = None) -> list[Neighbour]:

@@ -5,14 +5,18 @@ and searches return `D, I` (scores, ids). Ids are the SQLite record ids, so a hi
 needs no translation table: an IVF keeps them in its inverted lists, any other
 type is wrapped in `IndexIDMap2`.
 
-Large collections get an IVF over 8-bit scalar-quantized vectors (`IVF{nlist},SQ8`,
-a quarter of float32), whose inverted lists a reader memory-maps, so a query
-process holds only the pages it touches. Measured at 1M x 1280-d on 2 cores
-(benchmarks/bench_scale.py, vectors with the spectrum of real Lite0 embeddings):
-HNSW32,Flat needs over 5 GB of RAM there; IVF1024,SQ8 builds in about a minute,
-needs 1.3 KB a vector and reaches held-out recall@10 0.95 at about 30x the QPS of
-exact search, where IVF2048 was no faster at that recall and 1.6x slower to build,
-and IVF4096 slower still (6 min of k-means).
+Large collections get an IVF over 4-bit product-quantized codes scanned with
+faiss's fast-scan kernels (`IVF{nlist},PQ{dim/4}x4fs`, 176 bytes a 1280-d vector),
+whose top RERANK candidates are re-scored exactly with the float32 vectors the
+store holds (`search(..., rerank, vectors_of)`). Measured at 1M x 1280-d on 2 cores
+(vectors with the spectrum of real Lite0 embeddings, held-out queries, one at a
+time): IVF1024,PQ320x4fs + re-ranking 100 reached recall@10 0.96 at nprobe 192 in
+2.5 ms of search, against 180 ms for exact search; IVF1024,SQ8 (1.3 KB a vector)
+needed nprobe 224 and 46 ms for the same recall (its 8-bit codes scan slower than
+exact search reads float32, byte for byte); PQ64x4fs and PQ128x4fs lost too much
+to re-ranking (0.61 and 0.86 with 200 re-scored); HNSW32,Flat needs over 5 GB of
+RAM there. IVF2048 and IVF4096 were no faster at equal recall than IVF1024 and
+1.6x and 9x slower to train, hence about sqrt(n) lists.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +39,12 @@ log = logging.getLogger(__name__)
 
 VERIFY_MAX_BYTES = 512 * 1024 * 1024  # checksum read on open up to here (sha256 runs at ~1.8 GB/s)
 EXACT_MAX = 50_000  # below this, exact search is fast enough (a few ms a query) and perfect
-# Above EXACT_MAX, IVF over SQ8 codes. HNSW (`--index-type HNSW32,Flat`) answers faster at
-# 100k-300k (0.7-1.3 ms against 4-10 ms at held-out recall@10 0.95), but measured there it built
-# 45x slower (64 s against 1.4 s at 100k x 1280-d; 225 s at 300k), held 4x the memory, must be
+# Above EXACT_MAX, IVF-PQ fast-scan with re-ranking. HNSW (`--index-type HNSW32,Flat`) answers
+# fast too, but measured at 100k-300k x 1280-d it built 45x slower than an IVF (64 s against
+# 1.4 s at 100k; 225 s at 300k), held 4x the memory of SQ8 codes (30x that of PQ), must be
 # rebuilt whenever a record is removed, and recall tuned on indexed records overstated its
 # recall on new images (0.98 against 0.94): an index that grows and shrinks in place is IVF.
-SQ8_MAX_BYTES = 6 << 30  # SQ8 codes up to here (4.7M x 1280-d); beyond, PQ codes a tenth of the size
+RERANK = 100  # candidates re-scored exactly per query (at least k): 0.959 at 100, 0.964 at 200, 1M
 RECALL_TARGET = 0.95  # recall@10 against exact search that tuning aims for
 
 
@@ -53,14 +57,16 @@ def _faiss():
 
 
 def choose_factory(n: int, dim: int) -> str:
-    """An index type by size: exact, then IVF over SQ8 codes, then IVF-PQ once SQ8 codes outgrow memory."""
+    """An index type by size: exact, then IVF over 4-bit PQ codes (fast-scan) re-ranked with the stored vectors."""
     if n <= EXACT_MAX:
         return "Flat"
-    nlist = ivf_lists(n)
-    if n * dim <= SQ8_MAX_BYTES:
-        return f"IVF{nlist},SQ8"
-    m = next(m for m in (64, 48, 32, 16, 8) if dim % m == 0)
-    return f"IVF{nlist},PQ{m}"
+    m = next(m for m in range(dim // 4, 0, -1) if dim % m == 0 and m % 2 == 0)  # 4 dimensions a code
+    return f"IVF{ivf_lists(n)},PQ{m}x4fs"
+
+
+def rerank_depth(factory: str) -> int | None:
+    """How many candidates to re-score exactly for an index type: product-quantized codes need it."""
+    return RERANK if "PQ" in factory.split(",", 1)[-1] else None
 
 
 def ivf_lists(n: int) -> int:
@@ -198,7 +204,9 @@ class RecallProbe:
     Each query's recall at the breadth it was last searched with is kept too, and
     only queries whose k nearest changed are searched again (`probe_recall`): a query
     whose exact neighbours did not change gets the same answer from the index, but
-    for a new vector whose quantized score overtakes a true neighbour's (a near tie).
+    for a new vector whose quantized score overtakes a true neighbour's at the edge
+    of the k found or of the candidates re-ranked (rare after a small update; growth
+    by RETUNE_GROWTH measures every query again).
     """
 
     queries: np.ndarray  # (q,) int64, sorted: ids of the query records
@@ -304,7 +312,8 @@ def _breadth(index) -> int:
     return int(inner.hnsw.efSearch) if hasattr(inner, "hnsw") else 0
 
 
-def probe_recall(index, probe: RecallProbe, xq: np.ndarray, k: int = 10) -> float:
+def probe_recall(index, probe: RecallProbe, xq: np.ndarray, k: int = 10, rerank: int | None = None,
+                 vectors_of: Callable | None = None) -> float:
     """recall@k of `index` at its current breadth against the probe's exact neighbours (self excluded).
 
     Searches only the queries not yet measured at this breadth (all of them after
@@ -318,7 +327,7 @@ def probe_recall(index, probe: RecallProbe, xq: np.ndarray, k: int = 10) -> floa
         probe.recall[:], probe.breadth, probe.k = np.nan, breadth, k
     todo = np.flatnonzero(rows & np.isnan(probe.recall))
     if len(todo):
-        _, found = index.search(np.ascontiguousarray(xq[todo], dtype=np.float32), min(k + 1, max(1, index.ntotal)))
+        _, found = search(index, xq[todo], k + 1, rerank, vectors_of)
         for row, hits in zip(todo, found):
             want = {int(i) for i in probe.truth[row, :k] if i >= 0}
             got = [int(f) for f in hits if f >= 0 and f != probe.queries[row]][:k]
@@ -327,7 +336,8 @@ def probe_recall(index, probe: RecallProbe, xq: np.ndarray, k: int = 10) -> floa
 
 
 def tune(index, probe: RecallProbe, xq: np.ndarray, target: float = RECALL_TARGET, k: int = 10,
-         above: SearchParams | None = None) -> tuple[SearchParams, float]:
+         above: SearchParams | None = None, rerank: int | None = None,
+         vectors_of: Callable | None = None) -> tuple[SearchParams, float]:
     """The narrowest breadth on the ladder (wider than `above`) whose recall@k on the probe reaches `target`.
 
     Applies it to `index`. The ladder is walked in doubling steps until one reaches the
@@ -348,7 +358,7 @@ def tune(index, probe: RecallProbe, xq: np.ndarray, target: float = RECALL_TARGE
     def recall_at(i: int) -> float:
         if i not in measured:
             apply_params(index, ladder[i])
-            measured[i] = probe_recall(index, probe, xq, k)
+            measured[i] = probe_recall(index, probe, xq, k, rerank, vectors_of)
         return measured[i]
 
     coarse = _doubling([p.nprobe or p.efsearch or 0 for p in ladder])
@@ -392,7 +402,7 @@ def _doubling(width: list[int]) -> list[int]:
 
 
 def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = RECALL_TARGET, k: int = 10,
-                sample: int = PROBE_QUERIES, seed: int = 0) -> tuple[SearchParams, float]:
+                sample: int = PROBE_QUERIES, seed: int = 0, rerank: int | None = None) -> tuple[SearchParams, float]:
     """The narrowest search breadth whose recall@k, measured on a sample, reaches `target`.
 
     Recall is verified, not assumed: `sample` database vectors are searched exactly
@@ -420,7 +430,10 @@ def tune_params(index, xb: np.ndarray, ids: np.ndarray, target: float = RECALL_T
     rows = order[np.searchsorted(ids[order], probe.queries)]
     xq = np.ascontiguousarray(xb[rows], dtype=np.float32)
     probe.add(xq, xb, ids)
-    return tune(index, probe, xq, target, k)
+    def vectors_of(wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        wanted = np.sort(wanted)
+        return wanted, xb[order[np.searchsorted(ids[order], wanted)]]
+    return tune(index, probe, xq, target, k, rerank=rerank, vectors_of=vectors_of)
 
 
 def _layers(index) -> list:
@@ -449,11 +462,33 @@ def apply_params(index, params: SearchParams) -> None:
             inner.hnsw.efSearch = params.efsearch
 
 
-def search(index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """D, I for each query row; I is -1 where fewer than k vectors exist."""
+def search(index, xq: np.ndarray, k: int, rerank: int | None = None,
+           vectors_of: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """D, I for each query row; I is -1 where fewer than k vectors exist.
+
+    With `rerank`, the index's best max(k, rerank) candidates are re-scored with their
+    float32 vectors (`vectors_of(ids) -> (ids, xb)`, e.g. `Store.vectors`) and the k
+    best by exact inner product are returned: compressed codes find the neighbourhood,
+    the stored vectors order it.
+    """
     xq = np.ascontiguousarray(np.atleast_2d(xq), dtype=np.float32)
     k = max(1, min(int(k), max(1, index.ntotal)))
-    return index.search(xq, k)
+    if not rerank or vectors_of is None:
+        return index.search(xq, k)
+    _, found = index.search(xq, max(k, min(int(rerank), index.ntotal)))
+    held, xb = vectors_of(np.unique(found[found >= 0]))
+    row_of = {int(i): r for r, i in enumerate(held)}
+    D = np.full((len(xq), k), -np.inf, dtype=np.float32)
+    I = np.full((len(xq), k), -1, dtype=np.int64)
+    for q, candidates in enumerate(found):
+        candidates = [int(c) for c in candidates if int(c) in row_of]  # a record removed since: no answer
+        if not candidates:
+            continue
+        scores = xb[[row_of[c] for c in candidates]] @ xq[q]
+        best = np.argsort(-scores, kind="stable")[:k]
+        D[q, :len(best)], I[q, :len(best)] = scores[best], np.asarray(candidates, dtype=np.int64)[best]
+    return D, I
 
 
 def save(index, path: Path, state_path: Path, generation: int) -> None:
@@ -660,9 +695,12 @@ def _read_mapped(faiss, path: Path):
 def empty_delta(path: Path):
     """An empty IVF with the centroids and codec of the IVF saved at `path`, to hold what is added next."""
     faiss = _faiss()
-    twin = _read_mapped(faiss, path)  # mapped: its lists are not read, only replaced
+    twin = _read_mapped(faiss, path)
     ivf = faiss.extract_index_ivf(twin)
-    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    if type(faiss.downcast_InvertedLists(ivf.invlists)).__name__ != "OnDiskInvertedLists":
+        twin.reset()  # lists read into memory (fast-scan blocks; a small file): emptied
+        return twin
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)  # mapped lists are replaced, never read
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # the index owns it now
     ivf.ntotal = 0

@@ -174,7 +174,8 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
     if update is not None:
         generation, probe, index = update.generation, update.probe, update.searched
         params, recall, retuned = _rechecked(store, index, probe, update.xq,
-                                             faiss_index.SearchParams(saved.nprobe, saved.efsearch))
+                                             faiss_index.SearchParams(saved.nprobe, saved.efsearch),
+                                             faiss_index.rerank_depth(factory))
         result = FaissSync(saved, "updated", update.added, update.removed)
     else:
         factory = wanted
@@ -182,7 +183,9 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
         if not np.array_equal(faiss_index.ids_of(index), ids):
             raise IndexDamagedError(f"{store.dir / DB} changed while index.faiss was rebuilt; was another process "
                                     "writing without the lock? Run build-index again")
-        params, recall = faiss_index.tune(index, probe, xq) if probe is not None else (faiss_index.SearchParams(), None)
+        params, recall = (faiss_index.tune(index, probe, xq, rerank=faiss_index.rerank_depth(factory),
+                                           vectors_of=store.vectors)
+                          if probe is not None else (faiss_index.SearchParams(), None))
         result, retuned = FaissSync(saved, "rebuilt", len(ids), 0), True
     paths = faiss_paths(store.dir)
     if update is not None and update.layered:
@@ -197,7 +200,8 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
         store.set_meta("faiss_tuned_count", str(index.ntotal))
     if probe is not None:
         store.set_meta(PROBE_META, json.dumps({"generation": generation, "probe": probe.to_json()}))
-    spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch)
+    spec = IndexSpec(embedder_spec, factory, nprobe=params.nprobe, efsearch=params.efsearch,
+                     rerank=faiss_index.rerank_depth(factory))
     if saved != spec:
         store.save_spec(spec)
     return FaissSync(spec, result.action, result.added, result.removed, recall, retuned)
@@ -352,19 +356,19 @@ def _remove_stale_deltas(index_dir: Path) -> None:
                 pass
 
 
-def _rechecked(store: "Store", index, probe, xq, params: "faiss_index.SearchParams"):
+def _rechecked(store: "Store", index, probe, xq, params: "faiss_index.SearchParams", rerank: int | None):
     """(params, recall, retuned) after an in-place update: the recall target re-checked, the breadth widened if short."""
     if probe is None:
         return params, None, False
     tuned_at = int(store.get_meta("faiss_tuned_count", "0") or 0)
     if index.ntotal > RETUNE_GROWTH * tuned_at:
-        params, recall = faiss_index.tune(index, probe, xq)
+        params, recall = faiss_index.tune(index, probe, xq, rerank=rerank, vectors_of=store.vectors)
         return params, recall, True
     faiss_index.apply_params(index, params)
-    recall = faiss_index.probe_recall(index, probe, xq)
+    recall = faiss_index.probe_recall(index, probe, xq, rerank=rerank, vectors_of=store.vectors)
     if recall < faiss_index.RECALL_TARGET:
         log.info("recall@10 %.3f at %s after the update: widening", recall, params)
-        params, recall = faiss_index.tune(index, probe, xq, above=params)
+        params, recall = faiss_index.tune(index, probe, xq, above=params, rerank=rerank, vectors_of=store.vectors)
         return params, recall, False
     return params, recall, False
 
