@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from simsearch.errors import IndexDamagedError
-from simsearch.records import ImageRecord
 from simsearch.retrieval.searcher import Searcher
 from simsearch.spec import EmbedderSpec, IndexSpec
 from simsearch.storage import faiss_index, layout
-from simsearch.storage.store import NewImage, Store
-from vectors import clustered_labelled, clustered_vectors, recall_at_k
+from simsearch.storage.store import Store
+from vectors import add_synthetic, clustered_labelled, clustered_vectors, recall_at_k
 
 faiss = pytest.importorskip("faiss")
 
@@ -32,11 +31,7 @@ def large_path(monkeypatch):
 
 
 def _add(store: Store, vectors: np.ndarray, start: int) -> list[int]:
-    if store.spec is None:  # the store shapes its vector shards by the spec, as a build does
-        store.save_spec(IndexSpec(SPEC, index_type=None))
-    items = [NewImage(ImageRecord(Path(f"/synthetic/{start + i:06d}.jpg"), "folder", "synthetic"), f"{start + i:064x}",
-                      1, 1, 8, 8, v) for i, v in enumerate(vectors)]
-    return store.add_images(items)
+    return add_synthetic(store, vectors, start, SPEC)
 
 
 def _centroids(index_dir: Path) -> np.ndarray:

@@ -10,22 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simsearch.records import ImageRecord
-from simsearch.spec import EmbedderSpec, IndexSpec
+from simsearch.spec import EmbedderSpec
 from simsearch.storage import faiss_index, layout
-from simsearch.storage.store import NewImage, Store
-from vectors import clustered_vectors
+from simsearch.storage.store import Store
+from vectors import add_synthetic, clustered_vectors
 
 DIM = 32
 SPEC = EmbedderSpec("synthetic", "none", "0" * 64, DIM, (1, 1, 1))
 
 
 def _add(store: Store, vectors: np.ndarray, start: int) -> list[int]:
-    if store.spec is None:  # the store shapes its vector shards by the spec, as a build does
-        store.save_spec(IndexSpec(SPEC, index_type=None))
-    items = [NewImage(ImageRecord(Path(f"/synthetic/{start + i:06d}.jpg"), "folder", "synthetic"), f"{start + i:064x}",
-                      1, 1, 8, 8, v) for i, v in enumerate(vectors)]
-    return store.add_images(items)
+    return add_synthetic(store, vectors, start, SPEC)
 
 
 def _ids(index_dir: Path) -> set[int]:

@@ -24,3 +24,18 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean share of each row's true top-k ids that the search found in its top k (-1 = no result)."""
     hits = [len(set(f[:k].tolist()) & set(t[:k].tolist()) - {-1}) for f, t in zip(found, truth)]
     return float(np.mean(hits)) / k
+
+
+def add_synthetic(store, vectors: np.ndarray, start: int, spec) -> list[int]:
+    """Records /synthetic/NNNNNN.jpg with these vectors, through the real store (as a build commits them)."""
+    from pathlib import Path
+
+    from simsearch.records import ImageRecord
+    from simsearch.spec import IndexSpec
+    from simsearch.storage.store import NewImage
+
+    if store.spec is None:  # the store shapes its vector shards by the spec, as a build does
+        store.save_spec(IndexSpec(spec, index_type=None))
+    items = [NewImage(ImageRecord(Path(f"/synthetic/{start + i:06d}.jpg"), "folder", "synthetic"), f"{start + i:064x}",
+                      1, 1, 8, 8, v) for i, v in enumerate(vectors)]
+    return store.add_images(items)

@@ -234,12 +234,18 @@ def _rebuilt(store: "Store", factory: str, dim: int, probe: bool = True):
         outside = np.setdiff1d(ids, trained_on, assume_unique=True)
         recall_probe = faiss_index.RecallProbe.sample(outside if len(outside) >= faiss_index.PROBE_QUERIES else ids)
         xq = _probe_vectors(store, recall_probe)
+    _add_in_chunks(store, index, ids, recall_probe, xq)
+    return generation, ids, index, recall_probe, xq
+
+
+def _add_in_chunks(store: "Store", index, ids: np.ndarray, probe: "faiss_index.RecallProbe | None",
+                   xq: np.ndarray | None) -> None:
+    """Add these records' vectors CHUNK at a time (bounded memory), keeping the recall probe's exact answers current."""
     for chunk in _chunks(ids):
         chunk_ids, xb = store.vectors(chunk)
         faiss_index.add(index, xb, chunk_ids)
-        if recall_probe is not None:
-            recall_probe.add(xq, xb, chunk_ids)
-    return generation, ids, index, recall_probe, xq
+        if probe is not None:
+            probe.add(xq, xb, chunk_ids)
 
 
 def _probe_vectors(store: "Store", probe: "faiss_index.RecallProbe") -> np.ndarray:
@@ -322,11 +328,7 @@ def _updated_in_place(store: "Store", factory: str, on_disk: int, generation: in
     if probe is not None:
         probe.remove(removed)
         xq = _probe_vectors(store, probe)
-    for chunk in _chunks(added):
-        chunk_ids, xb = store.vectors(chunk)
-        faiss_index.add(index, xb, chunk_ids)
-        if probe is not None:
-            probe.add(xq, xb, chunk_ids)
+    _add_in_chunks(store, index, added, probe, xq)
     searched = faiss_index.stacked(base, index) if layered else index
     now = np.sort(np.concatenate([base_ids, faiss_index.ids_of(index)])) if layered else faiss_index.ids_of(index)
     if not np.array_equal(now, ids):  # never save an index without exactly SQLite's ids
