@@ -52,7 +52,7 @@ class IndexSpec:
     metric: str = "inner_product"  # on L2-normalised vectors, i.e. cosine similarity
     nprobe: int | None = None  # search-time breadth for IVF indexes
     efsearch: int | None = None  # search-time breadth for HNSW indexes
-    rerank: int | None = None  # candidates re-scored with the stored float32 vectors (compressed codes); None: as FAISS scores
+    rerank: int | None = None  # candidates re-scored with the stored float32 vectors (PQ codes); None: FAISS's scores
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

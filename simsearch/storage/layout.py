@@ -283,7 +283,7 @@ class _Update:
 
 
 def _updated_in_place(store: "Store", factory: str, on_disk: int, generation: int, ids: np.ndarray) -> _Update | None:
-    """The saved index (checksummed: generation `on_disk`) brought up to SQLite's `ids` of `generation`, or None to rebuild.
+    """The saved index (checksummed, of generation `on_disk`) brought up to `ids`, or None to rebuild.
 
     An IVF takes new vectors into a delta beside its file (`index.delta-N.faiss`), so
     adding 1% to a million-image index writes megabytes, not the whole file; the delta
@@ -359,7 +359,7 @@ def _remove_stale_deltas(index_dir: Path) -> None:
 
 
 def _rechecked(store: "Store", index, probe, xq, params: "faiss_index.SearchParams", rerank: int | None):
-    """(params, recall, retuned) after an in-place update: the recall target re-checked, the breadth widened if short."""
+    """(params, recall, retuned) after an in-place update: the recall target re-checked, widened if short."""
     if probe is None:
         return params, None, False
     tuned_at = int(store.get_meta("faiss_tuned_count", "0") or 0)
