@@ -64,6 +64,29 @@ class Prediction:
         return {"label": self.label, "score": self.score, "box": [self.xmin, self.ymin, self.xmax, self.ymax]}
 
 
+@dataclass(frozen=True)
+class ObjectMatch:
+    """A box with its own vector in the objects index: a ground-truth object or the localizer's prediction."""
+
+    id: int  # the box's id in the objects index (not the image's)
+    image_id: int
+    label: str | None
+    score: float  # 1.0 for a ground-truth box (a fact); the localizer's confidence for a predicted one
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    source: str  # "truth" or "predicted"
+
+    @property
+    def box(self) -> list[float]:
+        return [self.xmin, self.ymin, self.xmax, self.ymax]
+
+    def to_json(self) -> dict:
+        return {"object_id": self.id, "label": self.label, "score": round(self.score, 4), "box": self.box,
+                "source": self.source}
+
+
 @dataclass
 class Record:
     """An indexed image with what is known of it: the one shape search results carry."""

@@ -69,17 +69,25 @@ def query_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding the query image)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="The weights file the index was built with, if not the default."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page of the result (thumbnails and box crops) to this file."),
+    box: Optional[str] = typer.Option(None, "--box", help="Search by the object in this box of the query image: XMIN,YMIN,XMAX,YMAX in pixels. Results are images holding a similar object, each once, with the object that matched."),
+    objects: bool = typer.Option(False, "--objects", help="Search with each of the query image's own objects (its boxes, or the localizer's box) instead of the whole image."),
     max_pixels: int = MAX_PIXELS_OPTION,
 ) -> None:
-    """Images like this one: neighbours with scores, classes and boxes."""
+    """Images like this one: neighbours with scores, classes, boxes and why each is similar."""
     from simsearch.errors import BadInputError
     from simsearch.retrieval.searcher import Searcher
 
     with reported():
         if (image is None) == (record_id is None):
             raise BadInputError("give either an image file or --id ID (not both)")
+        if box is not None and objects:
+            raise BadInputError("give --box or --objects, not both (--box searches with the drawn box alone)")
+        query = record_id if record_id is not None else image
         with Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000) as searcher:
-            result = searcher.search(record_id if record_id is not None else image, k)
+            if box is not None or objects:
+                result = searcher.search_objects(query, k, parse_box(box) if box is not None else None)
+            else:
+                result = searcher.search(query, k)
         if html is not None:
             from simsearch.views.page import write_query_page
 
@@ -91,8 +99,27 @@ def query_command(
         return
     for row, n in zip(rows, result.neighbours):
         row["classes"] = ",".join(n.record.classes)
-        row["predicted"] = n.record.prediction.label if n.record.prediction else None
-    echo_table(rows, ["rank", "id", "score", "classes", "predicted", "path"])
+        p = n.record.prediction
+        row["predicted"] = f"{p.label} {p.score:.2f}" if p is not None else None
+        m = n.match
+        row["matched"] = (f"{m.label or '?'} {m.score:.2f} [{','.join(f'{v:.0f}' for v in m.box)}]"
+                          if m is not None else None)
+        row["why"] = n.why.text if n.why is not None else None
+    columns = ["rank", "id", "score", "matched", "classes", "predicted", "why", "path"]
+    echo_table(rows, columns if result.parts else [c for c in columns if c != "matched"])
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """XMIN,YMIN,XMAX,YMAX (pixels) from the command line, or a one-line error."""
+    from simsearch.errors import BadInputError
+
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise BadInputError(f"--box {text!r}: give four numbers XMIN,YMIN,XMAX,YMAX in pixels, e.g. --box 10,20,200,180")
+    return values  # type: ignore[return-value]
 
 
 @app.command("info")

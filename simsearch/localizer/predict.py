@@ -12,9 +12,11 @@ import numpy as np
 
 from simsearch.errors import NotFoundError
 from simsearch.localizer.head import Localizer
-from simsearch.pipeline.embed import EmbedConfig, Embedder, iter_file_batches, load_backbone_for
+from simsearch.pipeline.box_vectors import pool_boxes, record_boxes
+from simsearch.pipeline.stored_maps import iter_maps
 from simsearch.records import Prediction
 from simsearch.storage.store import Store
+from simsearch.storage import layout
 from simsearch.storage.layout import writer_lock
 
 log = logging.getLogger(__name__)
@@ -49,44 +51,21 @@ def predictions_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequenc
 
 
 def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chunk: int = 2048
-                    ) -> dict[int, Prediction]:
-    """Predictions for records `ids`, with boxes in pixels of each original image.
+                    ) -> tuple[dict[int, Prediction], dict[int, np.ndarray]]:
+    """Predictions for records `ids` (boxes in pixels of each original image), and each predicted box's vector.
 
-    Kept maps are read from the store; records whose map was not kept get it from the
-    backbone again (their files are read once more); a record whose file is gone by
-    then is left without a prediction, and said so in the log.
+    The maps come from the store where kept, else from the backbone again
+    (`stored_maps.iter_maps`); the box vectors are pooled from the same maps, so a
+    head trained after the build adds its boxes to the objects index.
     """
-    out: dict[int, Prediction] = {}
-    kept = store.ids_with_feature_map(ids)
-    stored = [int(i) for i in ids if int(i) in kept]
-    for start in range(0, len(stored), chunk):
-        part = stored[start:start + chunk]
-        sizes = store.sizes(part)
-        out.update(zip(part, predictions_from_maps(localizer, store.feature_maps(part), [sizes[i] for i in part])))
-    again = [int(i) for i in ids if int(i) not in kept]
-    if again:
-        out.update(_predict_from_files(store, localizer, again))
-    return out
-
-
-def _predict_from_files(store: Store, localizer: Localizer, ids: list[int]) -> dict[int, Prediction]:
-    spec = store.spec
-    if spec is None:
-        raise NotFoundError(f"{store.dir}: index has no spec; rebuild it")
-    log.info("embedding %d images again for their feature maps (not kept: build with --keep-maps to keep them)",
-             len(ids))
-    embedder = Embedder(load_backbone_for(spec.embedder, None, store.get_meta("weights_path")))
-    records = store.records(ids)
-    order = [i for i in ids if i in records]
-    out: dict[int, Prediction] = {}
-    for batch in iter_file_batches([records[i].path for i in order], embedder, EmbedConfig(quiet=True)):
-        for position, reason in batch.failures:
-            log.warning("%s: cannot predict (%s)", records[order[position]].path, reason)
-        if batch.embedded is None:
-            continue
-        part = [order[position] for position in batch.indices]
-        out.update(zip(part, predictions_from_maps(localizer, batch.embedded.maps, batch.sizes)))
-    return out
+    predictions: dict[int, Prediction] = {}
+    vectors: dict[int, np.ndarray] = {}
+    for part, maps, sizes in iter_maps(store, ids, chunk):
+        found = predictions_from_maps(localizer, maps, sizes)
+        pooled = pool_boxes(maps, [record_boxes([], p, w, h) for p, (w, h) in zip(found, sizes)])
+        predictions.update(zip(part, found))
+        vectors.update((i, v[0]) for i, v in zip(part, pooled))
+    return predictions, vectors
 
 
 def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = None,
@@ -95,8 +74,9 @@ def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = 
     started = time.perf_counter()
     with writer_lock(index_dir, "localize"), Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
-        predictions = predict_records(store, localizer, store.ids() if ids is None else ids)
-        store.write_predictions(predictions)
+        predictions, vectors = predict_records(store, localizer, store.ids() if ids is None else ids)
+        store.write_predictions(predictions, vectors)
+        layout.sync_objects(store, store.spec.embedder)
     return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started)
 
 
@@ -112,6 +92,6 @@ def predict_missing(store: Store) -> int:
     if not ids:
         return 0
     localizer = open_localizer(store)
-    store.write_predictions(predict_records(store, localizer, ids))
+    store.write_predictions(*predict_records(store, localizer, ids))
     log.info("localized %d images with head %s", len(ids), localizer.spec.version)
     return len(ids)

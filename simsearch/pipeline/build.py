@@ -21,8 +21,10 @@ from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.read import file_sha256, fit_objects, scan
 from simsearch.localizer.head import Localizer
 from simsearch.localizer.predict import open_localizer, predict_missing, predictions_from_maps
+from simsearch.pipeline.box_vectors import pool_boxes, pool_one, record_boxes
+from simsearch.pipeline.stored_maps import iter_maps
 from simsearch.records import ImageRecord, Skipped
-from simsearch.spec import IndexSpec, check_compatible
+from simsearch.spec import EmbedderSpec, IndexSpec, check_compatible
 from simsearch.storage.store import NewImage, Store
 from simsearch.storage.layout import writer_lock
 
@@ -62,6 +64,7 @@ class BuildReport:
     index_type: str = ""
     faiss: str = ""  # how index.faiss came to match: kept, updated (in place) or rebuilt
     ntotal: int = 0
+    objects: int = 0  # boxes in the objects index (ground truth and predicted), each with its own vector
     seconds: float = 0.0
     images_per_second: float = 0.0
     precision: str = ""
@@ -91,6 +94,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         if store.upgrade_layout():
             log.info("%s: vectors moved out of SQLite into %s", config.index_dir, layout.SHARDS)
         store.clean_shards()  # rows a killed build wrote but never committed
+        _backfill_object_vectors(store)
         localizer = open_localizer(store) if Localizer.exists(store.dir) else None
         if config.embed.weights and Path(config.embed.weights).is_file():
             store.set_meta("weights_path", str(Path(config.embed.weights).resolve()))  # for query-by-image
@@ -112,15 +116,23 @@ def build_index(config: BuildConfig) -> BuildReport:
                     continue
                 predictions = (predictions_from_maps(localizer, batch.embedded.maps, batch.sizes) if localizer
                                else [None] * len(batch.indices))
-                items = []
+                records = []
                 for row, i in enumerate(batch.indices):
-                    record, (sha, size, mtime) = todo[i]
-                    width, height = batch.sizes[row]
-                    record, problems = _fitted(record, width, height)
+                    record, problems = _fitted(todo[i][0], *batch.sizes[row])
                     skipped += problems
+                    records.append(record)
+                # Every box gets its own vector from the map in hand: ground truth, then the prediction.
+                pooled = pool_boxes(batch.embedded.maps, [record_boxes(r.objects, p, *size) for r, p, size
+                                                          in zip(records, predictions, batch.sizes)])
+                items = []
+                for row, (i, record) in enumerate(zip(batch.indices, records)):
+                    _, (sha, size, mtime) = todo[i]
+                    width, height = batch.sizes[row]
                     keep = config.keep_maps or bool(record.objects)
+                    n = len(record.objects)
                     items.append(NewImage(record, sha, size, mtime, width, height, batch.embedded.vectors[row],
-                                          batch.embedded.maps[row] if keep else None, predictions[row]))
+                                          batch.embedded.maps[row] if keep else None, predictions[row],
+                                          pooled[row][:n], pooled[row][n] if predictions[row] is not None else None))
                 report.replaced += sum(str(it.record.path) in known for it in items)
                 new_ids += store.add_images(items)
         embedded = len(new_ids)
@@ -135,6 +147,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         synced = layout.sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
         predict_missing(store)
+        report.objects = _sync_objects(store, embedder.spec)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -173,14 +186,47 @@ def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:
         if store.count("embeddings"):
             synced = layout.sync_faiss(store, saved.embedder, config.index_type)
             report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
+            report.objects = _sync_objects(store, saved.embedder)
     report.seconds = time.perf_counter() - started
     return report
 
 
 def _compact(store: Store) -> None:
     """Rewrite shards once removed and replaced records hold half their rows (bounded dead space)."""
-    for kind in ("vec", "map"):
+    for kind in ("vec", "map", "box"):
         store.compact(kind)
+
+
+def _sync_objects(store: Store, spec: EmbedderSpec) -> int:
+    """Bring objects.faiss to the box vectors; how many boxes it holds."""
+    synced = layout.sync_objects(store, spec)
+    return 0 if synced is None else store.vector_set("boxes").count()
+
+
+def _backfill_object_vectors(store: Store) -> None:
+    """Box vectors for ground-truth boxes and predictions that have none (indexes made before them).
+
+    Records with boxes keep their maps, so this reads maps, not images, except for
+    predictions of records whose map was not kept.
+    """
+    objects = store.objects_without_vectors()
+    predicted = store.predictions_without_vectors()
+    if not objects and not predicted:
+        return
+    log.info("pooling box vectors for %d images' boxes and %d predictions made before box vectors",
+             len(objects), len(predicted))
+    for part, maps, sizes in iter_maps(store, sorted(set(objects) | set(predicted))):
+        records = store.records(part)
+        object_ids = store.object_ids(part)
+        boxes = [record_boxes(records[i].objects, records[i].prediction if i in predicted else None, *size)
+                 for i, size in zip(part, sizes)]
+        pooled = pool_boxes(maps, boxes)
+        missing = {oid for ids in objects.values() for oid in ids}
+        vectors = {oid: v for i, vs in zip(part, pooled) for oid, v in zip(object_ids[i], vs) if oid in missing}
+        store.add_object_vectors(vectors)
+        wanted = set(predicted)
+        store.write_predictions({i: records[i].prediction for i in part if i in wanted},
+                                {i: vs[-1] for i, vs in zip(part, pooled) if i in wanted})
 
 
 def _fitted(record: ImageRecord, width: int, height: int) -> tuple[ImageRecord, list[Skipped]]:
@@ -235,11 +281,16 @@ def _plan(store: Store, known: dict[str, tuple[int, str, int, int]], records: li
             continue
         if entry is None and known:  # a first build has no records that could have moved
             gone = [i for path, i in store.paths_with_sha256(sha).items() if not os.path.exists(path)]
-            if gone:
+            # A moved record's boxes get their vectors from its kept map; one without a kept map is
+            # embedded again when it now has boxes (its map was not kept because it had none).
+            if gone and (not record.objects or store.ids_with_feature_map(gone[:1])):
                 row = store.image(gone[0])
                 record, problems = _fitted(record, row["width"], row["height"])
                 plan.skipped += problems
-                store.move_image(gone[0], record, stat.st_size, stat.st_mtime_ns)
+                vectors = (pool_one(store.feature_maps(gone[:1])[0],
+                                    record_boxes(record.objects, None, row["width"], row["height"]))
+                           if record.objects else None)
+                store.move_image(gone[0], record, stat.st_size, stat.st_mtime_ns, vectors)
                 plan.moved += 1
                 continue
         plan.todo.append((record, (sha, stat.st_size, stat.st_mtime_ns)))

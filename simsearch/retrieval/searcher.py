@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ from PIL import Image
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
-from simsearch.records import Record
+from simsearch.pipeline.box_vectors import fractions, pool_one
+from simsearch.records import ObjectMatch, Record
+from simsearch.retrieval.objects import QueryPart, Why, best_per_image, explain
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
@@ -33,11 +35,13 @@ FILTER_POOL = 500  # neighbours fetched before a class filter is applied, so fil
 
 @dataclass
 class Neighbour:
-    """One result: a record, where it ranks and how similar it is."""
+    """One result: a record, where it ranks, how similar it is, and why."""
 
     rank: int
     score: float  # cosine similarity, 1.0 = same direction
     record: Record
+    match: ObjectMatch | None = None  # object queries: the result's object that matched
+    why: Why | None = None  # which of its objects matched which part of the query, or the whole image
 
     @property
     def id(self) -> int:
@@ -49,7 +53,9 @@ class Neighbour:
 
     def to_json(self) -> dict:
         shown = self.record.to_json()
-        return {"rank": self.rank, "id": shown.pop("id"), "path": shown.pop("path"), "score": self.score, **shown}
+        return {"rank": self.rank, "id": shown.pop("id"), "path": shown.pop("path"), "score": self.score,
+                "match": self.match.to_json() if self.match is not None else None,
+                "why": self.why.to_json() if self.why is not None else None, **shown}
 
 
 @dataclass
@@ -57,6 +63,7 @@ class QueryResult:
     query: dict  # {"path": ...} or {"id": ...}, with its sha256
     neighbours: list[Neighbour]
     record: Record | None = None  # the query's own record, when it is one
+    parts: list[QueryPart] = field(default_factory=list)  # what an object query searched with
 
 
 class Searcher:
@@ -67,6 +74,7 @@ class Searcher:
         self.dir = Path(index_dir)
         self.device, self.precision, self.weights, self.max_pixels = device, precision, weights, max_pixels
         self._embedder: Embedder | None = None
+        self._objects_index = None  # (spec, index, generation) of the objects index, opened on first use
         self._open()
         self._closed = False
 
@@ -79,6 +87,7 @@ class Searcher:
                                     f"again with --index {self.dir}")
             self.spec: IndexSpec = spec
             self.loaded_generation, self.index = layout.open_faiss(self.store, spec)
+            self._objects_index = None
         except BaseException:
             self.store.close()
             raise
@@ -95,6 +104,9 @@ class Searcher:
             self._closed = True
             self._open()
             self._closed = False
+            return True
+        if self._objects_index is not None and self.store.boxes_generation != self._objects_index[2]:
+            self._objects_index = None  # a localize added or replaced predicted boxes: reopened when next needed
             return True
         return False
 
@@ -122,8 +134,13 @@ class Searcher:
 
     def vector_of_file(self, path: str | os.PathLike) -> np.ndarray:
         """(1, D) vector of an image file, decoded no larger than the model needs."""
+        return self.embed_file(path)[0]
+
+    def embed_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """(1, D) vector, (C, H, W) map and upright (width, height) of an image file: one forward pass."""
         image = open_image(path, draft=self.spec.embedder.preprocess.input_size, max_pixels=self.max_pixels)
-        return self.vector_of_image(image)
+        embedded = self.embedder.embed_images([image])
+        return embedded.vectors[:1], embedded.maps[0], tuple(image.info.get("full_size", image.size))
 
     # ------------------------------------------------------------ searching
 
@@ -164,7 +181,136 @@ class Searcher:
             described = {"path": str(path), "sha256": file_sha256(path)}
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         excluded = self.copies_of(described["sha256"])
-        return QueryResult(described, self.search_vector(xq, k, excluded, label), record)
+        neighbours = self.search_vector(xq, k, excluded, label)
+        indexed = record if record is not None else (self.record(min(excluded)) if excluded else None)
+        self.explain_neighbours(neighbours, self.query_parts(indexed, xq))
+        return QueryResult(described, neighbours, record)
+
+    # ------------------------------------------------------------ objects
+
+    def objects_index(self):
+        """(spec, index) of the objects index (every box's vector), opened on first use."""
+        if self._objects_index is None:
+            boxes = self.store.vector_set("boxes")
+            spec = boxes.spec
+            if spec is None or not boxes.count():
+                raise NotFoundError(
+                    f"{self.dir} has no objects to search: index images with boxes (VOC, box lists), or train a "
+                    f"localizer and run simsearch localize --index {self.dir}; then search with --box or --objects")
+            generation, index = layout.open_faiss(self.store, spec, "boxes")
+            self._objects_index = (spec, index, generation)
+        return self._objects_index[:2]
+
+    def has_objects(self) -> bool:
+        return self.store.vector_set("boxes").count() > 0
+
+    def search_objects(self, query: int | str | os.PathLike, k: int = 10,
+                       box: tuple[float, float, float, float] | None = None) -> QueryResult:
+        """Images holding objects like the query's: one drawn `box` (pixels), else each of the query's own objects.
+
+        Results are grouped per image: an image appears once, with its best-matching
+        object, which each result names (its box, class and score).
+        """
+        if k < 1:
+            raise BadInputError("k must be at least 1")
+        described, record, whole, fmap, size = self._query_input(query, need_map=box is not None)
+        if box is not None:
+            checked = _checked_box(box, size)
+            parts = [QueryPart(pool_one(fmap, fractions([checked], *size))[0], None, checked, "drawn")]
+            described["box"] = list(checked)
+        else:
+            parts = self._own_objects(record, described, fmap, size)
+        excluded = self.copies_of(described["sha256"])
+        return QueryResult(described, self.search_parts(parts, k, excluded), record, parts)
+
+    def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset()
+                     ) -> list[Neighbour]:
+        """The k images whose objects best match any of `parts`, each with its best (object, part) pair."""
+        spec, index = self.objects_index()
+        xq = np.stack([p.vector for p in parts]).astype(np.float32)
+        boxes = self.store.vector_set("boxes")
+        depth = min(index.ntotal, max(4 * k, 32))
+        while True:
+            scores, box_ids = faiss_index.search(index, xq, depth, spec.rerank, boxes.vectors)
+            found = self.store.boxes([int(b) for b in np.unique(box_ids) if b >= 0])
+            hits = [(found[int(b)].image_id, int(b), float(sc), q) for q in range(len(parts))
+                    for b, sc in zip(box_ids[q], scores[q]) if b >= 0 and int(b) in found]
+            best = best_per_image(hits, k, exclude)
+            if len(best) >= k or depth >= index.ntotal:
+                break
+            depth = min(index.ntotal, depth * 4)  # images with many matching boxes crowded the list: look deeper
+        records = self.store.records([h[0] for h in best])
+        out = []
+        for image_id, box_id, score, q in best:
+            if image_id in records:
+                why = Why(score, parts[q], found[box_id])
+                out.append(Neighbour(len(out) + 1, round(score, 6), records[image_id], found[box_id], why))
+        return out
+
+    def _query_input(self, query: int | str | os.PathLike, need_map: bool):
+        """(described, record or None, (1, D) vector, (C, H, W) map or None, (width, height)) of a query."""
+        if isinstance(query, (int, np.integer)):
+            record = self.record(int(query))
+            described = {"id": record.id, "path": record.path, "sha256": record.sha256}
+            whole = self.store.vectors([record.id])[1]
+            fmap = None
+            if need_map:
+                if self.store.ids_with_feature_map([record.id]):
+                    fmap = self.store.feature_maps([record.id])[0]
+                else:
+                    if not Path(record.path).is_file():
+                        raise NotFoundError(f"{record.path}: the file of record {record.id} is gone, and its feature "
+                                            "map was not kept; query with the image file instead")
+                    whole, fmap, _ = self.embed_file(record.path)
+            return described, record, whole, fmap, (record.width, record.height)
+        path = Path(query)
+        if not path.is_file():
+            raise NotFoundError(f"{path}: no such image file")
+        whole, fmap, size = self.embed_file(path)
+        sha = file_sha256(path)
+        copies = sorted(self.copies_of(sha))
+        record = self.record(copies[0]) if copies else None
+        return {"path": str(path), "sha256": sha}, record, whole, fmap, size
+
+    def _own_objects(self, record: Record | None, described: dict, fmap: np.ndarray | None,
+                     size: tuple[int, int]) -> list[QueryPart]:
+        """The query's own objects as search parts: its stored boxes when it is indexed, else the localizer's box."""
+        if record is not None:
+            boxes = self.store.boxes_of_images([record.id])[record.id]
+            if boxes:
+                _, xb = self.store.vector_set("boxes").vectors([b.id for b in boxes])
+                return [QueryPart(v, b.label, tuple(b.box), b.source) for b, v in zip(boxes, xb)]
+        if fmap is not None and (self.dir / layout.HEAD).is_file():
+            from simsearch.localizer.predict import open_localizer, predictions_from_maps
+
+            prediction = predictions_from_maps(open_localizer(self.store), fmap[None], [size])[0]
+            box = (prediction.xmin, prediction.ymin, prediction.xmax, prediction.ymax)
+            return [QueryPart(pool_one(fmap, fractions([box], *size))[0], prediction.label, box, "predicted")]
+        where = described.get("id", described["path"])
+        raise BadInputError(f"{where} has no objects to search with (no boxes, and no localizer in this index): "
+                            "draw one with --box XMIN,YMIN,XMAX,YMAX (pixels)")
+
+    def explain_neighbours(self, neighbours: list[Neighbour], parts: list[QueryPart]) -> None:
+        """Give each neighbour its reason: the (query part, its object) pair that matched best, or the whole image."""
+        if not neighbours or not self.has_objects():
+            return
+        boxes = self.store.boxes_of_images([n.id for n in neighbours])
+        ids = [b.id for n in neighbours for b in boxes.get(n.id, [])]
+        found, xb = self.store.vector_set("boxes").vectors(ids)
+        row = {int(i): r for r, i in enumerate(found)}
+        for n in neighbours:
+            theirs = [b for b in boxes.get(n.id, []) if b.id in row]
+            n.why = explain(parts, n.score, theirs, xb[[row[b.id] for b in theirs]] if theirs else np.zeros((0, 1)))
+
+    def query_parts(self, record: Record | None, whole: np.ndarray) -> list[QueryPart]:
+        """The whole query, and its stored objects when it is an indexed record: what "why similar" compares."""
+        parts = [QueryPart(np.asarray(whole, dtype=np.float32).reshape(-1))]
+        if record is not None and self.has_objects():
+            boxes = self.store.boxes_of_images([record.id])[record.id]
+            if boxes:
+                _, xb = self.store.vector_set("boxes").vectors([b.id for b in boxes])
+                parts += [QueryPart(v, b.label, tuple(b.box), b.source) for b, v in zip(boxes, xb)]
+        return parts
 
     def copies_of(self, sha256: str) -> set[int]:
         """Records holding these very bytes: no answer to a query made of them."""
@@ -183,6 +329,17 @@ class Searcher:
         if not found:
             self.store.image(image_id)  # raises NotFoundError with its hint
         return found[int(image_id)]
+
+
+def _checked_box(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A drawn box clipped to the image, or a clear error when it holds no pixels of it."""
+    width, height = size
+    xmin, ymin, xmax, ymax = (float(v) for v in box)
+    clipped = (max(0.0, xmin), max(0.0, ymin), min(float(width), xmax), min(float(height), ymax))
+    if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
+        raise BadInputError(f"box {xmin:g},{ymin:g},{xmax:g},{ymax:g} holds no pixels of the {width}x{height} image: "
+                            "give XMIN,YMIN,XMAX,YMAX in pixels, with XMIN < XMAX and YMIN < YMAX")
+    return clipped
 
 
 _OPEN: dict[str, Searcher] = {}

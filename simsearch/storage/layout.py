@@ -9,13 +9,16 @@ An index folder holds:
 | `spec.json` | a human-readable copy of the spec | build |
 | `index.faiss` + `index.state.json` | FAISS over the vectors, stamped with the generation, size and sha256 it holds | build, or any reader that found it stale |
 | `index.delta-N.faiss` | an IVF's vectors added since index.faiss was written (named in the stamp) | build |
+| `objects.faiss` + `objects.state.json` (+ `objects.delta-N.faiss`) | the same over the box vectors: the objects index | build, localize |
 | `localizer.pt` | the trained head: weights and spec in one file | train-localizer |
 | `write.lock` | held by the one writer at a time | build, localize, train-localizer |
 | `thumbs/` | cached thumbnails and box crops | views |
 
 FAISS is derived data: whenever its stamp does not match SQLite's generation (a
 killed build, a damaged or replaced file) it is rebuilt from the vectors, with the
-generation read in the same transaction as them (`open_faiss`, `sync_faiss`).
+generation read in the same transaction as them (`open_faiss`, `sync_faiss`). The
+images and the boxes are two vector sets (`Store.vector_set`), each with its own
+FAISS files and generation, kept true by the same code.
 
 One writer at a time: every command that writes (build-index, localize,
 train-localizer) holds `write.lock` with `flock`, which the kernel releases when
@@ -43,7 +46,7 @@ from simsearch.storage import faiss_index
 
 if TYPE_CHECKING:
     from simsearch.spec import EmbedderSpec
-    from simsearch.storage.store import Store
+    from simsearch.storage.store import Store, VectorSet
 
 log = logging.getLogger(__name__)
 
@@ -57,52 +60,57 @@ LEGACY_HEAD_SPEC = "localizer.json"  # the head's spec before it moved into HEAD
 LOCK = "write.lock"
 THUMBS = "thumbs"
 SHARDS = "shards"  # vector and map rows (storage/shards.py)
+# The objects index: the same three files over the box vectors.
+OBJECTS_FAISS, OBJECTS_STATE, OBJECTS_DELTA = "objects.faiss", "objects.state.json", "objects.delta-{generation}.faiss"
+_FILES = {"images": (FAISS, FAISS_STATE, FAISS_DELTA), "boxes": (OBJECTS_FAISS, OBJECTS_STATE, OBJECTS_DELTA)}
 
 
-def faiss_paths(index_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(index.faiss, index.state.json) of a folder."""
-    return Path(index_dir) / FAISS, Path(index_dir) / FAISS_STATE
+def faiss_paths(index_dir: str | os.PathLike, collection: str = "images") -> tuple[Path, Path]:
+    """(index.faiss, index.state.json) of a folder, or the objects index's pair for collection "boxes"."""
+    name, state, _ = _FILES[collection]
+    return Path(index_dir) / name, Path(index_dir) / state
 
 
-def faiss_generation(index_dir: str | os.PathLike, verify: bool | None = None) -> int | None:
+def faiss_generation(index_dir: str | os.PathLike, verify: bool | None = None, collection: str = "images") -> int | None:
     """The SQLite generation the folder's FAISS file holds, or None when there is no file to trust."""
-    return faiss_index.saved_generation(*faiss_paths(index_dir), verify=verify)
+    return faiss_index.saved_generation(*faiss_paths(index_dir, collection), verify=verify)
 
 
-def open_faiss(store: "Store", spec: IndexSpec):
+def open_faiss(store: "Store", spec: IndexSpec, collection: str = "images"):
     """(generation, index) for searching: the saved file when current and sound, else rebuilt from SQLite.
 
     A rebuilt file is saved for the next process unless a writer holds the folder
     (it will write its own) or the folder is read-only (the rebuild still answers).
     """
+    vs = store.vector_set(collection)
     index = None
     for _ in range(3):  # a writer that moved on between our reads: read its new stamp rather than rebuild
-        generation = store.generation
-        if faiss_generation(store.dir) == generation:
+        generation = vs.generation
+        if faiss_generation(vs.dir, collection=collection) == generation:
             try:
-                index = faiss_index.load(*faiss_paths(store.dir))
+                index = faiss_index.load(*faiss_paths(vs.dir, collection))
                 break
             except IndexDamagedError as e:
-                if faiss_generation(store.dir) == generation:
-                    log.warning("%s; rebuilding it from %s", e, store.dir / DB)
+                if faiss_generation(vs.dir, collection=collection) == generation:
+                    log.warning("%s; rebuilding it from %s", e, vs.dir / DB)
                     break
-        elif store.generation == generation:
+        elif vs.generation == generation:
             break
     if index is None:
-        log.warning("index.faiss is stale or damaged; rebuilding it from %s", store.dir / DB)
-        if not store.count("embeddings"):
-            raise NotFoundError(f"{store.dir} holds no images (all were pruned); add some: "
-                                f"simsearch build-index DATA --index {store.dir}")
-        generation, ids, index, _, _ = _rebuilt(store, spec.index_type, spec.embedder.dim, probe=False)
+        log.warning("%s is stale or damaged; rebuilding it from %s", _FILES[collection][0], vs.dir / DB)
+        if not vs.count():
+            raise NotFoundError(f"{vs.dir} holds no {'images' if collection == 'images' else 'objects'} "
+                                f"(all were pruned); add some: simsearch build-index DATA --index {vs.dir}")
+        generation, ids, index, _, _ = _rebuilt(vs, spec.index_type, spec.embedder.dim, probe=False)
         # Read in chunks outside one transaction: saved only if nothing changed meanwhile and
         # it holds exactly that generation's ids (a writer may be committing).
-        if store.generation == generation and np.array_equal(faiss_index.ids_of(index), ids):
-            _save_unless_busy(store.dir, index, generation)
+        if vs.generation == generation and np.array_equal(faiss_index.ids_of(index), ids):
+            _save_unless_busy(vs.dir, index, generation, collection)
     faiss_index.apply_params(index, faiss_index.SearchParams(spec.nprobe, spec.efsearch))
     return generation, index
 
 
-def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
+def _save_unless_busy(index_dir: Path, index, generation: int, collection: str = "images") -> None:
     try:
         lock = try_writer_lock(index_dir, "a reader saving a rebuilt index.faiss")
     except OSError:
@@ -110,7 +118,7 @@ def _save_unless_busy(index_dir: Path, index, generation: int) -> None:
     if lock is None:
         return
     try:
-        faiss_index.save(index, *faiss_paths(index_dir), generation)
+        faiss_index.save(index, *faiss_paths(index_dir, collection), generation)
     except OSError:
         pass
     finally:
@@ -141,7 +149,8 @@ class FaissSync:
     retuned: bool = False  # whether the search breadth was chosen again
 
 
-def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None) -> FaissSync:
+def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | None = None,
+               collection: str = "images") -> FaissSync:
     """Make index.faiss hold exactly SQLite's vectors (the writer's side: it holds the lock).
 
     An incremental run updates the saved index in place (new vectors added, removed ones
@@ -152,12 +161,13 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
     assumed: build-index vouches for what it leaves. A rebuild reads the vectors CHUNK
     at a time, so the writer holds the index and one chunk, never every vector.
     """
+    store = store.vector_set(collection)  # from here on, the one vector set this index is over
     if index_type:
         store.set_meta("index_type_forced", index_type)  # a forced type sticks for later incremental runs
     with ThreadPoolExecutor(1) as pool:
         # The checksum of a large file takes about as long as listing a million ids (hashlib and
         # faiss leave the GIL): both at once.
-        checked = pool.submit(faiss_generation, store.dir, True)
+        checked = pool.submit(faiss_generation, store.dir, True, collection)
         generation, ids = store.id_snapshot()
         on_disk = checked.result()
     if not len(ids):
@@ -187,12 +197,13 @@ def sync_faiss(store: "Store", embedder_spec: "EmbedderSpec", index_type: str | 
                                            vectors_of=store.vectors)
                           if probe is not None else (faiss_index.SearchParams(), None))
         result, retuned = FaissSync(saved, "rebuilt", len(ids), 0), True
-    paths = faiss_paths(store.dir)
+    paths = faiss_paths(store.dir, collection)
     if update is not None and update.layered:
-        faiss_index.save_delta(update.index, *paths, store.dir / FAISS_DELTA.format(generation=generation), generation)
+        delta_name = _FILES[collection][2].format(generation=generation)
+        faiss_index.save_delta(update.index, *paths, store.dir / delta_name, generation)
     else:
         faiss_index.save(index, *paths, generation)
-    _remove_stale_deltas(store.dir)
+    _remove_stale_deltas(store.dir, collection)
     # What the file was trained and tuned on is recorded once it exists (a kill before leaves the old file's).
     if result.action == "rebuilt":
         store.set_meta("faiss_trained_count", str(index.ntotal))
@@ -213,7 +224,7 @@ def _chunks(ids: np.ndarray) -> Iterator[np.ndarray]:
         yield ids[start:start + size]
 
 
-def _rebuilt(store: "Store", factory: str, dim: int, probe: bool = True):
+def _rebuilt(store: "VectorSet", factory: str, dim: int, probe: bool = True):
     """(generation, ids, index, probe, xq): a new index of SQLite's vectors, read CHUNK at a time.
 
     The generation is read with the ids, in one transaction; the writer holds the lock,
@@ -238,7 +249,7 @@ def _rebuilt(store: "Store", factory: str, dim: int, probe: bool = True):
     return generation, ids, index, recall_probe, xq
 
 
-def _add_in_chunks(store: "Store", index, ids: np.ndarray, probe: "faiss_index.RecallProbe | None",
+def _add_in_chunks(store: "VectorSet", index, ids: np.ndarray, probe: "faiss_index.RecallProbe | None",
                    xq: np.ndarray | None) -> None:
     """Add these records' vectors CHUNK at a time (bounded memory), keeping the recall probe's exact answers current."""
     for chunk in _chunks(ids):
@@ -248,7 +259,7 @@ def _add_in_chunks(store: "Store", index, ids: np.ndarray, probe: "faiss_index.R
             probe.add(xq, xb, chunk_ids)
 
 
-def _probe_vectors(store: "Store", probe: "faiss_index.RecallProbe") -> np.ndarray:
+def _probe_vectors(store: "VectorSet", probe: "faiss_index.RecallProbe") -> np.ndarray:
     """The probe's query vectors, in its order (queries whose record is gone are dropped from it)."""
     found, xq = store.vectors(probe.queries)
     gone = np.setdiff1d(probe.queries, found, assume_unique=True)
@@ -257,7 +268,7 @@ def _probe_vectors(store: "Store", probe: "faiss_index.RecallProbe") -> np.ndarr
     return xq.reshape(len(probe.queries), -1)
 
 
-def _saved_probe(store: "Store", generation: int) -> "faiss_index.RecallProbe | None":
+def _saved_probe(store: "VectorSet", generation: int) -> "faiss_index.RecallProbe | None":
     """The recall probe that matches the FAISS file of this generation, if one was saved with it."""
     try:
         saved = json.loads(store.get_meta(PROBE_META) or "null")
@@ -282,7 +293,7 @@ class _Update:
     xq: np.ndarray | None
 
 
-def _updated_in_place(store: "Store", factory: str, on_disk: int, generation: int, ids: np.ndarray) -> _Update | None:
+def _updated_in_place(store: "VectorSet", factory: str, on_disk: int, generation: int, ids: np.ndarray) -> _Update | None:
     """The saved index (checksummed, of generation `on_disk`) brought up to `ids`, or None to rebuild.
 
     An IVF takes new vectors into a delta beside its file (`index.delta-N.faiss`), so
@@ -293,7 +304,7 @@ def _updated_in_place(store: "Store", factory: str, on_disk: int, generation: in
     into its neighbour lists, removed ones struck out); without one, a fresh probe is
     gathered with an exact pass over every vector.
     """
-    path, state_path = faiss_paths(store.dir)
+    path, state_path = faiss_paths(store.dir, store.name)
     try:
         base, delta = faiss_index.load_layers(path, state_path)
     except IndexDamagedError as e:
@@ -347,10 +358,10 @@ def _updated_in_place(store: "Store", factory: str, on_disk: int, generation: in
     return _Update(index, searched, layered, generation, len(added), len(removed), probe, xq)
 
 
-def _remove_stale_deltas(index_dir: Path) -> None:
+def _remove_stale_deltas(index_dir: Path, collection: str = "images") -> None:
     """Delete delta files the stamp no longer names (a reader that has one open keeps reading it)."""
-    keep = faiss_index.delta_file(*faiss_paths(index_dir))
-    for found in Path(index_dir).glob(FAISS_DELTA.format(generation="*")):
+    keep = faiss_index.delta_file(*faiss_paths(index_dir, collection))
+    for found in Path(index_dir).glob(_FILES[collection][2].format(generation="*")):
         if found != keep:
             try:
                 found.unlink()
@@ -358,7 +369,7 @@ def _remove_stale_deltas(index_dir: Path) -> None:
                 pass
 
 
-def _rechecked(store: "Store", index, probe, xq, params: "faiss_index.SearchParams", rerank: int | None):
+def _rechecked(store: "VectorSet", index, probe, xq, params: "faiss_index.SearchParams", rerank: int | None):
     """(params, recall, retuned) after an in-place update: the recall target re-checked, widened if short."""
     if probe is None:
         return params, None, False
@@ -375,9 +386,27 @@ def _rechecked(store: "Store", index, probe, xq, params: "faiss_index.SearchPara
     return params, recall, False
 
 
-def faiss_is_current(store: "Store") -> bool:
+def faiss_is_current(store: "Store", collection: str = "images") -> bool:
     """Whether a search would use the saved FAISS file as it is (for `info`)."""
-    return faiss_generation(store.dir) == store.generation
+    return faiss_generation(store.dir, collection=collection) == store.vector_set(collection).generation
+
+
+def sync_objects(store: "Store", embedder_spec: "EmbedderSpec") -> FaissSync | None:
+    """Make objects.faiss hold exactly the box vectors; None (and no files) when the index has no boxes."""
+    if not store.vector_set("boxes").count():
+        remove_faiss(store.dir, "boxes")
+        return None
+    return sync_faiss(store, embedder_spec, collection="boxes")
+
+
+def remove_faiss(index_dir: Path, collection: str) -> None:
+    """Delete a vector set's FAISS files (its set is empty): stamp first, so a reader never trusts a half."""
+    path, state = faiss_paths(index_dir, collection)
+    for found in (state, path, *Path(index_dir).glob(_FILES[collection][2].format(generation="*"))):
+        try:
+            found.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # ---------------------------------------------------------------- the one writer

@@ -36,7 +36,7 @@ import numpy as np
 import sqlite_utils
 
 from simsearch.errors import IndexDamagedError, NotFoundError
-from simsearch.records import GroundTruthObject, ImageRecord, Prediction, Record, Skipped
+from simsearch.records import GroundTruthObject, ImageRecord, ObjectMatch, Prediction, Record, Skipped
 from simsearch.spec import IndexSpec
 from simsearch.storage import layout
 from simsearch.storage.shards import ShardFiles
@@ -101,7 +101,36 @@ CREATE TABLE IF NOT EXISTS predictions (
     xmin REAL, ymin REAL, xmax REAL, ymax REAL,  -- pixels of the original image
     head_version TEXT
 );
+CREATE TABLE IF NOT EXISTS boxes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is the objects index's FAISS id
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    object_id INTEGER REFERENCES objects(id) ON DELETE CASCADE,  -- its ground-truth box; NULL: the prediction
+    label TEXT,
+    score REAL NOT NULL,  -- 1.0 for a ground-truth box; the localizer's confidence for a predicted one
+    xmin REAL NOT NULL, ymin REAL NOT NULL, xmax REAL NOT NULL, ymax REAL NOT NULL,  -- pixels
+    shard INTEGER NOT NULL,  -- its vector: float16, pooled from the image's map, in shards/box-SHARD.f16
+    row INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS boxes_image ON boxes(image_id);
 """
+
+
+@dataclass(frozen=True)
+class _VectorKind:
+    """Where one set of vectors lives: its shard files, its position table, its generation."""
+
+    shard: str  # shard file kind
+    table: str  # the table holding each vector's (shard, row)
+    id_column: str  # the FAISS id
+    generation_key: str  # meta key bumped whenever the set changes
+    meta_prefix: str  # for this set's FAISS bookkeeping in meta
+
+
+KINDS = {
+    "images": _VectorKind("vec", "embeddings", "image_id", "generation", ""),
+    "boxes": _VectorKind("box", "boxes", "id", "boxes_generation", "boxes_"),
+}
+POSITIONS = {"vec": ("embeddings", "image_id"), "map": ("feature_maps", "image_id"), "box": ("boxes", "id")}
 
 
 @dataclass
@@ -117,6 +146,9 @@ class NewImage:
     vector: np.ndarray  # (D,) float32
     feature_map: np.ndarray | None = None  # (C, H, W); None: not kept (see the module docstring)
     prediction: Prediction | None = None  # the localizer's, when the index has a head: committed with the record
+    # Box vectors (pooled from the map, `pipeline.box_vectors`), committed with the record:
+    object_vectors: np.ndarray | None = None  # (len(record.objects), D), one per ground-truth box
+    prediction_vector: np.ndarray | None = None  # (D,), the predicted box's
 
 
 def _now() -> str:
@@ -195,7 +227,7 @@ class Store:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: fails on garbage
             self.db = sqlite_utils.Database(conn)
             self._columns: list[str] | None = None
-            self._has_predictions = self._ensure_predictions_table()
+            self._has_predictions = self._has_boxes = self._ensure_tables()
             # Indexes made before vectors left SQLite keep them as blobs until a build upgrades them.
             self.legacy = "vector" in self.db["embeddings"].columns_dict
             self._shards: dict[str, ShardFiles] = {}
@@ -203,13 +235,14 @@ class Store:
             conn.close()
             raise
 
-    def _ensure_predictions_table(self) -> bool:
-        """Indexes made before the predictions table joined the schema get it on first open.
+    def _ensure_tables(self) -> bool:
+        """Indexes made before the predictions and boxes tables joined the schema get them on first open.
 
-        This is the one write a reader may make (an empty table, once); in a read-only
-        folder such an index simply reads as having no predictions until a writer opens it.
+        This is the one write a reader may make (empty tables, once); in a read-only
+        folder such an index simply reads as having no predictions and no box vectors
+        until a writer opens it.
         """
-        if self.db["predictions"].exists():
+        if self.db["predictions"].exists() and self.db["boxes"].exists():
             return True
         try:
             self.db.conn.executescript(SCHEMA)
@@ -274,9 +307,20 @@ class Store:
         """Bumped by every change to the set of vectors; the FAISS file records the one it holds."""
         return int(self.get_meta("generation", "0"))
 
-    def _bump(self, conn: sqlite3.Connection) -> None:
-        value = conn.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        self._set_meta(conn, "generation", str(int(value[0]) + 1 if value else 1))
+    def _bump(self, conn: sqlite3.Connection, key: str = "generation") -> None:
+        value = conn.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+        self._set_meta(conn, key, str(int(value[0]) + 1 if value else 1))
+
+    @property
+    def boxes_generation(self) -> int:
+        """Bumped by every change to the set of box vectors (the objects index's generation)."""
+        return int(self.get_meta("boxes_generation", "0"))
+
+    def vector_set(self, name: str) -> "VectorSet":
+        """The images' vectors or the boxes' ("images" | "boxes"): what one FAISS index is built over."""
+        if name not in KINDS:
+            raise ValueError(f"no vector set {name!r}")
+        return VectorSet(self, name)
 
     # ------------------------------------------------------------ writing
 
@@ -298,6 +342,7 @@ class Store:
         kept = [k for k, it in enumerate(items) if it.feature_map is not None]
         map_rows = self._append("map", np.stack([items[k].feature_map for k in kept])) if kept else []
         map_of = dict(zip(kept, map_rows))
+        box_rows = self._append_box_vectors([self._box_vectors_of(it) for it in items])
         ids: list[int] = []
         with self.transaction() as conn:
             for k, item in enumerate(items):
@@ -311,7 +356,7 @@ class Store:
                 )
                 image_id = int(cur.lastrowid)
                 ids.append(image_id)
-                self._insert_objects(conn, image_id, item.record.objects)
+                object_ids = self._insert_objects(conn, image_id, item.record.objects)
                 conn.execute("INSERT INTO embeddings(image_id, shard, row) VALUES (?, ?, ?)",
                              [image_id, *vec_rows[k]])
                 if k in map_of:
@@ -322,11 +367,50 @@ class Store:
                     conn.execute("INSERT INTO predictions(image_id, label, score, xmin, ymin, xmax, ymax, "
                                  "head_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  [image_id, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, p.head_version])
+                self._insert_boxes(conn, image_id, item.record.objects, object_ids, box_rows[k][0],
+                                   item.prediction, box_rows[k][1])
                 conn.execute("DELETE FROM skipped WHERE path = ?", [path])
             self._commit_rows(conn, "vec", vec_rows)
             self._commit_rows(conn, "map", map_rows)
+            self._commit_rows(conn, "box", [row for objects, pred in box_rows for row in objects + pred])
             self._bump(conn)
+            self._bump(conn, "boxes_generation")
         return ids
+
+    @staticmethod
+    def _box_vectors_of(item: NewImage) -> tuple[np.ndarray | None, np.ndarray | None]:
+        objects = item.object_vectors
+        if objects is not None and len(objects) != len(item.record.objects):
+            raise ValueError(f"{item.record.path}: {len(objects)} object vectors for {len(item.record.objects)} boxes")
+        prediction = item.prediction_vector if item.prediction is not None else None
+        return objects, prediction
+
+    def _append_box_vectors(self, per_image: Sequence[tuple[np.ndarray | None, np.ndarray | None]]
+                            ) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+        """Write each image's (object vectors, prediction vector) to box shards: (object rows, prediction rows)."""
+        flat = [np.asarray(v, dtype=np.float32).reshape(-1, np.asarray(v).shape[-1])
+                for pair in per_image for v in pair if v is not None and len(np.atleast_1d(v))]
+        placed = self._append("box", np.concatenate(flat)) if flat else []
+        out, at = [], 0
+        for objects, prediction in per_image:
+            n_obj = 0 if objects is None else len(objects)
+            n_pred = 0 if prediction is None else 1
+            out.append((placed[at:at + n_obj], placed[at + n_obj:at + n_obj + n_pred]))
+            at += n_obj + n_pred
+        return out
+
+    @staticmethod
+    def _insert_boxes(conn: sqlite3.Connection, image_id: int, objects: Sequence[GroundTruthObject],
+                      object_ids: Sequence[int], object_rows: Sequence[tuple[int, int]],
+                      prediction: Prediction | None, prediction_rows: Sequence[tuple[int, int]]) -> None:
+        """Point box rows at their vectors: ground-truth boxes (score 1) and the prediction, where vectors came."""
+        rows = [(image_id, oid, o.label, 1.0, o.xmin, o.ymin, o.xmax, o.ymax, shard, row)
+                for o, oid, (shard, row) in zip(objects, object_ids, object_rows)]
+        if prediction is not None and prediction_rows:
+            p, (shard, row) = prediction, prediction_rows[0]
+            rows.append((image_id, None, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, shard, row))
+        conn.executemany("INSERT INTO boxes(image_id, object_id, label, score, xmin, ymin, xmax, ymax, shard, row)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     # ------------------------------------------------------------ shard files
 
@@ -336,7 +420,7 @@ class Store:
             spec = self.spec
             if spec is None:
                 raise NotFoundError(f"{self.dir}: index has no spec; rebuild it")
-            shape = (spec.embedder.dim,) if kind == "vec" else tuple(spec.embedder.feature_shape)
+            shape = tuple(spec.embedder.feature_shape) if kind == "map" else (spec.embedder.dim,)
             self._shards[kind] = ShardFiles(self.dir / layout.SHARDS, kind, shape)
         return self._shards[kind]
 
@@ -384,7 +468,7 @@ class Store:
         Only under the writer lock: a writer that is appending owns the files it writes.
         """
         removed = 0
-        for kind in ("vec", "map"):
+        for kind in POSITIONS:
             files = self.shard_files(kind)
             orphans = sorted(set(files.on_disk()) - set(self._committed_rows(kind)))
             files.remove(orphans)
@@ -398,17 +482,17 @@ class Store:
         and deleted by the next writer's `clean_shards`, so a reader that read old
         positions just before can still open them. Returns the rows copied.
         """
-        table = "embeddings" if kind == "vec" else "feature_maps"
+        table, id_column = POSITIONS[kind]
         total = self.db.execute("SELECT coalesce(sum(rows), 0) FROM shards WHERE kind = ?", [kind]).fetchone()[0]
         live = self.count(table)
         if total == 0 or (total - live) / total < min_dead:
             return 0
-        ids, positions = self._positions(table, None)
+        ids, positions = self._positions(table, None, id_column)
         data = self._gather(kind, positions) if len(ids) else np.zeros((0,))
         placed = self._append(kind, data, fresh=True) if len(ids) else []
         with self.transaction() as conn:
             conn.execute("DELETE FROM shards WHERE kind = ?", [kind])
-            conn.executemany(f"UPDATE {table} SET shard = ?, row = ? WHERE image_id = ?",
+            conn.executemany(f"UPDATE {table} SET shard = ?, row = ? WHERE {id_column} = ?",
                              [(s, r, int(i)) for (s, r), i in zip(placed, ids)])
             self._commit_rows(conn, kind, placed)
         log.info("compacted %s shards: %d live of %d rows", kind, live, total)
@@ -457,29 +541,38 @@ class Store:
             raise IndexDamagedError(f"{self.dir} keeps its vectors in SQLite (an older layout); "
                                     f"run simsearch build-index to upgrade it first")
 
-    def move_image(self, image_id: int, record: ImageRecord, size: int, mtime_ns: int) -> None:
-        """A known file found at a new path (same bytes): keep its id and vector, take the new path and boxes."""
+    def move_image(self, image_id: int, record: ImageRecord, size: int, mtime_ns: int,
+                   object_vectors: np.ndarray | None = None) -> None:
+        """A known file found at a new path (same bytes): keep its id and vector, take the new path and boxes.
+
+        Its ground-truth boxes are replaced by the new annotation's, with their vectors
+        (`object_vectors`, pooled from the kept map) when given.
+        """
         path = str(record.path)
+        rows = self._append_box_vectors([(object_vectors, None)])[0][0] if object_vectors is not None else []
         with self.transaction() as conn:
             conn.execute("UPDATE images SET path = ?, size = ?, mtime_ns = ?, split = ?, source = ?, dataset = ?"
                          " WHERE id = ?", [path, size, mtime_ns, record.split, record.source, record.dataset,
                                            int(image_id)])
-            conn.execute("DELETE FROM objects WHERE image_id = ?", [int(image_id)])
-            self._insert_objects(conn, int(image_id), record.objects)
+            conn.execute("DELETE FROM objects WHERE image_id = ?", [int(image_id)])  # their box rows cascade
+            object_ids = self._insert_objects(conn, int(image_id), record.objects)
+            self._insert_boxes(conn, int(image_id), record.objects, object_ids, rows, None, [])
+            self._commit_rows(conn, "box", rows)
             conn.execute("DELETE FROM skipped WHERE path = ?", [path])
+            self._bump(conn, "boxes_generation")
 
     def paths_with_sha256(self, sha256: str) -> dict[str, int]:
         """path -> id of every record with these bytes."""
         return {r[0]: r[1] for r in self.db.execute("SELECT path, id FROM images WHERE sha256 = ?", [sha256])}
 
     @staticmethod
-    def _insert_objects(conn: sqlite3.Connection, image_id: int, objects: Sequence[GroundTruthObject]) -> None:
-        conn.executemany(
+    def _insert_objects(conn: sqlite3.Connection, image_id: int, objects: Sequence[GroundTruthObject]) -> list[int]:
+        """Insert ground-truth boxes; their ids, in order (their box vectors point at them)."""
+        return [int(conn.execute(
             "INSERT INTO objects(image_id, label, xmin, ymin, xmax, ymax, difficult, truncated)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(image_id, o.label, o.xmin, o.ymin, o.xmax, o.ymax, int(o.difficult), int(o.truncated))
-             for o in objects],
-        )
+            [image_id, o.label, o.xmin, o.ymin, o.xmax, o.ymax, int(o.difficult), int(o.truncated)]).lastrowid)
+            for o in objects]
 
     def touch(self, path: str, size: int, mtime_ns: int) -> None:
         """A file whose timestamp changed but whose bytes did not: no need to embed it again."""
@@ -491,8 +584,9 @@ class Store:
         if not ids:
             return 0
         with self.transaction() as conn:
-            conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+            conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])  # boxes and maps cascade
             self._bump(conn)
+            self._bump(conn, "boxes_generation")
         return len(ids)
 
     def record_skipped(self, skipped: Sequence[Skipped]) -> None:
@@ -518,11 +612,12 @@ class Store:
             return found, np.zeros((0, 0), dtype=np.float32)
         return found, self._gather("vec", positions)
 
-    def _positions(self, table: str, ids: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    def _positions(self, table: str, ids: Sequence[int] | None,
+                   id_column: str = "image_id") -> tuple[np.ndarray, np.ndarray]:
         """(ids, (n, 2) shard/row) of a position table, in id order."""
-        sql = f"SELECT image_id, shard, row FROM {table}"
-        rows = (self.db.execute(sql + " ORDER BY image_id").fetchall() if ids is None
-                else sorted(self._rows_for(sql + " WHERE image_id IN ({})", ids)))
+        sql = f"SELECT {id_column}, shard, row FROM {table}"
+        rows = (self.db.execute(sql + f" ORDER BY {id_column}").fetchall() if ids is None
+                else sorted(self._rows_for(sql + f" WHERE {id_column} IN ({{}})", ids)))
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64)
         table_array = np.array(rows, dtype=np.int64)
@@ -636,14 +731,29 @@ class Store:
         return {r[0]: r[1] for r in self.db.execute(
             "SELECT label, count(*) FROM predictions GROUP BY label ORDER BY label")}
 
-    def write_predictions(self, predictions: dict[int, Prediction]) -> None:
-        """Insert or replace predictions, all in one transaction."""
+    def write_predictions(self, predictions: dict[int, Prediction],
+                          vectors: dict[int, np.ndarray] | None = None) -> None:
+        """Insert or replace predictions, with their box vectors where given, all in one transaction.
+
+        A replaced prediction's old box vector goes with it.
+        """
+        vectors = vectors if vectors and not self.legacy else {}  # an old layout gets box vectors once upgraded
+        order = [i for i in predictions if i in vectors]
+        placed = self._append("box", np.stack([vectors[i] for i in order])) if order else []
+        row_of = dict(zip(order, placed))
         with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO predictions(image_id, label, score, xmin, ymin, xmax, ymax, head_version)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(i, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, p.head_version)
                  for i, p in predictions.items()])
+            conn.executemany("DELETE FROM boxes WHERE image_id = ? AND object_id IS NULL",
+                             [(int(i),) for i in predictions])
+            for i, p in predictions.items():
+                if i in row_of:
+                    self._insert_boxes(conn, int(i), [], [], [], p, [row_of[i]])
+            self._commit_rows(conn, "box", placed)
+            self._bump(conn, "boxes_generation")
 
     def ids_with_label(self, label: str) -> set[int]:
         """Records with this class in their ground truth or their prediction: what a class filter keeps."""
@@ -651,6 +761,65 @@ class Store:
         if self._has_predictions:
             sql += " UNION SELECT image_id FROM predictions WHERE label = ?1"
         return {r[0] for r in self.db.execute(sql, [label])}
+
+    # ------------------------------------------------------------ boxes (the objects index)
+
+    _BOX_COLUMNS = "b.id, b.image_id, b.label, b.score, b.xmin, b.ymin, b.xmax, b.ymax, b.object_id"
+
+    @staticmethod
+    def _box(row: tuple) -> ObjectMatch:
+        return ObjectMatch(*row[:8], source="predicted" if row[8] is None else "truth")
+
+    def boxes(self, box_ids: Sequence[int]) -> dict[int, ObjectMatch]:
+        """Box id -> the box (ids removed since are missing)."""
+        if not self._has_boxes:
+            return {}
+        rows = self._rows_for(f"SELECT {self._BOX_COLUMNS} FROM boxes b WHERE b.id IN ({{}})", box_ids)
+        return {r[0]: self._box(r) for r in rows}
+
+    def boxes_of_images(self, image_ids: Sequence[int]) -> dict[int, list[ObjectMatch]]:
+        """Image id -> its boxes with vectors (ground truth first, then the prediction)."""
+        found: dict[int, list[ObjectMatch]] = {int(i): [] for i in image_ids}
+        if not self._has_boxes:
+            return found
+        sql = (f"SELECT {self._BOX_COLUMNS} FROM boxes b WHERE b.image_id IN ({{}}) "
+               "ORDER BY b.image_id, b.object_id IS NULL, b.id")
+        for row in self._rows_for(sql, image_ids):
+            found[row[1]].append(self._box(row))
+        return found
+
+    def objects_without_vectors(self) -> dict[int, list[int]]:
+        """Image id -> ids of its ground-truth boxes that have no box vector yet (indexes made before them)."""
+        if not self._has_boxes:
+            return {}
+        found: dict[int, list[int]] = {}
+        for object_id, image_id in self.db.execute(
+                "SELECT o.id, o.image_id FROM objects o LEFT JOIN boxes b ON b.object_id = o.id "
+                "WHERE b.id IS NULL ORDER BY o.image_id, o.id"):
+            found.setdefault(image_id, []).append(object_id)
+        return found
+
+    def predictions_without_vectors(self) -> list[int]:
+        """Images whose prediction has no box vector yet."""
+        if not self._has_boxes:
+            return []
+        return [r[0] for r in self.db.execute(
+            "SELECT p.image_id FROM predictions p WHERE p.label IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM boxes b WHERE b.image_id = p.image_id AND b.object_id IS NULL) ORDER BY p.image_id")]
+
+    def add_object_vectors(self, vectors: dict[int, np.ndarray]) -> None:
+        """Box vectors for existing ground-truth boxes (object id -> vector), in one transaction."""
+        if not vectors or self.legacy:
+            return
+        order = list(vectors)
+        placed = self._append("box", np.stack([vectors[i] for i in order]))
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO boxes(image_id, object_id, label, score, xmin, ymin, xmax, ymax, shard, row) "
+                "SELECT image_id, id, label, 1.0, xmin, ymin, xmax, ymax, ?, ? FROM objects WHERE id = ?",
+                [(shard, row, int(i)) for i, (shard, row) in zip(order, placed)])
+            self._commit_rows(conn, "box", placed)
+            self._bump(conn, "boxes_generation")
 
     def ids(self) -> list[int]:
         """Every record id, in order."""
@@ -708,6 +877,14 @@ class Store:
     def ids_with_sha256(self, sha256: str) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT id FROM images WHERE sha256 = ?", [sha256])}
 
+    def object_ids(self, ids: Sequence[int]) -> dict[int, list[int]]:
+        """Image id -> the ids of its ground-truth boxes, in the order `objects` gives them."""
+        found: dict[int, list[int]] = {int(i): [] for i in ids}
+        for image_id, object_id in self._rows_for("SELECT image_id, id FROM objects WHERE image_id IN ({}) ORDER BY id",
+                                                  ids):
+            found[image_id].append(object_id)
+        return found
+
     def objects(self, ids: Sequence[int]) -> dict[int, list[GroundTruthObject]]:
         found: dict[int, list[GroundTruthObject]] = {int(i): [] for i in ids}
         sql = ("SELECT image_id, label, xmin, ymin, xmax, ymax, difficult, truncated FROM objects "
@@ -732,3 +909,65 @@ class Store:
             "labels": labels,
             "generation": self.generation,
         }
+
+
+class VectorSet:
+    """One set of vectors and what its FAISS index needs of the store: the images', or the boxes'.
+
+    The images' set is the store's own (`Store.vectors`, `Store.spec`); the boxes' keep
+    their generation, FAISS bookkeeping and index spec under their own meta keys, so
+    one set of FAISS code (`layout`) serves both.
+    """
+
+    def __init__(self, store: Store, name: str):
+        self.store, self.name, self.kind = store, name, KINDS[name]
+
+    @property
+    def dir(self) -> Path:
+        return self.store.dir
+
+    @property
+    def generation(self) -> int:
+        return int(self.store.get_meta(self.kind.generation_key, "0"))
+
+    def count(self) -> int:
+        return self.store.count(self.kind.table)
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        return self.store.get_meta(self.kind.meta_prefix + key, default)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.store.set_meta(self.kind.meta_prefix + key, value)
+
+    @property
+    def spec(self) -> IndexSpec | None:
+        if self.name == "images":
+            return self.store.spec
+        text = self.get_meta("spec")
+        return IndexSpec.from_json(text) if text else None
+
+    def save_spec(self, spec: IndexSpec) -> None:
+        if self.name == "images":
+            self.store.save_spec(spec)
+        else:
+            self.set_meta("spec", spec.to_json())
+
+    def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, xb) in id order, as `Store.vectors`."""
+        if self.name == "images":
+            return self.store.vectors(ids)
+        found, positions = self.store._positions(self.kind.table, ids, self.kind.id_column)
+        if not len(found):
+            return found, np.zeros((0, 0), dtype=np.float32)
+        return found, self.store._gather(self.kind.shard, positions)
+
+    def id_snapshot(self) -> tuple[int, np.ndarray]:
+        """(generation, ids) read in one transaction."""
+        if self.name == "images":
+            return self.store.id_snapshot()
+        with self.store._read_transaction():
+            generation = self.generation
+            ids = np.fromiter((r[0] for r in self.store.db.execute(
+                f"SELECT {self.kind.id_column} FROM {self.kind.table} ORDER BY {self.kind.id_column}")),
+                dtype=np.int64)
+        return generation, ids
