@@ -225,9 +225,12 @@ def _shard_problems(conn, index_dir: Path) -> list[str]:
     spec = json.loads(row[0])
     dim = spec["embedder"]["dim"]
     c, h, w = spec["embedder"]["feature_shape"]
-    for kind, table, row_bytes in (("vec", "embeddings", dim * 2), ("map", "feature_maps", c * h * w * 2)):
+    has_boxes = conn.execute("SELECT 1 FROM sqlite_master WHERE name='boxes'").fetchone()
+    kinds = [("vec", "embeddings", "image_id", dim * 2), ("map", "feature_maps", "image_id", c * h * w * 2)]
+    kinds += [("box", "boxes", "id", dim * 2)] if has_boxes else []
+    for kind, table, id_column, row_bytes in kinds:
         seen = set()
-        for image_id, shard, row in conn.execute(f"SELECT image_id, shard, row FROM {table}"):
+        for image_id, shard, row in conn.execute(f"SELECT {id_column}, shard, row FROM {table}"):
             path = index_dir / "shards" / f"{kind}-{shard:06d}.f16"
             if (shard, row) in seen:
                 problems.append(f"{table}: two records at {kind} shard {shard} row {row}")
@@ -239,6 +242,18 @@ def _shard_problems(conn, index_dir: Path) -> list[str]:
         if len(problems) > 5:
             break
     return problems[:5]
+
+
+def kill_when(spawned: Spawned, index: Path, reached) -> bool:
+    """kill -9 the command as soon as `reached(records committed)`; False if it finished first."""
+    while spawned.proc.poll() is None:
+        if reached(_count_images(index)):
+            os.kill(spawned.pid, signal.SIGKILL)
+            spawned.wait()
+            return True
+        time.sleep(0.005)
+    spawned.wait()
+    return False
 
 
 def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
@@ -318,8 +333,34 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
         if need_predictions and set(ids) - predicted:
             problems.append(f"{len(set(ids) - predicted)} of {len(ids)} images have no prediction "
                             "(the index has a localizer head)")
+        # Every ground-truth box and every prediction has exactly one box vector (the objects index).
+        box_ids: list[int] = []
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name='boxes'").fetchone():
+            box_ids = sorted(r[0] for r in conn.execute("SELECT id FROM boxes"))
+            lacking = conn.execute("SELECT count(*) FROM objects o WHERE (SELECT count(*) FROM boxes b "
+                                   "WHERE b.object_id = o.id) != 1").fetchone()[0]
+            if lacking:
+                problems.append(f"{lacking} ground-truth boxes lack a box vector (or have several)")
+            unpredicted = conn.execute("SELECT count(*) FROM predictions p WHERE (SELECT count(*) FROM boxes b "
+                                       "WHERE b.image_id = p.image_id AND b.object_id IS NULL) != 1").fetchone()[0]
+            if unpredicted:
+                problems.append(f"{unpredicted} predictions lack a box vector (or have several)")
+        out["boxes"] = len(box_ids)
+        boxes_generation = int(meta.get("boxes_generation", "0"))
     finally:
         conn.close()
+
+    if box_ids:
+        objects_path = index_dir / "objects.faiss"
+        try:
+            index = faiss.read_index(str(objects_path))
+            found = sorted(faiss.vector_to_array(faiss.downcast_index(index).id_map).tolist())
+            if found != box_ids:
+                problems.append(f"objects.faiss holds {len(found)} boxes, SQLite {len(box_ids)}")
+        except Exception as e:  # noqa: BLE001 - any failure to read it is the finding
+            problems.append(f"objects.faiss unreadable: {type(e).__name__}: {e}")
+        if layout.faiss_generation(index_dir, verify=True, collection="boxes") != boxes_generation:
+            problems.append(f"objects.faiss stamp is not boxes generation {boxes_generation} (stale or damaged)")
 
     faiss_path = index_dir / "index.faiss"
     if not faiss_path.exists():

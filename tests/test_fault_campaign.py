@@ -101,21 +101,6 @@ def test_two_builds_at_once_one_writes_the_other_waits_or_says_busy(setup: bench
     assert all(part.split(": ", 1)[1].startswith("rc 0") for part in row["loser_rerun"].split("; ") if part)
 
 
-def _kill_when(spawned: bench_faults.Spawned, index: Path, reached) -> bool:
-    """kill -9 the command as soon as `reached(records committed)`; False if it finished first."""
-    import signal
-    import time
-
-    while spawned.proc.poll() is None:
-        if reached(bench_faults._count_images(index)):
-            os.kill(spawned.pid, signal.SIGKILL)
-            spawned.wait()
-            return True
-        time.sleep(0.005)
-    spawned.wait()
-    return False
-
-
 def test_kill_minus_9_during_an_incremental_add_and_a_prune(tmp_path: Path):
     """Killed after a middle commit of an incremental build, and right after a prune's delete
     (compaction and FAISS still to come): each re-run ends with FAISS holding exactly SQLite's records."""
@@ -124,14 +109,14 @@ def test_kill_minus_9_during_an_incremental_add_and_a_prune(tmp_path: Path):
     hostile.shape_folder(data, 16, seed=3, prefix="base")
     assert bench_faults.run(build, tmp).rc == 0
     hostile.shape_folder(data, 24, seed=4, prefix="more")  # three commits of 8
-    killed = _kill_when(bench_faults.Spawned(build, tmp), index, lambda n: n >= 24)
+    killed = bench_faults.kill_when(bench_faults.Spawned(build, tmp), index, lambda n: n >= 24)
     assert bench_faults.run(build, tmp).rc == 0
     check = bench_faults.check_index(index, hostile.image_files(data))
     assert killed and check["ok"] and check["ntotal"] == check["images"] == 40, check["problems"]
 
     for path in sorted(data.glob("base*")) + sorted(data.glob("more*"))[:8]:
         path.unlink()  # 24 of 40 gone: more than half the shard rows die, so the prune compacts too
-    killed = _kill_when(bench_faults.Spawned(build + ["--prune"], tmp), index, lambda n: 0 <= n < 40)
+    killed = bench_faults.kill_when(bench_faults.Spawned(build + ["--prune"], tmp), index, lambda n: 0 <= n < 40)
     assert bench_faults.run(build + ["--prune"], tmp).rc == 0
     check = bench_faults.check_index(index, hostile.image_files(data))
     assert killed and check["ok"] and check["ntotal"] == check["images"] == 16, check["problems"]

@@ -258,3 +258,24 @@ def test_training_whose_validation_loss_is_never_a_number_is_one_clear_error(dem
     with pytest.raises(BadInputError, match="not a number in all 3 epochs"):
         train_module.train(config)
     assert not (index / "localizer.pt").exists()
+
+
+def test_localize_gives_every_predicted_box_a_vector_and_replaces_them_on_a_rerun(trained):
+    """A head trained after the build adds its boxes to the objects index; a second localize replaces them."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_faults
+    from simsearch.localizer.predict import localize
+    from simsearch.retrieval.searcher import Searcher
+
+    index, _ = trained
+    for _ in range(2):
+        report = localize(index)
+        check = bench_faults.check_index(index, need_predictions=True)
+        assert check["ok"], check["problems"]  # one vector per prediction and per ground-truth box, FAISS exact
+        assert check["boxes"] == check["objects"] + check["predictions"] == check["objects"] + report.predicted
+    with Searcher(index, device="cpu") as searcher:
+        found = searcher.search_objects(1, 10)
+        assert {p.source for p in found.parts} == {"truth", "predicted"}  # its own objects, both kinds
+        assert {n.match.source for n in found.neighbours} <= {"truth", "predicted"}
