@@ -133,8 +133,9 @@ def info_command(
     with reported():
         info = describe_index(index)
     if fmt is Format.table:
-        for key in ("index", "images", "objects", "index_type", "backbone", "weights", "dim", "skipped", "writer"):
-            typer.echo(f"{key:<11} {info[key]}")
+        for key in ("index", "images", "objects", "object_vectors", "index_type", "backbone", "weights", "dim", "skipped",
+                    "writer"):
+            typer.echo(f"{key:<14} {info[key]}")
         for label, n in info["labels"].items():
             typer.echo(f"  {label:<20} {n}")
         for item in info["skipped_files"]:

@@ -14,6 +14,7 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
         summary = store.summary()
         spec = store.spec
         emb = spec.embedder if spec else None
+        boxes = store.vector_set("boxes")
         return {
             "index": str(index_dir),
             **summary,
@@ -23,6 +24,9 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "dim": emb.dim if emb else None,
             "spec": asdict(spec) if spec else None,
             "faiss_up_to_date": layout.faiss_is_current(store),
+            # Every ground-truth and predicted box with its own vector, searchable with query --box/--objects.
+            "object_vectors": boxes.count(),
+            "objects_index_type": boxes.spec.index_type if boxes.count() and boxes.spec else None,
             "writer": layout.writer(index_dir),  # who is writing to it now, if anyone
             "disk": _disk(Path(index_dir), summary["images"]),
             "skipped_files": store.skipped(),
@@ -37,7 +41,7 @@ def _disk(index_dir: Path, images: int) -> dict:
             continue
         top = path.relative_to(index_dir).parts[0]
         part = ("thumbs" if top == layout.THUMBS else "shards" if top == layout.SHARDS
-                else "sqlite" if top.startswith(layout.DB) else "faiss" if top.startswith("index.") else None)
+                else "sqlite" if top.startswith(layout.DB) else "faiss" if top.startswith(("index.", "objects.")) else None)
         if part:
             parts[part] += path.stat().st_size
     parts["per_image_without_thumbs"] = (sum(parts.values()) - parts["thumbs"]) // images if images else 0
