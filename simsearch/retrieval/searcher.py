@@ -1,7 +1,7 @@
 """Search: neighbours of an image file, a record id or a vector, with what is known of each.
 
 `Searcher` is the one search path: the CLI, the HTML page and the web app go
-through `search`/`search_vector` (exclusions and the class filter included),
+through `search`/`search_vector` (exclusions and filters included),
 `pairs` through its batched `knn`, and `refresh` is the one place that reopens an
 index a build has changed. It keeps the
 FAISS index, the SQLite connection and (once needed) the backbone loaded, so
@@ -22,14 +22,12 @@ from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.records import Record
+from simsearch.retrieval.filters import Filters
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
-
-FILTER_POOL = 500  # neighbours fetched before a class filter is applied, so filtered lists still fill up
-
 
 @dataclass
 class Neighbour:
@@ -135,20 +133,26 @@ class Searcher:
         return faiss_index.search(self.index, xq, k, self.spec.rerank, self.store.vectors)
 
     def search_vector(self, xq: np.ndarray, k: int, exclude: set[int] | frozenset[int] = frozenset(),
-                      label: str | None = None) -> list[Neighbour]:
-        """The k best records for one query vector, without `exclude`, of class `label` when given."""
+                      filters: Filters | None = None) -> list[Neighbour]:
+        """The k best records for one query vector, without `exclude`, among those passing `filters`.
+
+        A filter is applied inside the search: the store names the ids that pass and FAISS
+        searches only those (less the excluded), so k come back whenever k records pass.
+        """
         if k < 1:
             raise BadInputError("k must be at least 1")
-        wanted = (max(FILTER_POOL, k * 20) if label else k) + len(exclude)
-        scores, ids = self.knn(xq, min(self.index.ntotal, wanted))
+        if filters is None or not filters.active:
+            scores, ids = self.knn(xq, min(self.index.ntotal, k + len(exclude)))
+        else:
+            allowed = self.store.ids_matching(filters)
+            if exclude:
+                allowed = allowed[~np.isin(allowed, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))]
+            scores, ids = faiss_index.search(self.index, xq, k, self.spec.rerank, self.store.vectors, allowed=allowed)
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
-        if label:  # filter ids first: only the k kept are described
-            keep = self.store.ids_with_label(label)
-            hits = [h for h in hits if h[0] in keep]
         return self.describe(hits[:k])
 
-    def search(self, query: int | str | os.PathLike, k: int = 10, label: str | None = None) -> QueryResult:
-        """Neighbours of a record id (int) or an image file (path), best first."""
+    def search(self, query: int | str | os.PathLike, k: int = 10, filters: Filters | None = None) -> QueryResult:
+        """Neighbours of a record id (int) or an image file (path), best first, among those passing `filters`."""
         if k < 1:
             raise BadInputError("k must be at least 1")
         record = None
@@ -164,7 +168,7 @@ class Searcher:
             described = {"path": str(path), "sha256": file_sha256(path)}
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         excluded = self.copies_of(described["sha256"])
-        return QueryResult(described, self.search_vector(xq, k, excluded, label), record)
+        return QueryResult(described, self.search_vector(xq, k, excluded, filters), record)
 
     def copies_of(self, sha256: str) -> set[int]:
         """Records holding these very bytes: no answer to a query made of them."""
@@ -188,11 +192,12 @@ class Searcher:
 _OPEN: dict[str, Searcher] = {}
 
 
-def search(index_dir: str | os.PathLike, image_or_id: int | str | os.PathLike, k: int = 10) -> QueryResult:
+def search(index_dir: str | os.PathLike, image_or_id: int | str | os.PathLike, k: int = 10,
+           filters: Filters | None = None) -> QueryResult:
     """Neighbours of an image file or record id; the index stays open between calls."""
     key = str(Path(index_dir).resolve())
     searcher = _OPEN.get(key)
     if searcher is None:
         searcher = _OPEN[key] = Searcher(index_dir)
     searcher.refresh()  # a build may have changed the index since it was opened
-    return searcher.search(image_or_id, k)
+    return searcher.search(image_or_id, k, filters)
