@@ -649,12 +649,10 @@ class Store:
                 [(i, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, p.head_version)
                  for i, p in predictions.items()])
 
-    def ids_with_label(self, label: str) -> set[int]:
-        """Records with this class in their ground truth or their prediction: what a class filter keeps."""
-        sql = "SELECT image_id FROM objects WHERE label = ?1"
-        if self._has_predictions:
-            sql += " UNION SELECT image_id FROM predictions WHERE label = ?1"
-        return {r[0] for r in self.db.execute(sql, [label])}
+    def datasets(self) -> dict[str, int]:
+        """dataset name -> number of records (what a dataset filter can name)."""
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT dataset, count(*) FROM images WHERE dataset IS NOT NULL GROUP BY dataset ORDER BY dataset")}
 
     def ids_matching(self, filters: "Filters") -> np.ndarray:
         """Sorted int64 ids of the records that pass `filters` (see `retrieval.filters.Filters`).
