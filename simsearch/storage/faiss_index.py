@@ -504,9 +504,12 @@ def _missing(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Up to this many allowed ids, a filtered search reads their stored vectors and scores them
-# exactly (one matrix product) instead of running the index with an id selector: faster, and
-# exact. Measured at 20k x 1280-d through the real store (benchmarks/bench_filters.py).
-EXACT_ALLOWED = 2_000
+# exactly (one matrix product) instead of running the index with an id selector. Measured at
+# 20k x 1280-d through the real store (benchmarks/bench_filters.py, p50 of one query): about
+# 100 ids, exact 0.7-5 ms against 1-12 ms with a selector; 1,000 ids, exact 24-28 ms against
+# 5 ms (IVF-PQ) to 24 ms (Flat); 10,000 ids, exact 112 ms against 8-11 ms. Reading the
+# vectors (SQLite positions, then shard rows) is the cost, hence a crossover of a few hundred.
+EXACT_ALLOWED = 500
 # Exact scoring reads the allowed vectors this many at a time, so a fallback over a large
 # allowed set holds a bounded amount of memory; above EXACT_FALLBACK_MAX allowed ids an IVF
 # that came back short is searched again over all its lists instead.
