@@ -124,8 +124,7 @@ def index(request, tmp_path_factory):
 def way(request, monkeypatch):
     """Each path of search_allowed: exact scoring of the allowed ids; id selectors (short rows scored
     exactly); id selectors whose short rows search every list again."""
-    if request.param != "exact":
-        monkeypatch.setattr(faiss_index, "EXACT_ALLOWED", 0)
+    monkeypatch.setattr(faiss_index, "EXACT_ALLOWED", N if request.param == "exact" else 0)
     if request.param == "widen":
         monkeypatch.setattr(faiss_index, "EXACT_FALLBACK_MAX", 0)
     return request.param
