@@ -20,6 +20,7 @@ __all__ = [
     "SimsearchError",
     "SpecMismatchError",
     "WeightsUnavailableError",
+    "Filters",
     "build_index",
     "search",
     "__version__",
@@ -32,6 +33,10 @@ def __getattr__(name: str):
         from simsearch.pipeline.build import build_index
 
         return build_index
+    if name == "Filters":
+        from simsearch.retrieval.filters import Filters
+
+        return Filters
     if name == "search":
         from simsearch.retrieval.searcher import search
 

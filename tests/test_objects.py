@@ -255,3 +255,35 @@ def test_object_search_beats_whole_image_search_on_real_indoor_boxes(shared_data
     assert len(rows) >= 120
     assert mean["object"] > mean["whole"] + 0.03, mean
     assert mean["object_strict"] > 1.5 * mean["chance"], mean
+
+
+def test_filters_apply_to_each_matched_box_inside_the_object_search(boxed):
+    """--class on an object query: every result's matched box is of that class, k of them whenever k images hold
+    one, even for the class least like the query; a filter only one box passes returns exactly its image."""
+    from collections import Counter
+
+    from simsearch.retrieval.filters import Filters
+    from simsearch.retrieval.searcher import Searcher
+
+    _, index, _ = boxed
+    with Searcher(index, device="cpu") as searcher:
+        boxes = searcher.store.boxes(list(range(1, 100)))
+        per_class = Counter(b.label for b in boxes.values())
+        query = next(iter(boxes.values()))
+        rare = min(per_class, key=per_class.get)  # some class, however unlike the query's box
+        own = searcher.search_objects(query.image_id, 50)
+        assert len(own.neighbours) == len(boxes) - 1  # every other image, once
+        wanted = min(per_class[rare] - (rare == query.label), 5)
+        found = searcher.search_objects(query.image_id, 5, filters=Filters(label=rare))
+        assert len(found.neighbours) == wanted and all(n.match.label == rare for n in found.neighbours)
+        sizes = searcher.store.sizes([b.image_id for b in boxes.values()])
+        shares = {b.image_id: (b.xmax - b.xmin) * (b.ymax - b.ymin) / (sizes[b.image_id][0] * sizes[b.image_id][1])
+                  for b in boxes.values() if b.image_id != query.image_id}
+        largest = max(shares, key=shares.get)
+        only = searcher.search_objects(query.image_id, 5, filters=Filters(min_box_area=shares[largest] - 1e-9))
+        assert [n.id for n in only.neighbours] == [largest]  # the one box that large
+        path = searcher.record(largest).path
+        under = searcher.search_objects(query.image_id, 5, filters=Filters(under=(str(Path(path).parent),)))
+        assert len(under.neighbours) == 5
+        none = searcher.search_objects(query.image_id, 5, filters=Filters(dataset=("no-such-dataset",)))
+        assert none.neighbours == []

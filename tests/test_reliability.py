@@ -7,6 +7,7 @@ for the campaign itself.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -400,5 +401,5 @@ def test_info_says_who_is_writing(small_index: Path):
     with writer_lock(small_index, "build-index"):
         out = subprocess.run([sys.executable, "-m", "simsearch.cli", "info", "--index", str(small_index),
                               "--format", "table"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and f"writer      build-index pid {os.getpid()}" in out.stdout, out.stdout
+    assert out.returncode == 0 and re.search(rf"^writer +build-index pid {os.getpid()}$", out.stdout, re.M), out.stdout
     assert describe_index(small_index)["writer"] is None  # released, and reading did not take it

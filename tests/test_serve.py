@@ -95,3 +95,40 @@ def test_records_page_filtered_by_class(client: TestClient):
     assert bikes["total"] == len(bikes["records"]) == 2
     assert all("motorbike" in r["classes"] for r in bikes["records"])
     assert client.get("/api/records?label=no-such-class").json()["total"] == 0
+
+
+def test_search_routes_take_every_filter(client: TestClient, demo_data: Path, demo_index: Path):
+    from simsearch.storage.store import Store
+
+    bike = _id_of(client, "motorcycle_left.png")
+    folder = str((demo_data / "images").resolve())
+    info = client.get("/api/info").json()
+    assert info["datasets"]
+    dataset = info["datasets"][0]
+    everything = client.get(f"/api/search?id={bike}&k=50").json()["neighbours"]
+    for query, kept in [(f"under={folder}", len(everything)), (f"not_under={folder}", 0),
+                        (f"dataset={dataset}", len(everything)), (f"not_dataset={dataset}", 0),
+                        ("dataset=no-such&dataset=" + dataset, len(everything)),
+                        ("min_score=0.5&label=person", 3)]:
+        r = client.get(f"/api/search?id={bike}&k=50&{query}")
+        assert r.status_code == 200, (query, r.text)
+        assert len(r.json()["neighbours"]) == kept, query
+    with Store(demo_index) as store:  # a large box: the neighbours are those with one, however few
+        sizes = store.sizes(store.ids())
+        large = {i for i, objects in store.objects(store.ids()).items()
+                 if any(o.area >= 0.3 * sizes[i][0] * sizes[i][1] for o in objects)} - {bike}
+    assert large
+    r = client.get(f"/api/search?id={bike}&k=50&min_box_area=0.3").json()["neighbours"]
+    assert {n["id"] for n in r} == large
+    for bad in ("min_box_area=2", "min_score=-1", "dataset=x&not_dataset=x"):
+        r = client.get(f"/api/search?id={bike}&{bad}")
+        assert r.status_code == 400 and "\n" not in r.json()["detail"], bad
+    data = (demo_data / "images" / "motorcycle_left.png").read_bytes()
+    r = client.post("/api/search", files={"file": ("m.png", data, "image/png")},
+                    data={"k": "5", "label": "person", "min_score": "0.5", "under": folder, "dataset": ""})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["neighbours"]) == 3 and all("person" in n["classes"] for n in r.json()["neighbours"])
+    r = client.post("/api/search", files={"file": ("m.png", data, "image/png")}, data={"min_box_area": "7"})
+    assert r.status_code == 400 and "between 0 and 1" in r.json()["detail"]
+    picked = client.get(f"/api/records?dataset={dataset}&label=person").json()
+    assert picked["total"] == 3

@@ -72,9 +72,22 @@ def query_command(
     box: Optional[str] = typer.Option(None, "--box", help="Search by the object in this box of the query image: XMIN,YMIN,XMAX,YMAX in pixels. Results are images holding a similar object, each once, with the object that matched."),
     objects: bool = typer.Option(False, "--objects", help="Search with each of the query image's own objects (its boxes, or the localizer's box) instead of the whole image."),
     max_pixels: int = MAX_PIXELS_OPTION,
+    label: Optional[str] = typer.Option(None, "--class", help="Only images with a box of this class (drawn, or predicted by the localizer)."),
+    min_box_area: Optional[float] = typer.Option(None, "--min-box-area", help="Only images with a box covering at least this fraction of the image (0..1; with --class, a box of that class)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Only images with a box of at least this confidence (0..1; drawn boxes count 1.0, predictions their score); holds on the same box as --class and --min-box-area."),
+    under: Optional[list[str]] = typer.Option(None, "--under", help="Only files under this folder (repeat for any of several); compared with the resolved paths build-index stores."),
+    not_under: Optional[list[str]] = typer.Option(None, "--not-under", help="No files under this folder (repeatable)."),
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Only images of this dataset (repeatable): VOC2007, a box-list dataset's name, or the indexed folder's name, as `info` and the JSON output show."),
+    not_dataset: Optional[list[str]] = typer.Option(None, "--not-dataset", help="No images of this dataset (repeatable)."),
 ) -> None:
-    """Images like this one: neighbours with scores, classes, boxes and why each is similar."""
+    """Images like this one: neighbours with scores, classes, boxes and why each is similar.
+
+    Filters (--class, --min-box-area, --min-score, --under, --not-under, --dataset,
+    --not-dataset) are applied inside the search: -k results come back whenever k images pass
+    (with --box/--objects, k images holding a box that passes).
+    """
     from simsearch.errors import BadInputError
+    from simsearch.retrieval.filters import Filters
     from simsearch.retrieval.searcher import Searcher
 
     with reported():
@@ -82,12 +95,15 @@ def query_command(
             raise BadInputError("give either an image file or --id ID (not both)")
         if box is not None and objects:
             raise BadInputError("give --box or --objects, not both (--box searches with the drawn box alone)")
+        filters = Filters(label=label, min_box_area=min_box_area, min_score=min_score, under=tuple(under or ()),
+                          not_under=tuple(not_under or ()), dataset=tuple(dataset or ()),
+                          not_dataset=tuple(not_dataset or ()))
         query = record_id if record_id is not None else image
         with Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000) as searcher:
             if box is not None or objects:
-                result = searcher.search_objects(query, k, parse_box(box) if box is not None else None)
+                result = searcher.search_objects(query, k, parse_box(box) if box is not None else None, filters)
             else:
-                result = searcher.search(query, k)
+                result = searcher.search(query, k, filters)
         if html is not None:
             from simsearch.views.page import write_query_page
 

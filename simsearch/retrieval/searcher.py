@@ -1,7 +1,7 @@
 """Search: neighbours of an image file, a record id or a vector, with what is known of each.
 
 `Searcher` is the one search path: the CLI, the HTML page and the web app go
-through `search`/`search_vector` (exclusions and the class filter included),
+through `search`/`search_vector` (exclusions and filters included),
 `pairs` through its batched `knn`, and `refresh` is the one place that reopens an
 index a build has changed. It keeps the
 FAISS index, the SQLite connection and (once needed) the backbone loaded, so
@@ -23,15 +23,13 @@ from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.pipeline.box_vectors import fractions, pool_one
 from simsearch.records import ObjectMatch, Record
+from simsearch.retrieval.filters import Filters
 from simsearch.retrieval.objects import QueryPart, Why, best_per_image, explain
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
-
-FILTER_POOL = 500  # neighbours fetched before a class filter is applied, so filtered lists still fill up
-
 
 @dataclass
 class Neighbour:
@@ -152,20 +150,26 @@ class Searcher:
         return faiss_index.search(self.index, xq, k, self.spec.rerank, self.store.vectors)
 
     def search_vector(self, xq: np.ndarray, k: int, exclude: set[int] | frozenset[int] = frozenset(),
-                      label: str | None = None) -> list[Neighbour]:
-        """The k best records for one query vector, without `exclude`, of class `label` when given."""
+                      filters: Filters | None = None) -> list[Neighbour]:
+        """The k best records for one query vector, without `exclude`, among those passing `filters`.
+
+        A filter is applied inside the search: the store names the ids that pass and FAISS
+        searches only those (less the excluded), so k come back whenever k records pass.
+        """
         if k < 1:
             raise BadInputError("k must be at least 1")
-        wanted = (max(FILTER_POOL, k * 20) if label else k) + len(exclude)
-        scores, ids = self.knn(xq, min(self.index.ntotal, wanted))
+        if filters is None or not filters.active:
+            scores, ids = self.knn(xq, min(self.index.ntotal, k + len(exclude)))
+        else:
+            allowed = self.store.ids_matching(filters)
+            if exclude:
+                allowed = allowed[~np.isin(allowed, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))]
+            scores, ids = faiss_index.search(self.index, xq, k, self.spec.rerank, self.store.vectors, allowed=allowed)
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
-        if label:  # filter ids first: only the k kept are described
-            keep = self.store.ids_with_label(label)
-            hits = [h for h in hits if h[0] in keep]
         return self.describe(hits[:k])
 
-    def search(self, query: int | str | os.PathLike, k: int = 10, label: str | None = None) -> QueryResult:
-        """Neighbours of a record id (int) or an image file (path), best first."""
+    def search(self, query: int | str | os.PathLike, k: int = 10, filters: Filters | None = None) -> QueryResult:
+        """Neighbours of a record id (int) or an image file (path), best first, among those passing `filters`."""
         if k < 1:
             raise BadInputError("k must be at least 1")
         record = None
@@ -181,7 +185,7 @@ class Searcher:
             described = {"path": str(path), "sha256": file_sha256(path)}
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         excluded = self.copies_of(described["sha256"])
-        neighbours = self.search_vector(xq, k, excluded, label)
+        neighbours = self.search_vector(xq, k, excluded, filters)
         indexed = record if record is not None else (self.record(min(excluded)) if excluded else None)
         self.explain_neighbours(neighbours, self.query_parts(indexed, xq))
         return QueryResult(described, neighbours, record)
@@ -205,11 +209,13 @@ class Searcher:
         return self.store.vector_set("boxes").count() > 0
 
     def search_objects(self, query: int | str | os.PathLike, k: int = 10,
-                       box: tuple[float, float, float, float] | None = None) -> QueryResult:
+                       box: tuple[float, float, float, float] | None = None,
+                       filters: Filters | None = None) -> QueryResult:
         """Images holding objects like the query's: one drawn `box` (pixels), else each of the query's own objects.
 
         Results are grouped per image: an image appears once, with its best-matching
-        object, which each result names (its box, class and score).
+        object, which each result names (its box, class and score). `filters` apply to
+        each matched box itself (its class, area and score) and to its image's file.
         """
         if k < 1:
             raise BadInputError("k must be at least 1")
@@ -221,24 +227,34 @@ class Searcher:
         else:
             parts = self._own_objects(record, described, fmap, size)
         excluded = self.copies_of(described["sha256"])
-        return QueryResult(described, self.search_parts(parts, k, excluded), record, parts)
+        return QueryResult(described, self.search_parts(parts, k, excluded, filters), record, parts)
 
-    def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset()
-                     ) -> list[Neighbour]:
-        """The k images whose objects best match any of `parts`, each with its best (object, part) pair."""
+    def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset(),
+                     filters: Filters | None = None) -> list[Neighbour]:
+        """The k images whose objects best match any of `parts`, each with its best (object, part) pair.
+
+        A filter is applied inside the search, as for images: FAISS scores only the boxes
+        that pass, so k images come back whenever k images hold a passing box.
+        """
         spec, index = self.objects_index()
         xq = np.stack([p.vector for p in parts]).astype(np.float32)
         boxes = self.store.vector_set("boxes")
-        depth = min(index.ntotal, max(4 * k, 32))
+        allowed = None
+        if filters is not None and filters.active:
+            allowed = self.store.box_ids_matching(filters, exclude)
+        total = index.ntotal if allowed is None else len(allowed)
+        if not total:
+            return []
+        depth = min(total, max(4 * k, 32))
         while True:
-            scores, box_ids = faiss_index.search(index, xq, depth, spec.rerank, boxes.vectors)
+            scores, box_ids = faiss_index.search(index, xq, depth, spec.rerank, boxes.vectors, allowed=allowed)
             found = self.store.boxes([int(b) for b in np.unique(box_ids) if b >= 0])
             hits = [(found[int(b)].image_id, int(b), float(sc), q) for q in range(len(parts))
                     for b, sc in zip(box_ids[q], scores[q]) if b >= 0 and int(b) in found]
             best = best_per_image(hits, k, exclude)
-            if len(best) >= k or depth >= index.ntotal:
+            if len(best) >= k or depth >= total:
                 break
-            depth = min(index.ntotal, depth * 4)  # images with many matching boxes crowded the list: look deeper
+            depth = min(total, depth * 4)  # images with many matching boxes crowded the list: look deeper
         records = self.store.records([h[0] for h in best])
         out = []
         for image_id, box_id, score, q in best:
@@ -345,11 +361,12 @@ def _checked_box(box: tuple[float, float, float, float], size: tuple[int, int]) 
 _OPEN: dict[str, Searcher] = {}
 
 
-def search(index_dir: str | os.PathLike, image_or_id: int | str | os.PathLike, k: int = 10) -> QueryResult:
+def search(index_dir: str | os.PathLike, image_or_id: int | str | os.PathLike, k: int = 10,
+           filters: Filters | None = None) -> QueryResult:
     """Neighbours of an image file or record id; the index stays open between calls."""
     key = str(Path(index_dir).resolve())
     searcher = _OPEN.get(key)
     if searcher is None:
         searcher = _OPEN[key] = Searcher(index_dir)
     searcher.refresh()  # a build may have changed the index since it was opened
-    return searcher.search(image_or_id, k)
+    return searcher.search(image_or_id, k, filters)

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sqlite_utils
@@ -40,6 +41,9 @@ from simsearch.records import GroundTruthObject, ImageRecord, ObjectMatch, Predi
 from simsearch.spec import IndexSpec
 from simsearch.storage import layout
 from simsearch.storage.shards import ShardFiles
+
+if TYPE_CHECKING:
+    from simsearch.retrieval.filters import Filters
 
 log = logging.getLogger(__name__)
 
@@ -755,12 +759,28 @@ class Store:
             self._commit_rows(conn, "box", placed)
             self._bump(conn, "boxes_generation")
 
-    def ids_with_label(self, label: str) -> set[int]:
-        """Records with this class in their ground truth or their prediction: what a class filter keeps."""
-        sql = "SELECT image_id FROM objects WHERE label = ?1"
-        if self._has_predictions:
-            sql += " UNION SELECT image_id FROM predictions WHERE label = ?1"
-        return {r[0] for r in self.db.execute(sql, [label])}
+    def datasets(self) -> dict[str, int]:
+        """dataset name -> number of records (what a dataset filter can name)."""
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT dataset, count(*) FROM images WHERE dataset IS NOT NULL GROUP BY dataset ORDER BY dataset")}
+
+    def ids_matching(self, filters: "Filters") -> np.ndarray:
+        """Sorted int64 ids of the records that pass `filters` (see `retrieval.filters.Filters`).
+
+        An image's boxes are its ground-truth objects (score 1.0: a drawn box is a fact)
+        and its localizer prediction; with a box condition set, one box must meet all of
+        them. The conditions are SQL fragments over `i` (images) and `b` (a box relation),
+        so that the same filter can be applied to another relation of boxes.
+        """
+        relation = self._IMAGE_BOXES if self._has_predictions else self._GROUND_TRUTH_BOXES
+        sql, params = _matching_sql(filters, relation if filters.on_boxes else None)
+        rows = self.db.execute(sql, params).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    # (image_id, label, score, xmin, ymin, xmax, ymax) of every box an image has.
+    _GROUND_TRUTH_BOXES = "SELECT image_id, label, 1.0 AS score, xmin, ymin, xmax, ymax FROM objects"
+    _IMAGE_BOXES = (_GROUND_TRUTH_BOXES + " UNION ALL SELECT image_id, label, score, xmin, ymin, xmax, ymax "
+                    "FROM predictions WHERE label IS NOT NULL")
 
     # ------------------------------------------------------------ boxes (the objects index)
 
@@ -787,6 +807,20 @@ class Store:
         for row in self._rows_for(sql, image_ids):
             found[row[1]].append(self._box(row))
         return found
+
+    def box_ids_matching(self, filters: "Filters", exclude_images: Iterable[int] = ()) -> np.ndarray:
+        """Sorted int64 ids of the boxes that pass `filters` themselves (class, area, score) in images that pass
+        its file conditions, leaving out the boxes of `exclude_images` (the query's own copies)."""
+        if not self._has_boxes:
+            return np.zeros(0, dtype=np.int64)
+        where, params = _filter_conditions(filters, True)
+        skip = sorted({int(i) for i in exclude_images})
+        if skip:
+            where += f" AND b.image_id NOT IN ({', '.join('?' * len(skip))})"
+            params = [*params, *skip]
+        rows = self.db.execute(f"SELECT b.id FROM boxes b JOIN images i ON i.id = b.image_id WHERE {where} "
+                               "ORDER BY b.id", params).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
     def objects_without_vectors(self) -> dict[int, list[int]]:
         """Image id -> ids of its ground-truth boxes that have no box vector yet (indexes made before them)."""
@@ -971,3 +1005,55 @@ class VectorSet:
                 f"SELECT {self.kind.id_column} FROM {self.kind.table} ORDER BY {self.kind.id_column}")),
                 dtype=np.int64)
         return generation, ids
+
+
+def _matching_sql(filters: "Filters", boxes: str | None) -> tuple[str, list]:
+    """SELECT of the ids of images (`i`) passing `filters`, over the box relation `boxes` (`b`) when one is given.
+
+    `boxes` is a subquery or table with columns (image_id, label, score, xmin, ymin, xmax,
+    ymax); the ids are distinct and sorted.
+    """
+    where, params = _filter_conditions(filters, boxes is not None)
+    if boxes is None:
+        return f"SELECT i.id FROM images i WHERE {where} ORDER BY i.id", params
+    return (f"SELECT DISTINCT i.id FROM images i JOIN ({boxes}) b ON b.image_id = i.id "
+            f"WHERE {where} ORDER BY i.id"), params
+
+
+def _filter_conditions(filters: "Filters", with_boxes: bool) -> tuple[str, list]:
+    """(WHERE clause, params) of `filters` over `i` (images: path, dataset, width, height) and `b` (one box).
+
+    A box relation whose rows must each pass on their own (object vectors: one row a box)
+    uses the same clause with `b` as that table, joined to its image as `i`.
+    """
+    clauses: list[str] = []
+    params: list = []
+    if filters.under:
+        clauses.append("(" + " OR ".join(_under(f, params) for f in filters.under) + ")")
+    for folder in filters.not_under:
+        clauses.append(f"NOT {_under(folder, params)}")
+    if filters.dataset:
+        clauses.append(f"i.dataset IN ({', '.join('?' * len(filters.dataset))})")
+        params += filters.dataset
+    if filters.not_dataset:
+        clauses.append(f"(i.dataset IS NULL OR i.dataset NOT IN ({', '.join('?' * len(filters.not_dataset))}))")
+        params += filters.not_dataset
+    if with_boxes:
+        if filters.label is not None:
+            clauses.append("b.label = ?")
+            params.append(filters.label)
+        if filters.min_score is not None:
+            clauses.append("b.score >= ?")
+            params.append(filters.min_score)
+        if filters.min_box_area is not None:  # multiplied out: no division by a zero-sized image
+            clauses.append("(b.xmax - b.xmin) * (b.ymax - b.ymin) >= ? * i.width * i.height")
+            params.append(filters.min_box_area)
+    return " AND ".join(clauses) or "1", params
+
+
+def _under(folder: str, params: list) -> str:
+    """`i.path` is `folder` or below it: a prefix compared with substr (no LIKE wildcards to escape),
+    ending in a separator so that /a/b does not take in /a/bc."""
+    prefix = folder if folder.endswith("/") else folder + "/"
+    params += [folder, len(prefix), prefix]
+    return "(i.path = ? OR substr(i.path, 1, ?) = ?)"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from simsearch.errors import (BadInputError, ImageTooLargeError, IndexBusyError, IndexDamagedError, NotFoundError,
                                SimsearchError)
+from simsearch.retrieval.filters import Filters
 from simsearch.retrieval.searcher import Neighbour, Searcher
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
 from simsearch.records import Record
@@ -112,7 +113,7 @@ class Browser:
             summary = searcher.store.summary()
             labels = set(summary["labels"]) | set(searcher.store.predicted_labels())
             return {"index": self.name, "images": summary["images"], "objects": summary["objects"],
-                    "labels": sorted(labels), "backbone": searcher.spec.embedder.backbone,
+                    "labels": sorted(labels), "datasets": sorted(searcher.store.datasets()), "backbone": searcher.spec.embedder.backbone,
                     "index_type": searcher.spec.index_type, "max_upload_bytes": self.config.max_upload_bytes,
                     "max_pixels": self.config.max_pixels}
 
@@ -123,11 +124,11 @@ class Browser:
     def record(self, image_id: int) -> dict:
         return self._public(Neighbour(1, 1.0, self._record(image_id)))
 
-    def records(self, label: str | None = None, offset: int = 0, limit: int = 60) -> dict:
-        """A page of records (id order), optionally only those of one class."""
+    def records(self, filters: Filters | None = None, offset: int = 0, limit: int = 60) -> dict:
+        """A page of records (id order), optionally only those passing `filters`."""
         with self._lock:
             searcher = self._fresh()
-            ids = sorted(searcher.store.ids_with_label(label)) if label else searcher.store.ids()
+            ids = searcher.store.ids_matching(filters).tolist() if filters and filters.active else searcher.store.ids()
             described = searcher.describe([(i, 1.0) for i in ids[offset:offset + limit]])
         return {"total": len(ids), "offset": offset, "records": [self._public(n) for n in described]}
 
@@ -161,12 +162,12 @@ class Browser:
 
     # ------------------------------------------------------------ search
 
-    def search_id(self, image_id: int, k: int, label: str | None = None, box: str | None = None) -> dict:
+    def search_id(self, image_id: int, k: int, filters: Filters | None = None, box: str | None = None) -> dict:
         """Neighbours of a record, or of a region of it when `box` is given."""
         k = self._k(k)
         if not box:
             with self._lock:
-                result = self._fresh().search(image_id, k, label)
+                result = self._fresh().search(image_id, k, filters)
             return {"query": _query_of(result.record), "neighbours": [self._public(n) for n in result.neighbours]}
         record = self._record(image_id)
         query = _query_of(record)
@@ -176,9 +177,9 @@ class Browser:
             query["box"] = list(region)
             xq = self._embed(image)
         # A region's best match may well be its own image: nothing is excluded.
-        return {"query": query, "neighbours": self._neighbours(xq, k, label, set())}
+        return {"query": query, "neighbours": self._neighbours(xq, k, filters, set())}
 
-    def search_upload(self, data: bytes, k: int, label: str | None = None, box: str | None = None,
+    def search_upload(self, data: bytes, k: int, filters: Filters | None = None, box: str | None = None,
                       name: str | None = None) -> dict:
         """Neighbours of an uploaded image, or of a region of it (`box` in the image's full-size pixels).
 
@@ -209,7 +210,7 @@ class Browser:
                 exclude = set()  # a region's best match may well be the uploaded file itself
             xq = self._embed(image)
             del image  # the decoded pixels go before the slot is given back
-        return {"query": query, "neighbours": self._neighbours(xq, self._k(k), label, exclude)}
+        return {"query": query, "neighbours": self._neighbours(xq, self._k(k), filters, exclude)}
 
     def _k(self, k: int) -> int:
         return max(1, min(int(k), self.config.max_k))
@@ -218,9 +219,9 @@ class Browser:
         with self._lock:
             return self._fresh().vector_of_image(image)
 
-    def _neighbours(self, xq: np.ndarray, k: int, label: str | None, exclude: set[int]) -> list[dict]:
+    def _neighbours(self, xq: np.ndarray, k: int, filters: Filters | None, exclude: set[int]) -> list[dict]:
         with self._lock:
-            neighbours = self._fresh().search_vector(xq, k, exclude, label)
+            neighbours = self._fresh().search_vector(xq, k, exclude, filters)
         return [self._public(n) for n in neighbours]
 
     @staticmethod
@@ -315,6 +316,37 @@ def parse_box(text: str, size: tuple[int, int]) -> tuple[int, int, int, int]:
     return box
 
 
+FILTER_HELP = {
+    "label": "only images with a box of this class (drawn or predicted)",
+    "min_box_area": "only images with a box covering at least this fraction (0..1) of the image",
+    "min_score": "only images with a box of at least this confidence (0..1; drawn boxes count 1.0)",
+    "under": "only files under this folder of the server (repeatable: any of them)",
+    "not_under": "no files under this folder (repeatable)",
+    "dataset": "only images of this dataset (repeatable: any of them)",
+    "not_dataset": "no images of this dataset (repeatable)",
+}
+
+
+def _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset) -> Filters:
+    """The request's filters; empty fields (what a form sends for "any") do not filter.
+
+    Folders are only compared with the paths the index recorded, never opened or listed.
+    """
+    return Filters(label=label or None, min_box_area=min_box_area, min_score=min_score,
+                   under=tuple(f for f in under if f), not_under=tuple(f for f in not_under if f),
+                   dataset=tuple(d for d in dataset if d), not_dataset=tuple(d for d in not_dataset if d))
+
+
+def _query_filters(label: Optional[str] = Query(None, description=FILTER_HELP["label"]),
+                   min_box_area: Optional[float] = Query(None, description=FILTER_HELP["min_box_area"]),
+                   min_score: Optional[float] = Query(None, description=FILTER_HELP["min_score"]),
+                   under: list[str] = Query([], description=FILTER_HELP["under"]),
+                   not_under: list[str] = Query([], description=FILTER_HELP["not_under"]),
+                   dataset: list[str] = Query([], description=FILTER_HELP["dataset"]),
+                   not_dataset: list[str] = Query([], description=FILTER_HELP["not_dataset"])) -> Filters:
+    return _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset)
+
+
 def _error_status(exc: SimsearchError) -> int:
     if isinstance(exc, NotFoundError):
         return 404
@@ -354,10 +386,10 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
     def info() -> dict:
         return browser.info()
 
-    @app.get("/api/records", summary="A page of records, optionally of one class")
-    def records(label: Optional[str] = None, offset: int = Query(0, ge=0, le=MAX_ID),
+    @app.get("/api/records", summary="A page of records, optionally only those passing the filters")
+    def records(filters: Filters = Depends(_query_filters), offset: int = Query(0, ge=0, le=MAX_ID),
                 limit: int = Query(60, ge=1, le=500)) -> dict:
-        return browser.records(label or None, offset, limit)
+        return browser.records(filters, offset, limit)
 
     @app.get("/api/records/{image_id}", summary="One record: classes, boxes, prediction")
     def record(image_id: int = record_id) -> dict:
@@ -381,19 +413,26 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
     @app.get("/api/search", summary="Neighbours of a record (or of a region of it)")
     def search(id: int = Query(..., ge=0, le=MAX_ID, description="record id"),
                k: int = Query(config.default_k, ge=1, le=config.max_k),
-               label: Optional[str] = Query(None, description="keep only neighbours of this class"),
+               filters: Filters = Depends(_query_filters),
                box: Optional[str] = Query(None, description="xmin,ymin,xmax,ymax in the record's pixels")) -> dict:
-        return browser.search_id(id, k, label or None, box or None)
+        return browser.search_id(id, k, filters, box or None)
 
     @app.post("/api/search", summary="Neighbours of an uploaded image (or of a region of it)")
     async def search_upload(file: UploadFile = File(..., description="an image file"),
                             k: int = Form(config.default_k, ge=1, le=config.max_k),
-                            label: Optional[str] = Form(None),
+                            label: Optional[str] = Form(None, description=FILTER_HELP["label"]),
+                            min_box_area: Optional[float] = Form(None, description=FILTER_HELP["min_box_area"]),
+                            min_score: Optional[float] = Form(None, description=FILTER_HELP["min_score"]),
+                            under: list[str] = Form([], description=FILTER_HELP["under"]),
+                            not_under: list[str] = Form([], description=FILTER_HELP["not_under"]),
+                            dataset: list[str] = Form([], description=FILTER_HELP["dataset"]),
+                            not_dataset: list[str] = Form([], description=FILTER_HELP["not_dataset"]),
                             box: Optional[str] = Form(None, description="xmin,ymin,xmax,ymax in the image's pixels")) -> dict:
+        filters = _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset)
         data = await file.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {config.max_upload_bytes // (1024 * 1024)} MB")
-        return await run_in_threadpool(browser.search_upload, data, k, label or None, box or None, file.filename)
+        return await run_in_threadpool(browser.search_upload, data, k, filters, box or None, file.filename)
 
     # Oversized bodies are refused before FastAPI parses (and spools) them.
     app.add_middleware(UploadCap, limit=config.max_upload_bytes)

@@ -52,6 +52,12 @@ PAGE = r"""<!doctype html>
       <div style="flex:2"><label for="label">Class filter</label><select id="label"><option value="">all classes</option></select></div>
       <div style="flex:1"><label for="k">Neighbours</label><input type="number" id="k" value="12" min="1" max="200"></div>
     </div>
+    <div class="row">
+      <div style="flex:2"><label for="dataset">Dataset</label><select id="dataset"><option value="">all datasets</option></select></div>
+      <div style="flex:1"><label for="minscore">Min score</label><input type="number" id="minscore" min="0" max="1" step="0.05" placeholder="0..1"></div>
+    </div>
+    <label for="under">Under folder</label>
+    <input type="text" id="under" placeholder="/path/to/photos/2024" title="only files under this folder of the server">
     <div id="stage"><img id="qimg" alt="" hidden><div id="sel"></div></div>
     <div class="hint">Drag on the query image to search with just that region.
       <button id="clearbox" hidden>Whole image</button></div>
@@ -86,12 +92,20 @@ async function loadInfo() {
   const info = await api("/api/info");
   $("info").textContent = `${info.images} images · ${info.backbone} · ${info.index_type}`;
   for (const l of info.labels) { const o = document.createElement("option"); o.value = o.textContent = l; $("label").append(o); }
+  for (const d of info.datasets || []) { const o = document.createElement("option"); o.value = o.textContent = d; $("dataset").append(o); }
   await loadPicker();
 }
 
+// The filters as [name, value] pairs: the same names for the search (GET or form) and the picker.
+function filters() {
+  const pairs = [["label", $("label").value], ["dataset", $("dataset").value],
+                 ["min_score", $("minscore").value], ["under", $("under").value.trim()]];
+  return pairs.filter(([, v]) => v !== "");
+}
+
 async function loadPicker() {
-  const label = $("label").value;
-  const page = await api("/api/records?limit=200" + (label ? "&label=" + encodeURIComponent(label) : ""));
+  const params = new URLSearchParams([["limit", "200"], ...filters()]);
+  const page = await api("/api/records?" + params);
   $("picker").replaceChildren(...page.records.map(r => {
     const img = document.createElement("img");
     img.src = r.thumb_url; img.title = `${r.id}: ${r.name}`; img.loading = "lazy";
@@ -119,19 +133,19 @@ function searchId(id) {
 
 async function run() {
   if (!query) return;
-  const k = $("k").value || 12, label = $("label").value;
+  const k = $("k").value || 12;
   status("Searching…");
   try {
     let result;
     if (query.file) {
       const form = new FormData();
       form.append("file", query.file); form.append("k", k);
-      if (label) form.append("label", label);
+      for (const [name, value] of filters()) form.append(name, value);
       if (box) form.append("box", box.join(","));
       result = await api("/api/search", {method: "POST", body: form});
     } else {
       const params = new URLSearchParams({id: query.id, k});
-      if (label) params.set("label", label);
+      for (const [name, value] of filters()) params.append(name, value);
       if (box) params.set("box", box.join(","));
       result = await api("/api/search?" + params);
     }
@@ -142,7 +156,8 @@ async function run() {
 function render(result) {
   const n = result.neighbours.length;
   const what = result.query.box ? "region " + result.query.box.join(",") : "whole image";
-  status(`${n} neighbour${n === 1 ? "" : "s"} (${what})` + ($("label").value ? ` of class ${$("label").value}` : ""));
+  const shown = filters().map(([name, value]) => `${name === "label" ? "class" : name.replace("_", " ")} ${value}`);
+  status(`${n} neighbour${n === 1 ? "" : "s"} (${what})` + (shown.length ? "; " + shown.join(", ") : ""));
   $("results").replaceChildren(...result.neighbours.map(card));
 }
 
@@ -191,7 +206,7 @@ $("file").onchange = () => {
 };
 $("go").onclick = () => { if ($("rid").value) searchId($("rid").value); };
 $("rid").onkeydown = (e) => { if (e.key === "Enter") $("go").click(); };
-$("label").onchange = () => { loadPicker(); run(); };
+for (const id of ["label", "dataset", "minscore", "under"]) $(id).onchange = () => { loadPicker().catch(e => status(e.message, true)); run(); };
 $("k").onchange = run;
 $("clearbox").onclick = () => { setBox(null); run(); };
 
