@@ -205,7 +205,7 @@ class Searcher:
         return self.store.vector_set("boxes").count() > 0
 
     def search_objects(self, query: int | str | os.PathLike, k: int = 10,
-                       box: tuple[float, float, float, float] | None = None) -> QueryResult:
+                       box: tuple[float, float, float, float] | None = None, label: str | None = None) -> QueryResult:
         """Images holding objects like the query's: one drawn `box` (pixels), else each of the query's own objects.
 
         Results are grouped per image: an image appears once, with its best-matching
@@ -221,20 +221,49 @@ class Searcher:
         else:
             parts = self._own_objects(record, described, fmap, size)
         excluded = self.copies_of(described["sha256"])
-        return QueryResult(described, self.search_parts(parts, k, excluded), record, parts)
+        return QueryResult(described, self.search_parts(parts, k, excluded, label), record, parts)
 
-    def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset()
-                     ) -> list[Neighbour]:
-        """The k images whose objects best match any of `parts`, each with its best (object, part) pair."""
+    def search_objects_in_image(self, image: Image.Image, box: tuple[float, float, float, float] | None, k: int = 10,
+                                exclude: set[int] | frozenset[int] = frozenset(), label: str | None = None
+                                ) -> QueryResult:
+        """`search_objects` for decoded pixels (an upload): a `box` in the image's full-size pixels, else its own objects.
+
+        `image` may be a reduced decode (`info["full_size"]`): the box is pooled from the
+        map of the whole image, which covers the same frame at any decode scale. `exclude`
+        is the records holding these bytes (the first of them lends its stored objects).
+        """
+        if k < 1:
+            raise BadInputError("k must be at least 1")
+        size = tuple(image.info.get("full_size", image.size))
+        fmap = self.embedder.embed_images([image]).maps[0]
+        described: dict = {"path": "the image"}
+        record = self.record(min(exclude)) if exclude else None
+        if box is not None:
+            checked = _checked_box(box, size)
+            parts = [QueryPart(pool_one(fmap, fractions([checked], *size))[0], None, checked, "drawn")]
+            described["box"] = list(checked)
+        else:
+            parts = self._own_objects(record, described, fmap, size)
+        return QueryResult(described, self.search_parts(parts, k, exclude, label), record, parts)
+
+    def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset(),
+                     label: str | None = None) -> list[Neighbour]:
+        """The k images whose objects best match any of `parts`, each with its best (object, part) pair.
+
+        With `label`, only images of that class (as `search_vector`'s filter) are kept.
+        """
         spec, index = self.objects_index()
         xq = np.stack([p.vector for p in parts]).astype(np.float32)
         boxes = self.store.vector_set("boxes")
         depth = min(index.ntotal, max(4 * k, 32))
+        keep = self.store.ids_with_label(label) if label else None
         while True:
             scores, box_ids = faiss_index.search(index, xq, depth, spec.rerank, boxes.vectors)
             found = self.store.boxes([int(b) for b in np.unique(box_ids) if b >= 0])
             hits = [(found[int(b)].image_id, int(b), float(sc), q) for q in range(len(parts))
                     for b, sc in zip(box_ids[q], scores[q]) if b >= 0 and int(b) in found]
+            if keep is not None:
+                hits = [h for h in hits if h[0] in keep]
             best = best_per_image(hits, k, exclude)
             if len(best) >= k or depth >= index.ntotal:
                 break
