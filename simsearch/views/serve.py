@@ -2,8 +2,8 @@
 
 `create_app(index_dir)` returns a FastAPI app: one plain HTML+JS page at `/`
 (no build step) over a JSON API under `/api` (documented at `/docs`). Files are
-only ever served by record id, from paths the index itself recorded; nothing the
-client sends is used as a path. Uploads are capped in bytes and in pixels (413
+only ever served by record id (or by the id of a box, which names its record), from
+paths the index itself recorded; nothing the client sends is used as a path. Uploads are capped in bytes and in pixels (413
 above either cap); at most `decode_slots` images decode at once. No response
 carries an absolute filesystem path. With `ServeConfig.token` set, every request
 must carry the token (see `http_guards.TokenGate`); `run` binds the port before loading
