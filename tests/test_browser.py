@@ -71,13 +71,22 @@ def test_upload_shows_neighbour_cards(browser, server, demo_data: Path, tmp_path
     if os.environ.get("SIMSEARCH_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / shot.name)
 
-    # draw a box on the query image: the search reruns on that region
+    # draw a box on the query image: the search reruns on that region, in the objects index (the demo has boxes),
+    # and each card shows the box it matched, with its class, score and why
     box = page.locator("#qimg").bounding_box()
     page.mouse.move(box["x"] + 20, box["y"] + 20)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.7, steps=5)
     page.mouse.up()
     page.wait_for_function("document.getElementById('status').textContent.includes('region')")
+    assert "objects index" in page.locator("#status").inner_text()
+    first = page.locator(".card").first
+    matched = first.locator("img.crop.matched")
+    assert matched.count() == 1 and "/api/boxes/" in matched.get_attribute("src")
+    assert first.locator(".match").inner_text().startswith("matched ")
+    assert "~ your box (" in first.locator(".why").inner_text()
+    page.wait_for_function("[...document.querySelectorAll('.card img.matched')].every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator(".card img.matched").count() == page.locator(".card").count()
 
     # clicking a neighbour searches from it
     second = cards.nth(1).get_attribute("data-id")
@@ -87,6 +96,17 @@ def test_upload_shows_neighbour_cards(browser, server, demo_data: Path, tmp_path
     assert second not in [c.get_attribute("data-id") for c in page.locator(".card").all()]
     if os.environ.get("SIMSEARCH_SCREENSHOTS"):
         page.screenshot(path=str(Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / "serve-by-id.png"), full_page=True)
+
+    # the objects toggle searches with the query record's own boxes (the astronaut: a person and a helmet)
+    astronaut = page.evaluate("fetch('/api/records?limit=500').then(r => r.json())"
+                              ".then(p => p.records.find(r => r.name === 'astronaut.png').id)")
+    page.fill("#rid", str(astronaut))
+    page.click("#go")
+    page.wait_for_function(f"location.hash === '#id={astronaut}' && "
+                           "document.getElementById('status').textContent.includes('whole image')")
+    page.check("#objects")
+    page.wait_for_function("document.getElementById('status').textContent.includes('its 2 objects')")
+    assert page.locator(".card img.matched").count() == page.locator(".card").count() > 0
     assert not errors, errors
     page.close()
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from simsearch.errors import NotFoundError
 from simsearch.records import GroundTruthObject, Prediction, Record
-from simsearch.views.render import Box, Renderer, crop, overlay, record_box, record_class
+from simsearch.views.render import Box, Renderer, crop, match_box, overlay, record_box, record_class
 
 
 def _record(objects=(), prediction=None, width=100, height=100, **kw) -> Record:
@@ -99,7 +99,8 @@ def test_query_page_from_real_photos_holds_the_neighbours_crops(demo_index: Path
     for n, src in zip(result.neighbours, parsed.crops):
         assert src.startswith("data:image/jpeg;base64,")
         embedded = base64.b64decode(src.split(",", 1)[1])
-        box = record_box(n.record)
+        named = n.why.match if n.why is not None else None  # the object the reason names, when it names one
+        box = match_box(named, n.record) if named is not None else record_box(n.record)
         assert embedded == renderer.crop(n.record, box)  # the neighbour's own crop, not any picture
         if n.record.objects:  # a neighbour with boxes: the crop is its largest box, not the whole image
             assert box.source in ("ground truth", "predicted")
@@ -118,3 +119,84 @@ def test_query_html_option_writes_the_page(demo_index: Path, tmp_path: Path):
     assert run.exit_code == 0, run.output
     text = out.read_text()
     assert text.count('class="card"') == 3 and text.count('class="crop"') == 3
+
+
+class _Cards(HTMLParser):
+    """Each card's crop (src, matched box id) and why text; the query's part crops."""
+
+    def __init__(self):
+        super().__init__()
+        self.crops, self.whys, self.parts, self._in_why = [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img" and a.get("class") == "crop":
+            self.crops.append((a["src"], a.get("data-box-id")))
+        if tag == "img" and a.get("class") == "part":
+            self.parts.append(a["src"])
+        self._in_why = tag == "div" and a.get("class") == "why"
+
+    def handle_data(self, data):
+        if self._in_why:
+            self.whys.append(data.strip())
+            self._in_why = False
+
+
+def test_object_query_page_shows_the_matched_boxes_and_why(demo_index: Path, demo_data: Path, tmp_path: Path):
+    """A box drawn on the astronaut's helmet: the astronaut comes first, and its card shows the helmet it matched,
+    not the person `record_box` would pick; every card says why; the query's box is cropped at the top."""
+    from simsearch.retrieval.searcher import Searcher
+    from simsearch.views.page import write_query_page
+
+    copy = tmp_path / "astronaut-copy.jpg"  # other bytes: not excluded as the query itself
+    Image.open(demo_data / "images" / "astronaut.png").convert("RGB").save(copy, "JPEG", quality=90)
+    with Searcher(demo_index, device="cpu") as searcher:
+        result = searcher.search_objects(copy, 4, (275, 342, 512, 512))
+    first = result.neighbours[0]
+    assert Path(first.path).name == "astronaut.png" and first.match.label == "helmet"
+    page = write_query_page(demo_index, result, tmp_path / "objects.html")
+    parsed = _Cards()
+    parsed.feed(page.read_text())
+    renderer = Renderer(demo_index)
+    assert len(parsed.crops) == len(result.neighbours) == 4
+    for n, (src, box_id) in zip(result.neighbours, parsed.crops):
+        embedded = base64.b64decode(src.split(",", 1)[1])
+        assert int(box_id) == n.match.id and embedded == renderer.crop(n.record, match_box(n.match, n.record))
+    helmet = base64.b64decode(parsed.crops[0][0].split(",", 1)[1])
+    assert helmet != renderer.crop(first.record, record_box(first.record))  # the person: not what matched
+    w, h = Image.open(io.BytesIO(helmet)).size
+    assert abs(w / h - 237 / 170) < 0.1
+    assert parsed.whys == [f"why: {n.why.text}" for n in result.neighbours] and "its helmet ~ your box" in parsed.whys[0]
+    assert len(parsed.parts) == 1  # the drawn box, cropped beside the query
+    w, h = Image.open(io.BytesIO(base64.b64decode(parsed.parts[0].split(",", 1)[1]))).size
+    assert abs(w / h - 237 / 170) < 0.1
+    assert "data:image/jpeg;base64," in page.read_text() and 'src="/' not in page.read_text()  # self-contained
+
+
+def test_every_card_says_why_and_cli_pages_of_object_queries(demo_index: Path, demo_data: Path, tmp_path: Path):
+    from simsearch.cli import app
+
+    runner = CliRunner()
+    camera = str(demo_data / "images" / "camera.png")
+    whole = tmp_path / "whole.html"
+    run = runner.invoke(app, ["query", camera, "--index", str(demo_index), "-k", "3", "--html", str(whole)])
+    assert run.exit_code == 0, run.output
+    parsed = _Cards()
+    parsed.feed(whole.read_text())
+    assert len(parsed.whys) == 3 and all(w.startswith("why: ") for w in parsed.whys)
+    assert any("its person ~ your person" in w for w in parsed.whys)  # grace_hopper's person is named
+    boxed = tmp_path / "boxed.html"
+    run = runner.invoke(app, ["query", camera, "--index", str(demo_index), "-k", "3", "--box", "255,138,325,190",
+                              "--html", str(boxed)])
+    assert run.exit_code == 0, run.output
+    parsed = _Cards()
+    parsed.feed(boxed.read_text())
+    assert len(parsed.crops) == 3 and all(box_id is not None for _, box_id in parsed.crops)
+    assert len(parsed.parts) == 1 and all("~ your box" in w for w in parsed.whys)
+    own = tmp_path / "own.html"
+    run = runner.invoke(app, ["query", camera, "--index", str(demo_index), "-k", "3", "--objects", "--html", str(own)])
+    assert run.exit_code == 0, run.output
+    parsed = _Cards()
+    parsed.feed(own.read_text())
+    assert len(parsed.parts) == 2 and len(parsed.crops) == 3  # its person and its camera, each cropped
+    assert all(box_id is not None for _, box_id in parsed.crops)

@@ -132,3 +132,90 @@ def test_search_routes_take_every_filter(client: TestClient, demo_data: Path, de
     assert r.status_code == 400 and "between 0 and 1" in r.json()["detail"]
     picked = client.get(f"/api/records?dataset={dataset}&label=person").json()
     assert picked["total"] == 3
+
+
+# ---------------------------------------------------------------- object search (the demo's hand-drawn boxes)
+
+
+def _astronaut_copy(demo_data: Path, tmp_path: Path) -> Path:
+    """astronaut.png as another file (other bytes): not excluded as the query itself, so it can be found."""
+    copy = tmp_path / "astronaut-copy.jpg"
+    Image.open(demo_data / "images" / "astronaut.png").convert("RGB").save(copy, "JPEG", quality=90)
+    return copy
+
+
+HELMET = "275,342,512,512"  # astronaut.png's helmet box (its largest box, and so its usual crop, is the person)
+
+
+def test_a_drawn_box_searches_the_objects_index_and_names_the_matched_box(client: TestClient, demo_data: Path,
+                                                                           tmp_path: Path):
+    assert client.get("/api/info").json()["object_search"] is True
+    data = _astronaut_copy(demo_data, tmp_path).read_bytes()
+    r = client.post("/api/search", files={"file": ("a.jpg", data, "image/jpeg")}, data={"k": "5", "box": HELMET})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "objects" and body["query"]["box"] == [275, 342, 512, 512]
+    assert body["query"]["parts"] == [{"label": None, "box": [275.0, 342.0, 512.0, 512.0], "source": "drawn"}]
+    first = body["neighbours"][0]
+    assert first["name"] == "astronaut.png"  # found by its helmet, not by the person around it
+    assert first["match"]["label"] == "helmet" and first["match"]["source"] == "truth"
+    assert first["match"]["box"] == [275.0, 342.0, 512.0, 512.0] and first["score"] > 0.8
+    assert first["why"]["text"].startswith("its helmet ~ your box (") and first["why"]["object"] == first["match"]
+    ids = [n["id"] for n in body["neighbours"]]
+    assert len(ids) == len(set(ids)) and all(n["match"] and n["why"] for n in body["neighbours"])
+    # The matched box's crop: the helmet's shape (237x170), not the person's (350x497) that crop_url shows.
+    assert first["match_crop_url"] == f"/api/boxes/{first['match']['object_id']}/crop"
+    crop = client.get(first["match_crop_url"])
+    assert crop.status_code == 200 and crop.headers["content-type"] == "image/jpeg"
+    w, h = Image.open(io.BytesIO(crop.content)).size
+    assert abs(w / h - 237 / 170) < 0.1
+    assert client.get("/api/boxes/999999/crop").status_code == 404
+
+
+def test_by_id_a_box_and_the_objects_toggle_search_objects(client: TestClient):
+    bike = _id_of(client, "motorcycle_left.png")
+    r = client.get(f"/api/search?id={bike}&k=3&box=92,10,688,452").json()
+    assert r["mode"] == "objects" and r["query"]["box"] == [92, 10, 688, 452]
+    first = r["neighbours"][0]
+    assert first["name"] == "motorcycle_right.png" and first["match"]["label"] == "motorbike"
+    assert first["why"]["text"].startswith("its motorbike ~ your box (")
+    astronaut = _id_of(client, "astronaut.png")
+    own = client.get(f"/api/search?id={astronaut}&k=4&objects=true").json()
+    assert own["mode"] == "objects" and sorted(p["label"] for p in own["query"]["parts"]) == ["helmet", "person"]
+    assert astronaut not in [n["id"] for n in own["neighbours"]]
+    assert all(n["match"]["object_id"] >= 0 and n["why"]["query"]["label"] in ("helmet", "person")
+               for n in own["neighbours"])
+    # The class filter holds in object search too.
+    people = client.get(f"/api/search?id={bike}&k=5&box=92,10,688,452&label=person").json()["neighbours"]
+    assert len(people) == 3 and all("person" in n["classes"] for n in people)
+    # A whole-image search says why too, and points at the object its reason names.
+    whole = client.get(f"/api/search?id={_id_of(client, 'camera.png')}&k=3").json()  # its person ~ grace_hopper's
+    assert whole["mode"] == "image" and all(n["why"] for n in whole["neighbours"])
+    named = [n for n in whole["neighbours"] if n["why"]["object"]]
+    assert named and all(n["match_crop_url"] == f"/api/boxes/{n['why']['object']['object_id']}/crop" for n in named)
+
+
+@pytest.fixture(scope="module")
+def plain_client(tmp_path_factory) -> TestClient:
+    """An index of a plain folder: no boxes, so no objects index."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import hostile
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+
+    root = tmp_path_factory.mktemp("plain")
+    hostile.shape_folder(root / "data", 6, seed=3)
+    build_index(BuildConfig(root / "data", root / "index", EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)))
+    return TestClient(create_app(root / "index", ServeConfig(device="cpu")))
+
+
+def test_without_objects_a_box_is_cropped_and_embedded(plain_client: TestClient):
+    assert plain_client.get("/api/info").json()["object_search"] is False
+    first = plain_client.get("/api/records?limit=1").json()["records"][0]["id"]
+    r = plain_client.get(f"/api/search?id={first}&k=3&box=10,10,150,150").json()
+    assert r["mode"] == "crop" and r["query"]["box"] == [10, 10, 150, 150]
+    assert len(r["neighbours"]) == 3 and all(n["match"] is None and n["why"] is None for n in r["neighbours"])
+    toggle = plain_client.get(f"/api/search?id={first}&k=3&objects=true")
+    assert toggle.status_code == 400 and "no objects to search with" in toggle.json()["detail"]

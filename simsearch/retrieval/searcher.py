@@ -220,14 +220,27 @@ class Searcher:
         if k < 1:
             raise BadInputError("k must be at least 1")
         described, record, whole, fmap, size = self._query_input(query, need_map=box is not None)
-        if box is not None:
-            checked = _checked_box(box, size)
-            parts = [QueryPart(pool_one(fmap, fractions([checked], *size))[0], None, checked, "drawn")]
-            described["box"] = list(checked)
-        else:
-            parts = self._own_objects(record, described, fmap, size)
+        parts = self._parts(box, record, described, fmap, size)
         excluded = self.copies_of(described["sha256"])
         return QueryResult(described, self.search_parts(parts, k, excluded, filters), record, parts)
+
+    def search_objects_in_image(self, image: Image.Image, box: tuple[float, float, float, float] | None, k: int = 10,
+                                exclude: set[int] | frozenset[int] = frozenset(), filters: Filters | None = None
+                                ) -> QueryResult:
+        """`search_objects` for decoded pixels (an upload): a `box` in the image's full-size pixels, else its own objects.
+
+        `image` may be a reduced decode (`info["full_size"]`): the box is pooled from the
+        map of the whole image, which covers the same frame at any decode scale. `exclude`
+        is the records holding these bytes (the first of them lends its stored objects).
+        """
+        if k < 1:
+            raise BadInputError("k must be at least 1")
+        size = tuple(image.info.get("full_size", image.size))
+        fmap = self.embedder.embed_images([image]).maps[0]
+        described: dict = {"path": "the image"}
+        record = self.record(min(exclude)) if exclude else None
+        parts = self._parts(box, record, described, fmap, size)
+        return QueryResult(described, self.search_parts(parts, k, exclude, filters), record, parts)
 
     def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset(),
                      filters: Filters | None = None) -> list[Neighbour]:
@@ -287,6 +300,15 @@ class Searcher:
         copies = sorted(self.copies_of(sha))
         record = self.record(copies[0]) if copies else None
         return {"path": str(path), "sha256": sha}, record, whole, fmap, size
+
+    def _parts(self, box: tuple[float, float, float, float] | None, record: Record | None, described: dict,
+               fmap: np.ndarray | None, size: tuple[int, int]) -> list[QueryPart]:
+        """What an object query searches with: the drawn box (noted in `described`), else the query's own objects."""
+        if box is None:
+            return self._own_objects(record, described, fmap, size)
+        checked = _checked_box(box, size)
+        described["box"] = list(checked)
+        return [QueryPart(pool_one(fmap, fractions([checked], *size))[0], None, checked, "drawn")]
 
     def _own_objects(self, record: Record | None, described: dict, fmap: np.ndarray | None,
                      size: tuple[int, int]) -> list[QueryPart]:

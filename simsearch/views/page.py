@@ -12,9 +12,11 @@ import os
 import urllib.parse
 from pathlib import Path
 
+from simsearch.records import GroundTruthObject
+from simsearch.retrieval.objects import QueryPart
 from simsearch.retrieval.searcher import QueryResult
 from simsearch.pipeline.read import open_image
-from simsearch.views.render import Renderer, jpeg_bytes, record_box, thumbnail
+from simsearch.views.render import Box, Renderer, crop, jpeg_bytes, match_box, overlay, record_box, thumbnail
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fafafa; }
@@ -32,6 +34,8 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .path { font-size: 12px; word-break: break-all; }
 .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
 .tag.pred { background: #dde8ff; }
+.why { font-size: 12px; color: #444; margin-top: 2px; }
+.query .pics img { max-width: 160px; max-height: 160px; }
 """
 
 
@@ -50,32 +54,48 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
     page = Path(page_path)
     renderer = Renderer(index_dir)
     query_path = result.query["path"]
-    if result.record is not None:
+    e = html.escape
+    boxed = [p for p in result.parts if p.box is not None]
+    part_crops: list[tuple[QueryPart, bytes]] = []
+    if boxed:  # an object query: its boxes drawn on it, and each cropped
+        query_jpeg, part_crops = _query_boxes(query_path, boxed)
+    elif result.record is not None:
         query_jpeg = renderer.thumb(result.record)
     else:  # an outside file: not cached, it belongs to no record
         query_jpeg = jpeg_bytes(thumbnail(open_image(query_path, draft=lambda w, h: (320, 320)), 320))
-    e = html.escape
+    parts_html = "".join(
+        f'<figure><img class="part" data-source="{e(p.source)}" alt="query box" src="{data_uri(jpeg)}">'
+        f"<figcaption>{e(_part_caption(p))}</figcaption></figure>" for p, jpeg in part_crops)
     cards = []
     for n in result.neighbours:
         record = n.record
-        box = record_box(record)
+        # The object that matched (object queries), or the one the reason names: the crop shows what the why says.
+        shown = n.match if n.match is not None else (n.why.match if n.why is not None else None)
+        box = match_box(shown, record) if shown is not None else record_box(record)
         tags = "".join(f'<span class="tag">{e(c)}</span>' for c in record.classes)
         if record.prediction:
             tags += (f'<span class="tag pred" title="predicted">{e(record.prediction.label)} '
                      f'{record.prediction.score:.2f}</span>')
-        crop_caption = (f"{box.source} box{': ' + box.label if box.label else ''}" if box.source != "image"
-                        else "no box: whole image")
+        if shown is not None:
+            crop_caption = f"matched {shown.label or 'object'} {shown.score:.2f} ({shown.source})"
+        else:
+            crop_caption = (f"{box.source} box{': ' + box.label if box.label else ''}" if box.source != "image"
+                            else "no box: whole image")
+        matched = f' data-box-id="{shown.id}"' if shown is not None else ""
+        why = n.why.text if n.why is not None else "whole image"
         cards.append(f"""
 <div class="card" data-rank="{n.rank}" data-id="{n.id}">
   <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span></div>
   <div class="pics">
     <figure><img class="thumb" alt="thumbnail of {e(Path(record.path).name)}" src="{data_uri(renderer.thumb(record))}"><figcaption>image</figcaption></figure>
-    <figure><img class="crop" data-source="{e(box.source)}" alt="box crop" src="{data_uri(renderer.crop(record, box))}"><figcaption>{e(crop_caption)}</figcaption></figure>
+    <figure><img class="crop" data-source="{e(box.source)}"{matched} alt="box crop" src="{data_uri(renderer.crop(record, box))}"><figcaption>{e(crop_caption)}</figcaption></figure>
   </div>
+  <div class="why">why: {e(why)}</div>
   <div>{tags or '<span class="muted">no classes</span>'}</div>
   <div class="path"><a href="{relative_link(record.path, page)}">{e(Path(record.path).name)}</a> <span class="muted">{record.width}&times;{record.height}</span></div>
 </div>""")
-    title = f"Images like {Path(query_path).name}"
+    title = (f"Objects like {'your box' if boxed[0].source == 'drawn' else 'those'} in {Path(query_path).name}"
+             if boxed else f"Images like {Path(query_path).name}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
@@ -83,11 +103,28 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
 <h1>{e(title)}</h1>
 <div class="muted">index {e(str(index_dir))} &middot; {len(result.neighbours)} neighbours &middot; score = cosine similarity</div>
 <div class="query"><img id="query" alt="query image" src="{data_uri(query_jpeg)}">
-  <div><div><b>query</b></div><div class="path"><a href="{relative_link(query_path, page)}">{e(str(query_path))}</a></div></div></div>
+  <div><div><b>query</b></div><div class="path"><a href="{relative_link(query_path, page)}">{e(str(query_path))}</a></div>
+  <div class="pics">{parts_html}</div></div></div>
 <div class="grid">{''.join(cards)}
 </div>
 </body></html>
 """
+
+
+def _part_caption(part: QueryPart) -> str:
+    """'your box' for a drawn box, 'your chair (truth)' for one of the query's own objects."""
+    return part.describe() + (f" ({part.source})" if part.source != "drawn" else "")
+
+
+def _query_boxes(path: str | os.PathLike, parts: list[QueryPart]) -> tuple[bytes, list[tuple[QueryPart, bytes]]]:
+    """The query image with its boxes drawn (320 px), and a crop of each box (160 px)."""
+    image = open_image(path, draft=lambda w, h: (640, 640))  # a reduced decode: boxes are scaled onto it
+    full_w, full_h = image.info.get("full_size", image.size)
+    sx, sy = image.width / full_w, image.height / full_h
+    drawn = overlay(image, [GroundTruthObject(p.label or "your box", *p.box) for p in parts])
+    crops = [(p, jpeg_bytes(thumbnail(crop(image, Box(p.box[0] * sx, p.box[1] * sy, p.box[2] * sx, p.box[3] * sy)),
+                                      160))) for p in parts]
+    return jpeg_bytes(thumbnail(drawn, 320)), crops
 
 
 def write_query_page(index_dir: str | os.PathLike, result: QueryResult, out: str | os.PathLike) -> Path:

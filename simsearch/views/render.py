@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
-from simsearch.records import GroundTruthObject, Prediction, Record
+from simsearch.records import GroundTruthObject, ObjectMatch, Prediction, Record
 from simsearch.storage import layout
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ def record_box(record: Record) -> Box:
     if boxes:
         return max(boxes, key=lambda b: b.area)
     return Box(0, 0, record.width, record.height, "", "image")
+
+
+def match_box(match: ObjectMatch, record: Record) -> Box:
+    """The box an object search matched in `record`, clipped to it, named by its class (and its source)."""
+    source = "ground truth" if match.source == "truth" else match.source
+    box = Box(float(match.xmin), float(match.ymin), float(match.xmax), float(match.ymax), match.label or "", source)
+    return box.clipped(record.width, record.height)
 
 
 def record_class(record: Record) -> str:

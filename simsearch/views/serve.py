@@ -2,8 +2,8 @@
 
 `create_app(index_dir)` returns a FastAPI app: one plain HTML+JS page at `/`
 (no build step) over a JSON API under `/api` (documented at `/docs`). Files are
-only ever served by record id, from paths the index itself recorded; nothing the
-client sends is used as a path. Uploads are capped in bytes and in pixels (413
+only ever served by record id (or by the id of a box, which names its record), from
+paths the index itself recorded; nothing the client sends is used as a path. Uploads are capped in bytes and in pixels (413
 above either cap); at most `decode_slots` images decode at once. No response
 carries an absolute filesystem path. With `ServeConfig.token` set, every request
 must carry the token (see `http_guards.TokenGate`); `run` binds the port before loading
@@ -33,11 +33,11 @@ from starlette.concurrency import run_in_threadpool
 from simsearch.errors import (BadInputError, ImageTooLargeError, IndexBusyError, IndexDamagedError, NotFoundError,
                                SimsearchError)
 from simsearch.retrieval.filters import Filters
-from simsearch.retrieval.searcher import Neighbour, Searcher
+from simsearch.retrieval.searcher import Neighbour, QueryResult, Searcher
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
 from simsearch.records import Record
 from simsearch.views.http_guards import TokenGate, UploadCap, bind
-from simsearch.views.render import Renderer, jpeg_bytes, overlay, record_box
+from simsearch.views.render import Renderer, jpeg_bytes, match_box, overlay, record_box
 from simsearch.views.serve_ui import PAGE
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Browser:
             return {"index": self.name, "images": summary["images"], "objects": summary["objects"],
                     "labels": sorted(labels), "datasets": sorted(searcher.store.datasets()), "backbone": searcher.spec.embedder.backbone,
                     "index_type": searcher.spec.index_type, "max_upload_bytes": self.config.max_upload_bytes,
-                    "max_pixels": self.config.max_pixels}
+                    "max_pixels": self.config.max_pixels, "object_search": searcher.has_objects()}
 
     def _record(self, image_id: int) -> Record:
         with self._lock:
@@ -160,15 +160,35 @@ class Browser:
         with self._decode_slots:
             return self.renderer.crop(record)
 
+    def box_crop(self, box_id: int) -> bytes:
+        """The crop of one box of the objects index (what an object search matched), by its id."""
+        with self._lock:
+            searcher = self._fresh()
+            match = searcher.store.boxes([box_id]).get(box_id)
+            if match is None:
+                raise NotFoundError(f"no box {box_id} in this index; it was removed, or never existed")
+            record = searcher.record(match.image_id)
+        with self._decode_slots:
+            return self.renderer.crop(record, match_box(match, record))
+
     # ------------------------------------------------------------ search
 
-    def search_id(self, image_id: int, k: int, filters: Filters | None = None, box: str | None = None) -> dict:
-        """Neighbours of a record, or of a region of it when `box` is given."""
+    def search_id(self, image_id: int, k: int, filters: Filters | None = None, box: str | None = None,
+                  objects: bool = False) -> dict:
+        """Neighbours of a record, or of a region of it when `box` is given.
+
+        A box searches the objects index when the index has one ("mode": "objects"), else
+        its pixels are cropped and embedded ("mode": "crop"); `objects` searches with the
+        record's own objects.
+        """
         k = self._k(k)
+        if objects or (box and self._has_objects()):
+            return self._search_objects_id(image_id, k, filters, box)
         if not box:
             with self._lock:
                 result = self._fresh().search(image_id, k, filters)
-            return {"query": _query_of(result.record), "neighbours": [self._public(n) for n in result.neighbours]}
+            return {"query": _query_of(result.record), "mode": "image",
+                    "neighbours": [self._public(n) for n in result.neighbours]}
         record = self._record(image_id)
         query = _query_of(record)
         with self._decode_slots:
@@ -177,15 +197,37 @@ class Browser:
             query["box"] = list(region)
             xq = self._embed(image)
         # A region's best match may well be its own image: nothing is excluded.
-        return {"query": query, "neighbours": self._neighbours(xq, k, filters, set())}
+        return {"query": query, "mode": "crop", "neighbours": self._neighbours(xq, k, filters, set())}
+
+    def _search_objects_id(self, image_id: int, k: int, filters: Filters | None, box: str | None) -> dict:
+        """Images holding objects like the record's box (or its own objects): the objects index, grouped per image."""
+        record = self._record(image_id)
+        region = parse_box(box, (record.width, record.height)) if box else None
+        with self._decode_slots:  # a record whose map was not kept is decoded again
+            with self._lock:
+                result = self._fresh().search_objects(image_id, k, region, filters)
+        return self._objects_response(_query_of(record), result)
+
+    def _objects_response(self, query: dict, result: QueryResult) -> dict:
+        if "box" in result.query:
+            query["box"] = [round(v) for v in result.query["box"]]
+        query["parts"] = [p.to_json() for p in result.parts]
+        return {"query": query, "mode": "objects", "neighbours": [self._public(n) for n in result.neighbours]}
+
+    def _has_objects(self) -> bool:
+        with self._lock:
+            return self._fresh().has_objects()
 
     def search_upload(self, data: bytes, k: int, filters: Filters | None = None, box: str | None = None,
-                      name: str | None = None) -> dict:
+                      name: str | None = None, objects: bool = False) -> dict:
         """Neighbours of an uploaded image, or of a region of it (`box` in the image's full-size pixels).
 
-        `name` (the upload's file name) is what error messages call it. JPEGs decode at the
-        smallest scale the search needs: the model's input for a whole image, a sharp
-        REGION_DECODE_SIDE for a region.
+        A box searches the objects index when there is one, as `search_id`; `objects`
+        searches with the upload's own objects (those of its indexed copy, else the
+        localizer's box). `name` (the upload's file name) is what error messages call it.
+        JPEGs decode at the smallest scale the search needs: the model's input for a whole
+        image or an object search (boxes are pooled from the whole image's map), a sharp
+        REGION_DECODE_SIDE for a cropped region.
         """
         name = _upload_name(name)
         if len(data) > self.config.max_upload_bytes:
@@ -196,21 +238,29 @@ class Browser:
             searcher = self._fresh()
             whole = searcher.spec.embedder.preprocess.input_size
             exclude = searcher.copies_of(hashlib.sha256(data).hexdigest())  # the same file is no answer to itself
+            by_objects = objects or (bool(box) and searcher.has_objects())
         with self._decode_slots:
             try:
-                image = open_image(_NamedBytes(data, name), draft=_region_draft if box else whole,
+                image = open_image(_NamedBytes(data, name), draft=_region_draft if box and not by_objects else whole,
                                    max_pixels=self.config.max_pixels, name=name)
             except ImageTooLargeError as e:
                 raise ImageTooLargeError(_too_large(e, "send a smaller image")) from None
             width, height = image.info.get("full_size", image.size)
             query: dict = {"upload": True, "width": width, "height": height}
+            if by_objects:
+                region = parse_box(box, (width, height)) if box else None
+                with self._lock:
+                    result = self._fresh().search_objects_in_image(image, region, self._k(k), exclude, filters)
+                del image
+                return self._objects_response(query, result)
             if box:
                 region, image = _crop_region(image, box)
                 query["box"] = list(region)
                 exclude = set()  # a region's best match may well be the uploaded file itself
             xq = self._embed(image)
             del image  # the decoded pixels go before the slot is given back
-        return {"query": query, "neighbours": self._neighbours(xq, self._k(k), filters, exclude)}
+        return {"query": query, "mode": "crop" if box else "image",
+                "neighbours": self._neighbours(xq, self._k(k), filters, exclude)}
 
     def _k(self, k: int) -> int:
         return max(1, min(int(k), self.config.max_k))
@@ -222,6 +272,9 @@ class Browser:
     def _neighbours(self, xq: np.ndarray, k: int, filters: Filters | None, exclude: set[int]) -> list[dict]:
         with self._lock:
             neighbours = self._fresh().search_vector(xq, k, exclude, filters)
+            # Why each is similar, as `search` says it: an upload of an indexed file lends that record's objects.
+            indexed = self.searcher.record(min(exclude)) if exclude else None
+            self.searcher.explain_neighbours(neighbours, self.searcher.query_parts(indexed, xq))
         return [self._public(n) for n in neighbours]
 
     @staticmethod
@@ -229,6 +282,8 @@ class Browser:
         """What the client sees of a record: no filesystem path beyond the file's name."""
         record = n.record
         box = record_box(record)
+        # The object that matched (object search), or the one the reason names (whole-image search).
+        matched = n.match if n.match is not None else (n.why.match if n.why is not None else None)
         shown = record.to_json()
         return {
             "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score,
@@ -239,6 +294,9 @@ class Browser:
             "thumb_url": f"/api/records/{record.id}/thumb", "crop_url": f"/api/records/{record.id}/crop",
             "image_url": f"/api/records/{record.id}/image",
             "overlay_url": f"/api/records/{record.id}/image?overlay=true",
+            "match": n.match.to_json() if n.match is not None else None,
+            "why": n.why.to_json() if n.why is not None else None,
+            "match_crop_url": f"/api/boxes/{matched.id}/crop" if matched is not None else None,
         }
 
 
@@ -410,12 +468,18 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
     def crop_(image_id: int = record_id):
         return Response(browser.crop(image_id), **jpeg)
 
+    @app.get("/api/boxes/{box_id}/crop", summary="Crop of one box of the objects index: what an object search matched (JPEG)")
+    def box_crop(box_id: int = PathParam(..., ge=0, le=MAX_ID, description="box id (a match's object_id)")):
+        return Response(browser.box_crop(box_id), **jpeg)
+
     @app.get("/api/search", summary="Neighbours of a record (or of a region of it)")
     def search(id: int = Query(..., ge=0, le=MAX_ID, description="record id"),
                k: int = Query(config.default_k, ge=1, le=config.max_k),
                filters: Filters = Depends(_query_filters),
-               box: Optional[str] = Query(None, description="xmin,ymin,xmax,ymax in the record's pixels")) -> dict:
-        return browser.search_id(id, k, filters, box or None)
+               box: Optional[str] = Query(None, description="xmin,ymin,xmax,ymax in the record's pixels: searches the "
+                                          "objects index when it has objects (mode objects), else the crop (mode crop)"),
+               objects: bool = Query(False, description="search with the record's own objects")) -> dict:
+        return browser.search_id(id, k, filters, box or None, objects)
 
     @app.post("/api/search", summary="Neighbours of an uploaded image (or of a region of it)")
     async def search_upload(file: UploadFile = File(..., description="an image file"),
@@ -427,12 +491,13 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
                             not_under: list[str] = Form([], description=FILTER_HELP["not_under"]),
                             dataset: list[str] = Form([], description=FILTER_HELP["dataset"]),
                             not_dataset: list[str] = Form([], description=FILTER_HELP["not_dataset"]),
-                            box: Optional[str] = Form(None, description="xmin,ymin,xmax,ymax in the image's pixels")) -> dict:
+                            box: Optional[str] = Form(None, description="xmin,ymin,xmax,ymax in the image's pixels"),
+                            objects: bool = Form(False, description="search with the image's own objects")) -> dict:
         filters = _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset)
         data = await file.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {config.max_upload_bytes // (1024 * 1024)} MB")
-        return await run_in_threadpool(browser.search_upload, data, k, filters, box or None, file.filename)
+        return await run_in_threadpool(browser.search_upload, data, k, filters, box or None, file.filename, objects)
 
     # Oversized bodies are refused before FastAPI parses (and spools) them.
     app.add_middleware(UploadCap, limit=config.max_upload_bytes)

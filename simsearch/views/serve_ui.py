@@ -35,6 +35,10 @@ PAGE = r"""<!doctype html>
   .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
   .tag.pred { background: #dde8ff; }
   .name { font-size: 12px; word-break: break-all; color: #555; }
+  .why { font-size: 12px; color: #333; }
+  .match { font-size: 11px; color: #777; }
+  .controls label.check { font-weight: normal; display: flex; gap: 6px; align-items: center; }
+  .controls label.check input { width: auto; }
   #picker { display: grid; grid-template-columns: repeat(auto-fill, 64px); gap: 4px; max-height: 280px; overflow: auto; margin-top: 6px; }
   #picker img { width: 64px; height: 64px; object-fit: cover; cursor: pointer; border: 1px solid #ddd; }
   h2 { font-size: 15px; margin: 0 0 8px; }
@@ -58,8 +62,10 @@ PAGE = r"""<!doctype html>
     </div>
     <label for="under">Under folder</label>
     <input type="text" id="under" placeholder="/path/to/photos/2024" title="only files under this folder of the server">
+    <label class="check" id="objects-row" hidden><input type="checkbox" id="objects"> search with its objects (each box, not the whole image)</label>
     <div id="stage"><img id="qimg" alt="" hidden><div id="sel"></div></div>
-    <div class="hint">Drag on the query image to search with just that region.
+    <div class="hint">Drag on the query image to search with just that region
+      <span id="boxhint">(matched against every object in the index)</span>.
       <button id="clearbox" hidden>Whole image</button></div>
     <h2 style="margin-top:14px">Pick from the index</h2>
     <div id="picker"></div>
@@ -91,6 +97,7 @@ async function api(url, options) {
 async function loadInfo() {
   const info = await api("/api/info");
   $("info").textContent = `${info.images} images · ${info.backbone} · ${info.index_type}`;
+  $("objects-row").hidden = $("boxhint").hidden = !info.object_search;
   for (const l of info.labels) { const o = document.createElement("option"); o.value = o.textContent = l; $("label").append(o); }
   for (const d of info.datasets || []) { const o = document.createElement("option"); o.value = o.textContent = d; $("dataset").append(o); }
   await loadPicker();
@@ -142,11 +149,13 @@ async function run() {
       form.append("file", query.file); form.append("k", k);
       for (const [name, value] of filters()) form.append(name, value);
       if (box) form.append("box", box.join(","));
+      else if ($("objects").checked) form.append("objects", "true");
       result = await api("/api/search", {method: "POST", body: form});
     } else {
       const params = new URLSearchParams({id: query.id, k});
       for (const [name, value] of filters()) params.append(name, value);
       if (box) params.set("box", box.join(","));
+      else if ($("objects").checked) params.set("objects", "true");
       result = await api("/api/search?" + params);
     }
     render(result);
@@ -155,9 +164,11 @@ async function run() {
 
 function render(result) {
   const n = result.neighbours.length;
-  const what = result.query.box ? "region " + result.query.box.join(",") : "whole image";
+  const what = result.query.box ? "region " + result.query.box.join(",")
+    : result.mode === "objects" ? `its ${result.query.parts.length} object${result.query.parts.length === 1 ? "" : "s"}` : "whole image";
+  const how = {objects: " · objects index", crop: " · region cropped and embedded (no objects in this index)"}[result.mode] || "";
   const shown = filters().map(([name, value]) => `${name === "label" ? "class" : name.replace("_", " ")} ${value}`);
-  status(`${n} neighbour${n === 1 ? "" : "s"} (${what})` + (shown.length ? "; " + shown.join(", ") : ""));
+  status(`${n} neighbour${n === 1 ? "" : "s"} (${what})${how}` + (shown.length ? "; " + shown.join(", ") : ""));
   $("results").replaceChildren(...result.neighbours.map(card));
 }
 
@@ -166,10 +177,15 @@ function card(r) {
   div.className = "card"; div.dataset.id = r.id; div.title = "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
   if (r.prediction) tags += `<span class="tag pred" title="predicted">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
+  // The object that matched (object search) or that the reason names: its crop, class and score.
+  const m = r.match || (r.why && r.why.object);
+  const crop = m ? `<img class="crop matched" src="${r.match_crop_url}" alt="matched object" data-box-id="${m.object_id}">`
+    : `<img class="crop" src="${r.crop_url}" alt="crop" title="${esc(r.box.source)}${r.box.label ? ": " + esc(r.box.label) : ""}">`;
+  const matched = m ? `<div class="match">matched ${esc(m.label || "object")} ${Number(m.score).toFixed(2)} (${esc(m.source)})</div>` : "";
   div.innerHTML = `
     <div><span class="score">#${r.rank} · ${r.score.toFixed(3)}</span> <span class="name">id ${r.id}</span></div>
-    <div class="pics"><img class="thumb" src="${r.thumb_url}" alt="thumbnail">
-      <img class="crop" src="${r.crop_url}" alt="crop" title="${esc(r.box.source)}${r.box.label ? ": " + esc(r.box.label) : ""}"></div>
+    <div class="pics"><img class="thumb" src="${r.thumb_url}" alt="thumbnail">${crop}</div>
+    ${matched}<div class="why">why: ${esc(r.why ? r.why.text : "whole image")}</div>
     <div>${tags || '<span class="name">no classes</span>'}</div>
     <div class="name">${esc(r.name)} · <a href="${r.overlay_url}" target="_blank">full image</a></div>`;
   div.querySelector("a").onclick = (e) => e.stopPropagation();
@@ -209,6 +225,7 @@ $("rid").onkeydown = (e) => { if (e.key === "Enter") $("go").click(); };
 for (const id of ["label", "dataset", "minscore", "under"]) $(id).onchange = () => { loadPicker().catch(e => status(e.message, true)); run(); };
 $("k").onchange = run;
 $("clearbox").onclick = () => { setBox(null); run(); };
+$("objects").onchange = () => { setBox(null); run(); };
 
 loadInfo().then(() => {
   const m = location.hash.match(/id=(\d+)/);
