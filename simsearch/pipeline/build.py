@@ -22,6 +22,7 @@ from simsearch.pipeline.read import file_sha256, fit_objects, scan
 from simsearch.localizer.head import Localizer
 from simsearch.localizer.predict import open_localizer, predict_missing, predictions_from_maps
 from simsearch.records import ImageRecord, Skipped
+from simsearch.retrieval.calibration import ensure_calibrated
 from simsearch.spec import IndexSpec, check_compatible
 from simsearch.storage.store import NewImage, Store
 from simsearch.storage.layout import writer_lock
@@ -134,6 +135,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
         synced = layout.sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
+        ensure_calibrated(store, embedder)  # the "no good match" cutoff, redone when the collection moved by 10%
         predict_missing(store)
     report.seconds = time.perf_counter() - started
     return report
