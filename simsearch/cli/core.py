@@ -85,6 +85,9 @@ def query_command(
 
             typer.echo(f"page: {write_query_page(index, result, html)}", err=True)
     rows = [n.to_json() for n in result.neighbours]
+    if result.no_good_match:  # stderr: stdout stays the data, whatever the format
+        typer.echo(f"no good match in this index (best score {result.neighbours[0].score:.2f}, "
+                   f"cutoff {result.cutoff:.2f})", err=True)
     if fmt is Format.json:
         for row in rows:
             echo_json(row)
@@ -92,7 +95,8 @@ def query_command(
     for row, n in zip(rows, result.neighbours):
         row["classes"] = ",".join(n.record.classes)
         row["predicted"] = n.record.prediction.label if n.record.prediction else None
-    echo_table(rows, ["rank", "id", "score", "classes", "predicted", "path"])
+        row["match"] = "weak" if n.weak else "good" if result.cutoff is not None else ""
+    echo_table(rows, ["rank", "id", "score", "match", "classes", "predicted", "path"])
 
 
 @app.command("info")
@@ -106,7 +110,8 @@ def info_command(
     with reported():
         info = describe_index(index)
     if fmt is Format.table:
-        for key in ("index", "images", "objects", "index_type", "backbone", "weights", "dim", "skipped", "writer"):
+        for key in ("index", "images", "objects", "index_type", "backbone", "weights", "dim", "score_cutoff",
+                    "skipped", "writer"):
             typer.echo(f"{key:<11} {info[key]}")
         for label, n in info["labels"].items():
             typer.echo(f"  {label:<20} {n}")

@@ -22,6 +22,8 @@ from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.records import Record
+from simsearch.retrieval import calibration
+from simsearch.retrieval.calibration import Calibration
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
@@ -38,6 +40,7 @@ class Neighbour:
     rank: int
     score: float  # cosine similarity, 1.0 = same direction
     record: Record
+    weak: bool = False  # scored below the index's calibrated cutoff: no better than unrelated images score
 
     @property
     def id(self) -> int:
@@ -49,7 +52,8 @@ class Neighbour:
 
     def to_json(self) -> dict:
         shown = self.record.to_json()
-        return {"rank": self.rank, "id": shown.pop("id"), "path": shown.pop("path"), "score": self.score, **shown}
+        return {"rank": self.rank, "id": shown.pop("id"), "path": shown.pop("path"), "score": self.score,
+                "weak": self.weak, **shown}
 
 
 @dataclass
@@ -57,6 +61,12 @@ class QueryResult:
     query: dict  # {"path": ...} or {"id": ...}, with its sha256
     neighbours: list[Neighbour]
     record: Record | None = None  # the query's own record, when it is one
+    cutoff: float | None = None  # the index's score cutoff: neighbours below it are weak (None: not calibrated)
+
+    @property
+    def no_good_match(self) -> bool:
+        """Whether every neighbour is weak (and there is at least one)."""
+        return bool(self.neighbours) and all(n.weak for n in self.neighbours)
 
 
 class Searcher:
@@ -79,6 +89,7 @@ class Searcher:
                                     f"again with --index {self.dir}")
             self.spec: IndexSpec = spec
             self.loaded_generation, self.index = layout.open_faiss(self.store, spec)
+            self.calibration: Calibration | None = calibration.load(self.store)
         except BaseException:
             self.store.close()
             raise
@@ -164,11 +175,16 @@ class Searcher:
             described = {"path": str(path), "sha256": file_sha256(path)}
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         excluded = self.copies_of(described["sha256"])
-        return QueryResult(described, self.search_vector(xq, k, excluded, label), record)
+        return QueryResult(described, self.search_vector(xq, k, excluded, label), record, self.cutoff)
 
     def copies_of(self, sha256: str) -> set[int]:
         """Records holding these very bytes: no answer to a query made of them."""
         return self.store.ids_with_sha256(sha256)
+
+    @property
+    def cutoff(self) -> float | None:
+        """Scores below this are weak matches in this index (None: too small to calibrate, or never was)."""
+        return self.calibration.cutoff if self.calibration else None
 
     # ------------------------------------------------------------ records
 
@@ -176,7 +192,9 @@ class Searcher:
         """(id, score) hits as ranked Neighbours with their records (ids removed since are dropped)."""
         records = self.store.records([i for i, _ in hits])
         found = [(records[i], score) for i, score in hits if i in records]
-        return [Neighbour(rank, round(score, 6), record) for rank, (record, score) in enumerate(found, 1)]
+        cutoff = self.cutoff
+        return [Neighbour(rank, round(score, 6), record, cutoff is not None and score < cutoff)
+                for rank, (record, score) in enumerate(found, 1)]
 
     def record(self, image_id: int) -> Record:
         found = self.store.records([int(image_id)])

@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from simsearch.retrieval.calibration import load as load_calibration
 from simsearch.storage import layout
 from simsearch.storage.store import Store
 
@@ -14,6 +15,7 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
         summary = store.summary()
         spec = store.spec
         emb = spec.embedder if spec else None
+        calibration = load_calibration(store)
         return {
             "index": str(index_dir),
             **summary,
@@ -21,6 +23,8 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "backbone": emb.backbone if emb else None,
             "weights": emb.weights if emb else None,
             "dim": emb.dim if emb else None,
+            "score_cutoff": calibration.cutoff if calibration else None,  # results below it are weak
+            "calibration": asdict(calibration) if calibration else None,
             "spec": asdict(spec) if spec else None,
             "faiss_up_to_date": layout.faiss_is_current(store),
             "writer": layout.writer(index_dir),  # who is writing to it now, if anyone
