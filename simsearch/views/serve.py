@@ -114,7 +114,7 @@ class Browser:
             return {"index": self.name, "images": summary["images"], "objects": summary["objects"],
                     "labels": sorted(labels), "backbone": searcher.spec.embedder.backbone,
                     "index_type": searcher.spec.index_type, "max_upload_bytes": self.config.max_upload_bytes,
-                    "max_pixels": self.config.max_pixels}
+                    "max_pixels": self.config.max_pixels, "score_cutoff": searcher.cutoff}
 
     def _record(self, image_id: int) -> Record:
         with self._lock:
@@ -167,7 +167,8 @@ class Browser:
         if not box:
             with self._lock:
                 result = self._fresh().search(image_id, k, label)
-            return {"query": _query_of(result.record), "neighbours": [self._public(n) for n in result.neighbours]}
+            return {"query": _query_of(result.record), "neighbours": [self._public(n) for n in result.neighbours],
+                    "cutoff": result.cutoff}
         record = self._record(image_id)
         query = _query_of(record)
         with self._decode_slots:
@@ -176,7 +177,7 @@ class Browser:
             query["box"] = list(region)
             xq = self._embed(image)
         # A region's best match may well be its own image: nothing is excluded.
-        return {"query": query, "neighbours": self._neighbours(xq, k, label, set())}
+        return {"query": query, "neighbours": self._neighbours(xq, k, label, set()), "cutoff": self._cutoff()}
 
     def search_upload(self, data: bytes, k: int, label: str | None = None, box: str | None = None,
                       name: str | None = None) -> dict:
@@ -209,7 +210,7 @@ class Browser:
                 exclude = set()  # a region's best match may well be the uploaded file itself
             xq = self._embed(image)
             del image  # the decoded pixels go before the slot is given back
-        return {"query": query, "neighbours": self._neighbours(xq, self._k(k), label, exclude)}
+        return {"query": query, "neighbours": self._neighbours(xq, self._k(k), label, exclude), "cutoff": self._cutoff()}
 
     def _k(self, k: int) -> int:
         return max(1, min(int(k), self.config.max_k))
@@ -217,6 +218,11 @@ class Browser:
     def _embed(self, image: Image.Image) -> np.ndarray:
         with self._lock:
             return self._fresh().vector_of_image(image)
+
+    def _cutoff(self) -> float | None:
+        """The index's score cutoff: neighbours below it are weak (None: not calibrated)."""
+        with self._lock:
+            return self._fresh().cutoff
 
     def _neighbours(self, xq: np.ndarray, k: int, label: str | None, exclude: set[int]) -> list[dict]:
         with self._lock:
@@ -230,7 +236,7 @@ class Browser:
         box = record_box(record)
         shown = record.to_json()
         return {
-            "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score,
+            "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score, "weak": n.weak,
             "width": record.width, "height": record.height, "split": record.split, "dataset": record.dataset,
             "classes": record.classes, "objects": shown["objects"], "prediction": shown["prediction"],
             "box": {"xmin": box.xmin, "ymin": box.ymin, "xmax": box.xmax, "ymax": box.ymax,

@@ -32,6 +32,8 @@ PAGE = r"""<!doctype html>
   .pics { display: flex; gap: 6px; height: 112px; align-items: center; }
   .pics img { max-width: 112px; max-height: 112px; border: 1px solid #eee; }
   .score { font-weight: 600; }
+  .card.weak { opacity: .55; filter: grayscale(.8); }
+  .weak-label { color: #a33; font-size: 12px; font-weight: 600; }
   .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
   .tag.pred { background: #dde8ff; }
   .name { font-size: 12px; word-break: break-all; color: #555; }
@@ -142,17 +144,22 @@ async function run() {
 function render(result) {
   const n = result.neighbours.length;
   const what = result.query.box ? "region " + result.query.box.join(",") : "whole image";
-  status(`${n} neighbour${n === 1 ? "" : "s"} (${what})` + ($("label").value ? ` of class ${$("label").value}` : ""));
+  let text = `${n} neighbour${n === 1 ? "" : "s"} (${what})` + ($("label").value ? ` of class ${$("label").value}` : "");
+  if (n && result.neighbours.every(r => r.weak))
+    text += ` · no good match in this index (best score ${result.neighbours[0].score.toFixed(2)}, cutoff ${Number(result.cutoff).toFixed(2)})`;
+  status(text);
   $("results").replaceChildren(...result.neighbours.map(card));
 }
 
 function card(r) {
   const div = document.createElement("div");
-  div.className = "card"; div.dataset.id = r.id; div.title = "Search from this image";
+  div.className = r.weak ? "card weak" : "card"; div.dataset.id = r.id; div.dataset.weak = r.weak;
+  div.title = r.weak ? "Weak match: scores no better than unrelated images of this index. Search from this image"
+                     : "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
   if (r.prediction) tags += `<span class="tag pred" title="predicted">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
   div.innerHTML = `
-    <div><span class="score">#${r.rank} · ${r.score.toFixed(3)}</span> <span class="name">id ${r.id}</span></div>
+    <div><span class="score">#${r.rank} · ${r.score.toFixed(3)}</span> <span class="name">id ${r.id}</span>${r.weak ? ' <span class="weak-label">weak match</span>' : ""}</div>
     <div class="pics"><img class="thumb" src="${r.thumb_url}" alt="thumbnail">
       <img class="crop" src="${r.crop_url}" alt="crop" title="${esc(r.box.source)}${r.box.label ? ": " + esc(r.box.label) : ""}"></div>
     <div>${tags || '<span class="name">no classes</span>'}</div>
