@@ -114,7 +114,7 @@ def test_a_real_build_stores_its_cutoff(indoor_index: Path):
     # Unrelated pairs mostly score under it, edited copies above it.
     assert c.random_q["q50"] < c.cutoff <= c.near_duplicate_q["q01"]
     info = runner.invoke(_app(), ["info", "--index", str(indoor_index), "--format", "table"])
-    assert info.exit_code == 0 and f"score_cutoff {c.cutoff}" in info.output
+    assert info.exit_code == 0 and f"cutoff      {c.cutoff} (scores below are weak" in info.output
     shown = json.loads(runner.invoke(_app(), ["info", "--index", str(indoor_index)]).output)
     assert shown["score_cutoff"] == c.cutoff and shown["calibration"]["ntotal"] == 85
 
@@ -217,6 +217,8 @@ def test_a_one_image_build_has_no_cutoff_and_marks_nothing_weak(demo_data: Path,
     out = runner.invoke(_app(), ["query", str(photo), "--index", str(tmp_path / "index"), "--format", "table",
                                  "--device", "cpu"])
     assert out.exit_code == 0 and "weak" not in out.stdout and "no good match" not in out.stderr
+    info = runner.invoke(_app(), ["info", "--index", str(tmp_path / "index"), "--format", "table"])
+    assert info.exit_code == 0 and "cutoff      none (too few images" in info.output
 
 
 def test_web_app_json_carries_weak_and_the_cutoff(demo_index: Path):

@@ -110,9 +110,14 @@ def info_command(
     with reported():
         info = describe_index(index)
     if fmt is Format.table:
-        for key in ("index", "images", "objects", "index_type", "backbone", "weights", "dim", "score_cutoff",
-                    "skipped", "writer"):
+        for key in ("index", "images", "objects", "index_type", "backbone", "weights", "dim", "skipped", "writer"):
             typer.echo(f"{key:<11} {info[key]}")
+        calibration = info["calibration"]
+        if calibration and calibration["cutoff"] is not None:
+            typer.echo(f"{'cutoff':<11} {calibration['cutoff']} (scores below are weak matches; random pairs q99 "
+                       f"{calibration['random_q']['q99']}, near-duplicates q01 {calibration['near_duplicate_q']['q01']})")
+        else:
+            typer.echo(f"{'cutoff':<11} none (too few images to calibrate: nothing is marked weak)")
         for label, n in info["labels"].items():
             typer.echo(f"  {label:<20} {n}")
         for item in info["skipped_files"]:
