@@ -32,7 +32,7 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .path { font-size: 12px; word-break: break-all; }
 .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
 .tag.pred { background: #dde8ff; }
-.card.weak { opacity: 0.55; filter: grayscale(0.8); }
+.card[data-weak="true"] { opacity: 0.55; filter: grayscale(0.8); }
 .weak-label { color: #a33; font-size: 12px; font-weight: 600; }
 .no-match { color: #a33; margin: 0 0 12px; }
 """
@@ -71,7 +71,7 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
         weak = (f' <span class="weak-label" title="below this index\'s cutoff {result.cutoff:.3f}: no better than '
                 f'unrelated images score">weak match</span>' if n.weak else "")
         cards.append(f"""
-<div class="card{' weak' if n.weak else ''}" data-rank="{n.rank}" data-id="{n.id}" data-weak="{str(n.weak).lower()}">
+<div class="card" data-rank="{n.rank}" data-id="{n.id}" data-weak="{str(n.weak).lower()}">
   <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span>{weak}</div>
   <div class="pics">
     <figure><img class="thumb" alt="thumbnail of {e(Path(record.path).name)}" src="{data_uri(renderer.thumb(record))}"><figcaption>image</figcaption></figure>

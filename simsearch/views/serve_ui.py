@@ -32,7 +32,7 @@ PAGE = r"""<!doctype html>
   .pics { display: flex; gap: 6px; height: 112px; align-items: center; }
   .pics img { max-width: 112px; max-height: 112px; border: 1px solid #eee; }
   .score { font-weight: 600; }
-  .card.weak { opacity: .55; filter: grayscale(.8); }
+  .card[data-weak="true"] { opacity: .55; filter: grayscale(.8); }
   .weak-label { color: #a33; font-size: 12px; font-weight: 600; }
   .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
   .tag.pred { background: #dde8ff; }
@@ -153,7 +153,7 @@ function render(result) {
 
 function card(r) {
   const div = document.createElement("div");
-  div.className = r.weak ? "card weak" : "card"; div.dataset.id = r.id; div.dataset.weak = r.weak;
+  div.className = "card"; div.dataset.id = r.id; div.dataset.weak = r.weak;
   div.title = r.weak ? "Weak match: scores no better than unrelated images of this index. Search from this image"
                      : "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
