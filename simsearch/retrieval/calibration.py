@@ -37,6 +37,8 @@ NEAR_DUPLICATE_Q = 0.01  # quantile of near-duplicate scores the cutoff never ex
 MIN_IMAGES = 8  # fewer stored vectors (28 pairs) give no cutoff: nothing is marked weak
 MAX_PAIR_SAMPLE = 1500  # vectors whose all-pairs scores are measured (1.1M pairs, ~0.1 s)
 MAX_NEAR_DUPLICATE_SAMPLE = 32  # images edited 4 ways and embedded: ~3 s on 2 idle CPU cores with Lite0
+NEAR_DUPLICATE_BATCH = 8  # images decoded, edited and embedded at a time: memory stays bounded
+EDIT_SIDE = 1024  # decoded images are shrunk to this longest side before editing (a 64 MP PNG would be 200 MB)
 RECALIBRATE_CHANGE = 0.10  # redo the calibration when this fraction of the collection was added or removed
 QUANTILES = (0.01, 0.05, 0.5, 0.9, 0.95, 0.99)
 
@@ -156,42 +158,50 @@ def calibrate(store, embedder, seed: int = 0, max_pair_sample: int = MAX_PAIR_SA
               max_near_duplicates: int = MAX_NEAR_DUPLICATE_SAMPLE) -> Calibration:
     """Measure an index's score distributions and its cutoff (not saved: see `ensure_calibrated`).
 
-    Costs one matrix product over at most `max_pair_sample` stored vectors plus decoding
-    and embedding 4 edits of at most `max_near_duplicates` images: 2.5-3 s for 32
-    indoor photos with EfficientNet-Lite0 on 2 idle CPU cores (more on a busy machine or
-    for large files, whose decode dominates). Files that cannot be read any more are
-    left out of the near-duplicate sample, never fatal.
+    Reads only the sampled vectors (never the whole index), then costs one matrix
+    product over at most `max_pair_sample` of them plus decoding and embedding 4 edits
+    of at most `max_near_duplicates` images: 2.5-3 s for 32 indoor photos with
+    EfficientNet-Lite0 on 2 idle CPU cores (more on a busy machine, or for large files,
+    whose decode dominates). Files that cannot be read any more are left out of the
+    near-duplicate sample, never fatal.
     """
     from simsearch.pipeline.read import open_image
 
     started = time.perf_counter()
     generation = store.generation
-    ids, xb = store.vectors()
+    every = np.asarray(store.ids(), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    sampled = np.sort(rng.choice(every, min(len(every), max_pair_sample), replace=False)) if len(every) else every
+    ids, xb = store.vectors(sampled.tolist())
     pairs = random_pair_scores(xb, max_pair_sample, seed)
-    dups = np.zeros(0, dtype=np.float32)
+    dups: list[np.ndarray] = []
     if len(ids) >= MIN_IMAGES and max_near_duplicates > 0:
-        chosen = np.sort(np.random.default_rng(seed + 1).choice(len(ids), min(len(ids), max_near_duplicates), replace=False))
+        chosen = np.sort(rng.permutation(len(ids))[:max_near_duplicates])
         records = store.records([int(ids[i]) for i in chosen])
-        images, rows = [], []
         draft = embedder.spec.preprocess.input_size
-        for i in chosen:
-            record = records.get(int(ids[i]))
-            if record is None:
-                continue
-            try:
-                images.append(open_image(record.path, draft=draft))
-            except (OSError, SimsearchError) as e:  # moved or damaged since it was embedded
-                log.debug("calibration leaves out %s: %s", record.path, e)
-                continue
-            rows.append(i)
-        dups = near_duplicate_scores(xb[rows], images, lambda ims: embedder.embed_images(ims).vectors)
+        for start in range(0, len(chosen), NEAR_DUPLICATE_BATCH):
+            images, rows = [], []
+            for i in chosen[start:start + NEAR_DUPLICATE_BATCH]:
+                record = records.get(int(ids[i]))
+                if record is None:
+                    continue
+                try:
+                    image = open_image(record.path, draft=draft)
+                except (OSError, SimsearchError) as e:  # moved or damaged since it was embedded
+                    log.debug("calibration leaves out %s: %s", record.path, e)
+                    continue
+                image.thumbnail((EDIT_SIDE, EDIT_SIDE))
+                images.append(image)
+                rows.append(i)
+            dups.append(near_duplicate_scores(xb[rows], images, lambda ims: embedder.embed_images(ims).vectors))
+    near = np.concatenate(dups) if dups else np.zeros(0, dtype=np.float32)
     calibration = Calibration(
-        cutoff=cutoff_rule(pairs, dups), random_q=quantiles(pairs), near_duplicate_q=quantiles(dups),
-        sample=min(len(ids), max_pair_sample), near_duplicates=len(dups), ntotal=len(ids),
-        max_id=int(ids.max()) if len(ids) else 0, generation=generation,
+        cutoff=cutoff_rule(pairs, near), random_q=quantiles(pairs), near_duplicate_q=quantiles(near),
+        sample=len(ids), near_duplicates=len(near), ntotal=len(every),
+        max_id=int(every.max()) if len(every) else 0, generation=generation,
         seconds=round(time.perf_counter() - started, 2))
     log.info("score cutoff %s from %d pairs and %d near-duplicates in %.1f s", calibration.cutoff, len(pairs),
-             len(dups), calibration.seconds)
+             len(near), calibration.seconds)
     return calibration
 
 
