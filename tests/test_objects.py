@@ -153,7 +153,7 @@ def test_object_queries_by_cli_show_the_matched_box(boxed):
                                 "-k", "3"])
     assert table.exit_code == 0, table.output
     header = table.stdout.splitlines()[0].split()
-    assert header[:4] == ["rank", "id", "score", "matched"] and "why" in header
+    assert header[:5] == ["rank", "id", "score", "match", "object"] and "why" in header
     lines = runner.invoke(app, ["query", "--id", "1", "--index", str(index), "--objects", "-k", "3"]).stdout
     import json
 

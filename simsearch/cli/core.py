@@ -109,6 +109,9 @@ def query_command(
 
             typer.echo(f"page: {write_query_page(index, result, html)}", err=True)
     rows = [n.to_json() for n in result.neighbours]
+    if result.no_good_match:  # stderr: stdout stays the data, whatever the format
+        typer.echo(f"no good match in this index (best score {result.neighbours[0].score:.2f}, "
+                   f"cutoff {result.cutoff:.2f})", err=True)
     if fmt is Format.json:
         for row in rows:
             echo_json(row)
@@ -118,11 +121,12 @@ def query_command(
         p = n.record.prediction
         row["predicted"] = f"{p.label} {p.score:.2f}" if p is not None else None
         m = n.match
-        row["matched"] = (f"{m.label or '?'} {m.score:.2f} [{','.join(f'{v:.0f}' for v in m.box)}]"
+        row["object"] = (f"{m.label or '?'} {m.score:.2f} [{','.join(f'{v:.0f}' for v in m.box)}]"
                           if m is not None else None)
         row["why"] = n.why.text if n.why is not None else None
-    columns = ["rank", "id", "score", "matched", "classes", "predicted", "why", "path"]
-    echo_table(rows, columns if result.parts else [c for c in columns if c != "matched"])
+        row["match"] = "weak" if n.weak else "good" if result.cutoff is not None else ""
+    columns = ["rank", "id", "score", "match", "object", "classes", "predicted", "why", "path"]
+    echo_table(rows, columns if result.parts else [c for c in columns if c != "object"])
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -152,6 +156,12 @@ def info_command(
         for key in ("index", "images", "objects", "object_vectors", "index_type", "backbone", "weights", "dim", "skipped",
                     "writer"):
             typer.echo(f"{key:<14} {info[key]}")
+        calibration = info["calibration"]
+        if calibration and calibration["cutoff"] is not None:
+            typer.echo(f"{'cutoff':<14} {calibration['cutoff']} (scores below are weak matches; random pairs q99 "
+                       f"{calibration['random_q']['q99']}, near-duplicates q01 {calibration['near_duplicate_q']['q01']})")
+        else:
+            typer.echo(f"{'cutoff':<14} none (too few images to calibrate: nothing is marked weak)")
         for label, n in info["labels"].items():
             typer.echo(f"  {label:<20} {n}")
         for item in info["skipped_files"]:

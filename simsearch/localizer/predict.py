@@ -17,6 +17,7 @@ from simsearch.pipeline.stored_maps import iter_maps
 from simsearch.records import Prediction
 from simsearch.storage.store import Store
 from simsearch.storage import layout
+from simsearch.storage.calibration import ensure_boxes_calibrated
 from simsearch.storage.layout import writer_lock
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = 
         predictions, vectors = predict_records(store, localizer, store.ids() if ids is None else ids)
         store.write_predictions(predictions, vectors)
         layout.sync_objects(store, store.spec.embedder)
+        ensure_boxes_calibrated(store)
     return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started)
 
 

@@ -25,6 +25,7 @@ from simsearch.pipeline.box_vectors import pool_boxes, pool_one, record_boxes
 from simsearch.pipeline.stored_maps import iter_maps
 from simsearch.records import ImageRecord, Skipped
 from simsearch.spec import EmbedderSpec, IndexSpec, check_compatible
+from simsearch.storage.calibration import ensure_boxes_calibrated, ensure_calibrated
 from simsearch.storage.store import NewImage, Store
 from simsearch.storage.layout import writer_lock
 
@@ -146,6 +147,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
         synced = layout.sync_faiss(store, embedder.spec, config.index_type)
         report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
+        ensure_calibrated(store, embedder)  # the "no good match" cutoff, redone when the collection moved by 10%
         predict_missing(store)
         report.objects = _sync_objects(store, embedder.spec)
     report.seconds = time.perf_counter() - started
@@ -200,6 +202,7 @@ def _compact(store: Store) -> None:
 def _sync_objects(store: Store, spec: EmbedderSpec) -> int:
     """Bring objects.faiss to the box vectors; how many boxes it holds."""
     synced = layout.sync_objects(store, spec)
+    ensure_boxes_calibrated(store)  # the objects index's own "no good match" cutoff
     return 0 if synced is None else store.vector_set("boxes").count()
 
 

@@ -25,6 +25,8 @@ from simsearch.pipeline.box_vectors import fractions, pool_one
 from simsearch.records import ObjectMatch, Record
 from simsearch.retrieval.filters import Filters
 from simsearch.retrieval.objects import QueryPart, Why, best_per_image, explain
+from simsearch.storage import calibration
+from simsearch.storage.calibration import Calibration
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
@@ -40,6 +42,7 @@ class Neighbour:
     record: Record
     match: ObjectMatch | None = None  # object queries: the result's object that matched
     why: Why | None = None  # which of its objects matched which part of the query, or the whole image
+    weak: bool = False  # scored below the index's calibrated cutoff: no better than unrelated images score
 
     @property
     def id(self) -> int:
@@ -53,7 +56,8 @@ class Neighbour:
         shown = self.record.to_json()
         return {"rank": self.rank, "id": shown.pop("id"), "path": shown.pop("path"), "score": self.score,
                 "match": self.match.to_json() if self.match is not None else None,
-                "why": self.why.to_json() if self.why is not None else None, **shown}
+                "why": self.why.to_json() if self.why is not None else None,
+                "weak": self.weak, **shown}
 
 
 @dataclass
@@ -62,6 +66,12 @@ class QueryResult:
     neighbours: list[Neighbour]
     record: Record | None = None  # the query's own record, when it is one
     parts: list[QueryPart] = field(default_factory=list)  # what an object query searched with
+    cutoff: float | None = None  # the index's score cutoff: neighbours below it are weak (None: not calibrated)
+
+    @property
+    def no_good_match(self) -> bool:
+        """Whether every neighbour is weak (and there is at least one)."""
+        return bool(self.neighbours) and all(n.weak for n in self.neighbours)
 
 
 class Searcher:
@@ -73,6 +83,7 @@ class Searcher:
         self.device, self.precision, self.weights, self.max_pixels = device, precision, weights, max_pixels
         self._embedder: Embedder | None = None
         self._objects_index = None  # (spec, index, generation) of the objects index, opened on first use
+        self.objects_calibration: Calibration | None = None
         self._open()
         self._closed = False
 
@@ -86,6 +97,7 @@ class Searcher:
             self.spec: IndexSpec = spec
             self.loaded_generation, self.index = layout.open_faiss(self.store, spec)
             self._objects_index = None
+            self.calibration: Calibration | None = calibration.load(self.store)
         except BaseException:
             self.store.close()
             raise
@@ -188,7 +200,7 @@ class Searcher:
         neighbours = self.search_vector(xq, k, excluded, filters)
         indexed = record if record is not None else (self.record(min(excluded)) if excluded else None)
         self.explain_neighbours(neighbours, self.query_parts(indexed, xq))
-        return QueryResult(described, neighbours, record)
+        return QueryResult(described, neighbours, record, cutoff=self.cutoff)
 
     # ------------------------------------------------------------ objects
 
@@ -203,7 +215,14 @@ class Searcher:
                     f"localizer and run simsearch localize --index {self.dir}; then search with --box or --objects")
             generation, index = layout.open_faiss(self.store, spec, "boxes")
             self._objects_index = (spec, index, generation)
+            self.objects_calibration = calibration.load_boxes(self.store)
         return self._objects_index[:2]
+
+    @property
+    def objects_cutoff(self) -> float | None:
+        """Object matches scoring below this are weak (the objects index's own calibration)."""
+        self.objects_index()
+        return self.objects_calibration.cutoff if self.objects_calibration else None
 
     def has_objects(self) -> bool:
         return self.store.vector_set("boxes").count() > 0
@@ -222,7 +241,8 @@ class Searcher:
         described, record, whole, fmap, size = self._query_input(query, need_map=box is not None)
         parts = self._parts(box, record, described, fmap, size)
         excluded = self.copies_of(described["sha256"])
-        return QueryResult(described, self.search_parts(parts, k, excluded, filters), record, parts)
+        return QueryResult(described, self.search_parts(parts, k, excluded, filters), record, parts,
+                           cutoff=self.objects_cutoff)
 
     def search_objects_in_image(self, image: Image.Image, box: tuple[float, float, float, float] | None, k: int = 10,
                                 exclude: set[int] | frozenset[int] = frozenset(), filters: Filters | None = None
@@ -240,7 +260,8 @@ class Searcher:
         described: dict = {"path": "the image"}
         record = self.record(min(exclude)) if exclude else None
         parts = self._parts(box, record, described, fmap, size)
-        return QueryResult(described, self.search_parts(parts, k, exclude, filters), record, parts)
+        return QueryResult(described, self.search_parts(parts, k, exclude, filters), record, parts,
+                           cutoff=self.objects_cutoff)
 
     def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset(),
                      filters: Filters | None = None) -> list[Neighbour]:
@@ -269,11 +290,13 @@ class Searcher:
                 break
             depth = min(total, depth * 4)  # images with many matching boxes crowded the list: look deeper
         records = self.store.records([h[0] for h in best])
+        cutoff = self.objects_cutoff
         out = []
         for image_id, box_id, score, q in best:
             if image_id in records:
                 why = Why(score, parts[q], found[box_id])
-                out.append(Neighbour(len(out) + 1, round(score, 6), records[image_id], found[box_id], why))
+                out.append(Neighbour(len(out) + 1, round(score, 6), records[image_id], found[box_id], why,
+                                     weak=cutoff is not None and score < cutoff))
         return out
 
     def _query_input(self, query: int | str | os.PathLike, need_map: bool):
@@ -354,13 +377,20 @@ class Searcher:
         """Records holding these very bytes: no answer to a query made of them."""
         return self.store.ids_with_sha256(sha256)
 
+    @property
+    def cutoff(self) -> float | None:
+        """Scores below this are weak matches in this index (None: too small to calibrate, or never was)."""
+        return self.calibration.cutoff if self.calibration else None
+
     # ------------------------------------------------------------ records
 
     def describe(self, hits: list[tuple[int, float]]) -> list[Neighbour]:
         """(id, score) hits as ranked Neighbours with their records (ids removed since are dropped)."""
         records = self.store.records([i for i, _ in hits])
         found = [(records[i], score) for i, score in hits if i in records]
-        return [Neighbour(rank, round(score, 6), record) for rank, (record, score) in enumerate(found, 1)]
+        cutoff = self.cutoff
+        return [Neighbour(rank, round(score, 6), record, weak=cutoff is not None and score < cutoff)
+                for rank, (record, score) in enumerate(found, 1)]
 
     def record(self, image_id: int) -> Record:
         found = self.store.records([int(image_id)])

@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from simsearch.storage.calibration import load as load_calibration, load_boxes as load_boxes_calibration
 from simsearch.storage import layout
 from simsearch.storage.store import Store
 
@@ -15,6 +16,8 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
         spec = store.spec
         emb = spec.embedder if spec else None
         boxes = store.vector_set("boxes")
+        calibration = load_calibration(store)
+        objects_calibration = load_boxes_calibration(store)
         return {
             "index": str(index_dir),
             **summary,
@@ -22,6 +25,9 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "backbone": emb.backbone if emb else None,
             "weights": emb.weights if emb else None,
             "dim": emb.dim if emb else None,
+            "score_cutoff": calibration.cutoff if calibration else None,  # results below it are weak
+            "calibration": asdict(calibration) if calibration else None,
+            "objects_score_cutoff": objects_calibration.cutoff if objects_calibration else None,
             "spec": asdict(spec) if spec else None,
             "faiss_up_to_date": layout.faiss_is_current(store),
             # Every ground-truth and predicted box with its own vector, searchable with query --box/--objects.

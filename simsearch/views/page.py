@@ -36,6 +36,9 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .tag.pred { background: #dde8ff; }
 .why { font-size: 12px; color: #444; margin-top: 2px; }
 .query .pics img { max-width: 160px; max-height: 160px; }
+.card[data-weak="true"] { opacity: 0.55; filter: grayscale(0.8); }
+.weak-label { color: #a33; font-size: 12px; font-weight: 600; }
+.no-match { color: #a33; margin: 0 0 12px; }
 """
 
 
@@ -83,9 +86,11 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
                             else "no box: whole image")
         matched = f' data-box-id="{shown.id}"' if shown is not None else ""
         why = n.why.text if n.why is not None else "whole image"
+        weak = (f' <span class="weak-label" title="below this index\'s cutoff {result.cutoff:.3f}: no better than '
+                f'unrelated images score">weak match</span>' if n.weak else "")
         cards.append(f"""
-<div class="card" data-rank="{n.rank}" data-id="{n.id}">
-  <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span></div>
+<div class="card" data-rank="{n.rank}" data-id="{n.id}" data-weak="{str(n.weak).lower()}">
+  <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span>{weak}</div>
   <div class="pics">
     <figure><img class="thumb" alt="thumbnail of {e(Path(record.path).name)}" src="{data_uri(renderer.thumb(record))}"><figcaption>image</figcaption></figure>
     <figure><img class="crop" data-source="{e(box.source)}"{matched} alt="box crop" src="{data_uri(renderer.crop(record, box))}"><figcaption>{e(crop_caption)}</figcaption></figure>
@@ -96,16 +101,21 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
 </div>""")
     title = (f"Objects like {'your box' if boxed[0].source == 'drawn' else 'those'} in {Path(query_path).name}"
              if boxed else f"Images like {Path(query_path).name}")
+    cutoff = f" &middot; weak below {result.cutoff:.3f}" if result.cutoff is not None else ""
+    note = ""
+    if result.no_good_match:
+        note = (f'<div class="no-match" id="no-good-match">No good match in this index: the best score, '
+                f'{result.neighbours[0].score:.3f}, is below its cutoff {result.cutoff:.3f}.</div>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
 <body>
 <h1>{e(title)}</h1>
-<div class="muted">index {e(str(index_dir))} &middot; {len(result.neighbours)} neighbours &middot; score = cosine similarity</div>
+<div class="muted">index {e(str(index_dir))} &middot; {len(result.neighbours)} neighbours &middot; score = cosine similarity{cutoff}</div>
 <div class="query"><img id="query" alt="query image" src="{data_uri(query_jpeg)}">
   <div><div><b>query</b></div><div class="path"><a href="{relative_link(query_path, page)}">{e(str(query_path))}</a></div>
   <div class="pics">{parts_html}</div></div></div>
-<div class="grid">{''.join(cards)}
+{note}<div class="grid">{''.join(cards)}
 </div>
 </body></html>
 """

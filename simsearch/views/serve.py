@@ -115,7 +115,8 @@ class Browser:
             return {"index": self.name, "images": summary["images"], "objects": summary["objects"],
                     "labels": sorted(labels), "datasets": sorted(searcher.store.datasets()), "backbone": searcher.spec.embedder.backbone,
                     "index_type": searcher.spec.index_type, "max_upload_bytes": self.config.max_upload_bytes,
-                    "max_pixels": self.config.max_pixels, "object_search": searcher.has_objects()}
+                    "max_pixels": self.config.max_pixels, "object_search": searcher.has_objects(),
+                    "score_cutoff": searcher.cutoff}
 
     def _record(self, image_id: int) -> Record:
         with self._lock:
@@ -187,7 +188,7 @@ class Browser:
         if not box:
             with self._lock:
                 result = self._fresh().search(image_id, k, filters)
-            return {"query": _query_of(result.record), "mode": "image",
+            return {"query": _query_of(result.record), "mode": "image", "cutoff": result.cutoff,
                     "neighbours": [self._public(n) for n in result.neighbours]}
         record = self._record(image_id)
         query = _query_of(record)
@@ -197,7 +198,8 @@ class Browser:
             query["box"] = list(region)
             xq = self._embed(image)
         # A region's best match may well be its own image: nothing is excluded.
-        return {"query": query, "mode": "crop", "neighbours": self._neighbours(xq, k, filters, set())}
+        return {"query": query, "mode": "crop", "neighbours": self._neighbours(xq, k, filters, set()),
+                "cutoff": self._cutoff()}
 
     def _search_objects_id(self, image_id: int, k: int, filters: Filters | None, box: str | None) -> dict:
         """Images holding objects like the record's box (or its own objects): the objects index, grouped per image."""
@@ -212,7 +214,8 @@ class Browser:
         if "box" in result.query:
             query["box"] = [round(v) for v in result.query["box"]]
         query["parts"] = [p.to_json() for p in result.parts]
-        return {"query": query, "mode": "objects", "neighbours": [self._public(n) for n in result.neighbours]}
+        return {"query": query, "mode": "objects", "cutoff": result.cutoff,
+                "neighbours": [self._public(n) for n in result.neighbours]}
 
     def _has_objects(self) -> bool:
         with self._lock:
@@ -260,7 +263,7 @@ class Browser:
             xq = self._embed(image)
             del image  # the decoded pixels go before the slot is given back
         return {"query": query, "mode": "crop" if box else "image",
-                "neighbours": self._neighbours(xq, self._k(k), filters, exclude)}
+                "neighbours": self._neighbours(xq, self._k(k), filters, exclude), "cutoff": self._cutoff()}
 
     def _k(self, k: int) -> int:
         return max(1, min(int(k), self.config.max_k))
@@ -268,6 +271,11 @@ class Browser:
     def _embed(self, image: Image.Image) -> np.ndarray:
         with self._lock:
             return self._fresh().vector_of_image(image)
+
+    def _cutoff(self) -> float | None:
+        """The index's score cutoff: neighbours below it are weak (None: not calibrated)."""
+        with self._lock:
+            return self._fresh().cutoff
 
     def _neighbours(self, xq: np.ndarray, k: int, filters: Filters | None, exclude: set[int]) -> list[dict]:
         with self._lock:
@@ -286,7 +294,7 @@ class Browser:
         matched = n.match if n.match is not None else (n.why.match if n.why is not None else None)
         shown = record.to_json()
         return {
-            "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score,
+            "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score, "weak": n.weak,
             "width": record.width, "height": record.height, "split": record.split, "dataset": record.dataset,
             "classes": record.classes, "objects": shown["objects"], "prediction": shown["prediction"],
             "box": {"xmin": box.xmin, "ymin": box.ymin, "xmax": box.xmax, "ymax": box.ymax,

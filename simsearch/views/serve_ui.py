@@ -32,6 +32,8 @@ PAGE = r"""<!doctype html>
   .pics { display: flex; gap: 6px; height: 112px; align-items: center; }
   .pics img { max-width: 112px; max-height: 112px; border: 1px solid #eee; }
   .score { font-weight: 600; }
+  .card[data-weak="true"] { opacity: .55; filter: grayscale(.8); }
+  .weak-label { color: #a33; font-size: 12px; font-weight: 600; }
   .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
   .tag.pred { background: #dde8ff; }
   .name { font-size: 12px; word-break: break-all; color: #555; }
@@ -168,13 +170,18 @@ function render(result) {
     : result.mode === "objects" ? `its ${result.query.parts.length} object${result.query.parts.length === 1 ? "" : "s"}` : "whole image";
   const how = {objects: " · objects index", crop: " · region cropped and embedded (no objects in this index)"}[result.mode] || "";
   const shown = filters().map(([name, value]) => `${name === "label" ? "class" : name.replace("_", " ")} ${value}`);
-  status(`${n} neighbour${n === 1 ? "" : "s"} (${what})${how}` + (shown.length ? "; " + shown.join(", ") : ""));
+  let text = `${n} neighbour${n === 1 ? "" : "s"} (${what})${how}` + (shown.length ? "; " + shown.join(", ") : "");
+  if (n && result.neighbours.every(r => r.weak))
+    text += ` · no good match in this index (best score ${result.neighbours[0].score.toFixed(2)}, cutoff ${Number(result.cutoff).toFixed(2)})`;
+  status(text);
   $("results").replaceChildren(...result.neighbours.map(card));
 }
 
 function card(r) {
   const div = document.createElement("div");
-  div.className = "card"; div.dataset.id = r.id; div.title = "Search from this image";
+  div.className = "card"; div.dataset.id = r.id; div.dataset.weak = r.weak;
+  div.title = r.weak ? "Weak match: scores no better than unrelated images of this index. Search from this image"
+                     : "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
   if (r.prediction) tags += `<span class="tag pred" title="predicted">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
   // The object that matched (object search) or that the reason names: its crop, class and score.
@@ -183,7 +190,7 @@ function card(r) {
     : `<img class="crop" src="${r.crop_url}" alt="crop" title="${esc(r.box.source)}${r.box.label ? ": " + esc(r.box.label) : ""}">`;
   const matched = m ? `<div class="match">matched ${esc(m.label || "object")} ${Number(m.score).toFixed(2)} (${esc(m.source)})</div>` : "";
   div.innerHTML = `
-    <div><span class="score">#${r.rank} · ${r.score.toFixed(3)}</span> <span class="name">id ${r.id}</span></div>
+    <div><span class="score">#${r.rank} · ${r.score.toFixed(3)}</span> <span class="name">id ${r.id}</span>${r.weak ? ' <span class="weak-label">weak match</span>' : ""}</div>
     <div class="pics"><img class="thumb" src="${r.thumb_url}" alt="thumbnail">${crop}</div>
     ${matched}<div class="why">why: ${esc(r.why ? r.why.text : "whole image")}</div>
     <div>${tags || '<span class="name">no classes</span>'}</div>
