@@ -195,12 +195,18 @@ def calibrate(store, embedder, seed: int = 0, max_pair_sample: int = MAX_PAIR_SA
                 rows.append(i)
             dups.append(near_duplicate_scores(xb[rows], images, lambda ims: embedder.embed_images(ims).vectors))
     near = np.concatenate(dups) if dups else np.zeros(0, dtype=np.float32)
+    return _measured("score cutoff", pairs, near, len(ids), every, generation, started)
+
+
+def _measured(what: str, pairs: np.ndarray, near: np.ndarray, sample: int, every: np.ndarray, generation: int,
+              started: float) -> Calibration:
+    """The Calibration of these score distributions, over a set whose ids are `every`."""
     calibration = Calibration(
         cutoff=cutoff_rule(pairs, near), random_q=quantiles(pairs), near_duplicate_q=quantiles(near),
-        sample=len(ids), near_duplicates=len(near), ntotal=len(every),
+        sample=sample, near_duplicates=len(near), ntotal=len(every),
         max_id=int(every.max()) if len(every) else 0, generation=generation,
         seconds=round(time.perf_counter() - started, 2))
-    log.info("score cutoff %s from %d pairs and %d near-duplicates in %.1f s", calibration.cutoff, len(pairs),
+    log.info("%s %s from %d pairs and %d near-duplicates in %.2f s", what, calibration.cutoff, len(pairs),
              len(near), calibration.seconds)
     return calibration
 
@@ -269,14 +275,7 @@ def calibrate_boxes(store, seed: int = 0, max_pair_sample: int = MAX_PAIR_SAMPLE
             pooled = pool_boxes(np.stack([maps[found[i].image_id] for i in chosen]), jittered)
             row = {int(b): r for r, b in enumerate(ids)}
             near = np.concatenate([p @ xb[row[i]] for p, i in zip(pooled, chosen)]).astype(np.float32)
-    calibration = Calibration(
-        cutoff=cutoff_rule(pairs, near), random_q=quantiles(pairs), near_duplicate_q=quantiles(near),
-        sample=len(ids), near_duplicates=len(near), ntotal=len(every),
-        max_id=int(every.max()) if len(every) else 0, generation=generation,
-        seconds=round(time.perf_counter() - started, 2))
-    log.info("objects score cutoff %s from %d pairs and %d re-framed boxes in %.2f s", calibration.cutoff, len(pairs),
-             len(near), calibration.seconds)
-    return calibration
+    return _measured("objects score cutoff", pairs, near, len(ids), every, generation, started)
 
 
 def _jittered(box: Sequence[float], dx: float, dy: float, scale: float) -> tuple[float, float, float, float]:
