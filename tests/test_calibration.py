@@ -265,3 +265,11 @@ def test_the_objects_index_has_its_own_cutoff(indoor_index: Path, tmp_path: Path
         assert result.cutoff == c.cutoff
         assert result.neighbours[0].id == 1 and not result.neighbours[0].weak
         assert all(n.weak == (n.score < c.cutoff) for n in result.neighbours)
+
+
+def test_pairs_within_a_group_are_not_counted_as_unrelated():
+    """Boxes of one image share surroundings: the objects index's random pairs leave such pairs out."""
+    e = np.eye(4, dtype=np.float32)
+    xb = np.stack([e[0], e[0], e[1], e[2]])  # rows 0 and 1 identical, as two boxes of one image can nearly be
+    assert sorted(random_pair_scores(xb)) == [0, 0, 0, 0, 0, 1]
+    assert sorted(random_pair_scores(xb, groups=np.array([7, 7, 8, 9]))) == [0, 0, 0, 0, 0]

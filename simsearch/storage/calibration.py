@@ -72,15 +72,25 @@ class Calibration:
 # ------------------------------------------------------------ pure functions over vectors
 
 
-def random_pair_scores(xb: np.ndarray, max_sample: int = MAX_PAIR_SAMPLE, seed: int = 0) -> np.ndarray:
-    """Cosine scores of every pair among a seeded sample of at most `max_sample` rows of `xb` (L2-normalised)."""
+def random_pair_scores(xb: np.ndarray, max_sample: int = MAX_PAIR_SAMPLE, seed: int = 0,
+                       groups: np.ndarray | None = None) -> np.ndarray:
+    """Cosine scores of every pair among a seeded sample of at most `max_sample` rows of `xb` (L2-normalised).
+
+    With `groups` (one label a row), pairs within a group are left out: two boxes of
+    one image share their surroundings in the map, so they are no unrelated pair.
+    """
     n = len(xb)
     if n < 2:
         return np.zeros(0, dtype=np.float32)
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max_sample), replace=False))
     x = np.asarray(xb[rows], dtype=np.float32)
     gram = x @ x.T
-    return gram[np.triu_indices(len(x), k=1)]
+    upper = np.triu_indices(len(x), k=1)
+    if groups is None:
+        return gram[upper]
+    g = np.asarray(groups)[rows]
+    apart = g[upper[0]] != g[upper[1]]
+    return gram[upper[0][apart], upper[1][apart]]
 
 
 def quantiles(scores: np.ndarray, qs: Sequence[float] = QUANTILES) -> dict[str, float]:
@@ -245,7 +255,7 @@ def calibrate_boxes(store, seed: int = 0, max_pair_sample: int = MAX_PAIR_SAMPLE
                     max_near_duplicates: int = BOX_NEAR_DUPLICATE_SAMPLE) -> Calibration:
     """The objects index's cutoff, by the same rule over box vectors.
 
-    Random pairs are pairs of stored boxes. A box's near-duplicates are the same
+    Random pairs are pairs of stored boxes of different images. A box's near-duplicates are the same
     object framed a little differently (shifted by a tenth of its size, or 10%
     smaller or larger), pooled again from its image's kept map: what a hand-drawn
     box around a known object scores against the stored one. Costs a matrix product
@@ -259,7 +269,8 @@ def calibrate_boxes(store, seed: int = 0, max_pair_sample: int = MAX_PAIR_SAMPLE
     rng = np.random.default_rng(seed)
     sampled = np.sort(rng.choice(every, min(len(every), max_pair_sample), replace=False)) if len(every) else every
     ids, xb = boxes_set.vectors(sampled.tolist())
-    pairs = random_pair_scores(xb, max_pair_sample, seed)
+    image_of = {i: b.image_id for i, b in store.boxes(ids.tolist()).items()}
+    pairs = random_pair_scores(xb, max_pair_sample, seed, np.array([image_of.get(int(i), -1) for i in ids]))
     near = np.zeros(0, dtype=np.float32)
     if len(ids) >= MIN_IMAGES and max_near_duplicates > 0:
         chosen = [int(ids[i]) for i in np.sort(rng.permutation(len(ids))[:max_near_duplicates])]
