@@ -275,22 +275,22 @@ def test_cli_filter_flags_end_to_end(demo_index: Path, demo_data: Path):
 
     with Store(demo_index) as store:
         records = store.records(store.ids())
-    everything = [json.loads(line) for line in _query_cli(demo_index).output.splitlines()]
+    everything = [json.loads(line) for line in _query_cli(demo_index).stdout.splitlines()]
     assert len(everything) == len(records) - 1
     labelled = {r.id for r in records.values() if "motorbike" in r.classes or
                 (r.prediction and r.prediction.label == "motorbike")} - {1}
     assert labelled
     bikes = _query_cli(demo_index, "--class", "motorbike")
     assert bikes.exit_code == 0, bikes.output
-    assert {json.loads(line)["id"] for line in bikes.output.splitlines()} == labelled
+    assert {json.loads(line)["id"] for line in bikes.stdout.splitlines()} == labelled
     folder = Path(records[1].path).parent
     under = _query_cli(demo_index, "--under", str(folder))
-    assert {json.loads(line)["id"] for line in under.output.splitlines()} == {
+    assert {json.loads(line)["id"] for line in under.stdout.splitlines()} == {
         r.id for r in records.values() if Path(r.path).parent == folder} - {1}
-    assert _query_cli(demo_index, "--not-under", str(folder)).output.strip() == ""
+    assert _query_cli(demo_index, "--not-under", str(folder)).stdout.strip() == ""
     dataset = records[1].dataset
-    assert len(_query_cli(demo_index, "--dataset", dataset).output.splitlines()) == len(everything)
-    assert _query_cli(demo_index, "--not-dataset", dataset, "--dataset", "other").output.strip() == ""
+    assert len(_query_cli(demo_index, "--dataset", dataset).stdout.splitlines()) == len(everything)
+    assert _query_cli(demo_index, "--not-dataset", dataset, "--dataset", "other").stdout.strip() == ""
     big = _query_cli(demo_index, "--min-box-area", "0.5", "--min-score", "0.9", "--format", "table")
     assert big.exit_code == 0, big.output
     for flag, value in (("--min-box-area", "2"), ("--min-score", "-1"), ("--under", "")):
