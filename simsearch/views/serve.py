@@ -244,7 +244,7 @@ class Browser:
             by_objects = objects or (bool(box) and searcher.has_objects())
         with self._decode_slots:
             try:
-                image = open_image(_NamedBytes(data, name), draft=_region_draft if box and not by_objects else whole,
+                image = open_image(_NamedBytes(data, name), draft=_region_draft if box else whole,
                                    max_pixels=self.config.max_pixels, name=name)
             except ImageTooLargeError as e:
                 raise ImageTooLargeError(_too_large(e, "send a smaller image")) from None
