@@ -76,6 +76,7 @@ CREATE TABLE IF NOT EXISTS images (
     added_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
+CREATE INDEX IF NOT EXISTS images_dataset ON images(dataset);  -- the dataset filter: a lookup, not a scan
 CREATE TABLE IF NOT EXISTS objects (
     id INTEGER PRIMARY KEY,
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -240,18 +241,20 @@ class Store:
             raise
 
     def _ensure_tables(self) -> bool:
-        """Indexes made before the predictions and boxes tables joined the schema get them on first open.
+        """Indexes made before the predictions and boxes tables (or the dataset index) joined the schema get them.
 
-        This is the one write a reader may make (empty tables, once); in a read-only
-        folder such an index simply reads as having no predictions and no box vectors
-        until a writer opens it.
+        This is the one write a reader may make (empty tables and an index, once); in a
+        read-only folder such an index simply reads as having no predictions and no box
+        vectors, and filters by dataset by scanning, until a writer opens it.
         """
-        if self.db["predictions"].exists() and self.db["boxes"].exists():
+        present = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE name IN "
+                                                 "('predictions', 'boxes', 'images_dataset')")}
+        if len(present) == 3:
             return True
         try:
             self.db.conn.executescript(SCHEMA)
-        except sqlite3.OperationalError:  # read-only: such an index simply has no predictions
-            return False
+        except sqlite3.OperationalError:  # read-only
+            return {"predictions", "boxes"} <= present
         return True
 
     def __enter__(self) -> "Store":
@@ -1052,8 +1055,8 @@ def _filter_conditions(filters: "Filters", with_boxes: bool) -> tuple[str, list]
 
 
 def _under(folder: str, params: list) -> str:
-    """`i.path` is `folder` or below it: a prefix compared with substr (no LIKE wildcards to escape),
-    ending in a separator so that /a/b does not take in /a/bc."""
-    prefix = folder if folder.endswith("/") else folder + "/"
-    params += [folder, len(prefix), prefix]
-    return "(i.path = ? OR substr(i.path, 1, ?) = ?)"
+    """`i.path` is `folder` or below it: a range of the path index, [folder/, folder0), no scan and no
+    LIKE wildcards to escape ('0' follows '/'), so that /a/b does not take in /a/bc."""
+    prefix = folder.rstrip("/") + "/"
+    params += [folder, prefix, prefix[:-1] + "0"]
+    return "(i.path = ? OR (i.path >= ? AND i.path < ?))"
