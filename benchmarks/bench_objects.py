@@ -4,7 +4,8 @@ Every ground-truth box of a collection is a query, its own image excluded from t
 results, and each of three methods returns 5 images:
 
 - object search: `Searcher.search_objects(id, 5, box=the box)`, the box pooled from
-  the stored feature map and searched among every box's vector (objects.faiss);
+  the stored feature map plus CROP_WEIGHT x its pixels' own vector, searched among
+  every box's vector (objects.faiss);
   relevant when the matched object is of the query's class (strict), or when the
   image holds any object of that class (lenient: the same rule as the other two);
 - crop and re-embed, what serve's `box` parameter does today: the box cut out of the
