@@ -65,6 +65,21 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Tag:
+    """An ImageNet class the backbone's own classifier gave the whole image, with its probability.
+
+    Distinct from boxes' classes: a tag says nothing about where, and comes from the
+    1000 ImageNet classes, not from an annotation or the trained localizer.
+    """
+
+    label: str
+    score: float
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "score": self.score}
+
+
+@dataclass(frozen=True)
 class ObjectMatch:
     """A box with its own vector in the objects index: a ground-truth object or the localizer's prediction."""
 
@@ -101,6 +116,7 @@ class Record:
     dataset: str | None = None
     objects: list[GroundTruthObject] = field(default_factory=list)
     prediction: Prediction | None = None
+    tags: list[Tag] = field(default_factory=list)  # ImageNet tags, most probable first
 
     @property
     def classes(self) -> list[str]:
@@ -113,4 +129,5 @@ class Record:
             "objects": [{"label": o.label, "box": [o.xmin, o.ymin, o.xmax, o.ymax], "difficult": o.difficult,
                          "truncated": o.truncated} for o in self.objects],
             "prediction": self.prediction.to_json() if self.prediction else None,
+            "tags": [t.to_json() for t in self.tags],
         }

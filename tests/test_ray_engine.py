@@ -113,6 +113,19 @@ def test_same_vectors_and_feature_maps(indexes: dict[str, Path]):
         assert cos >= 0.999, path
 
 
+def test_same_imagenet_tags(indexes: dict[str, Path]):
+    """Tags cross the actor boundary: the same labels, the same probabilities, for every record."""
+    def tags(index_dir: Path) -> dict[str, list[tuple[str, float]]]:
+        with Store(index_dir) as store:
+            return {r.path: [(t.label, t.score) for t in r.tags] for r in store.records(store.ids()).values()}
+
+    local, ray = tags(indexes["local"]), tags(indexes["ray"])
+    assert set(local) == set(ray) and sum(bool(t) for t in local.values()) >= len(local) // 2
+    for path, want in local.items():
+        assert [label for label, _ in ray[path]] == [label for label, _ in want], path
+        assert np.allclose([s for _, s in ray[path]], [s for _, s in want], atol=2e-3), path
+
+
 def test_same_neighbours(indexes: dict[str, Path]):
     def neighbours(index_dir: Path) -> dict[str, list[str]]:
         with Searcher(index_dir, device="cpu") as searcher:

@@ -79,11 +79,12 @@ def query_command(
     not_under: Optional[list[str]] = typer.Option(None, "--not-under", help="No files under this folder (repeatable)."),
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Only images of this dataset (repeatable): VOC2007, a box-list dataset's name, or the indexed folder's name, as `info` and the JSON output show."),
     not_dataset: Optional[list[str]] = typer.Option(None, "--not-dataset", help="No images of this dataset (repeatable)."),
+    tag: Optional[str] = typer.Option(None, "--tag", help="Only images holding this ImageNet tag (any case), e.g. espresso: the whole-image classes the build's backbone gave, as the tags column shows."),
 ) -> None:
     """Images like this one: neighbours with scores, classes, boxes and why each is similar.
 
     Filters (--class, --min-box-area, --min-score, --under, --not-under, --dataset,
-    --not-dataset) are applied inside the search: -k results come back whenever k images pass
+    --not-dataset, --tag) are applied inside the search: -k results come back whenever k images pass
     (with --box/--objects, k images holding a box that passes).
     """
     from simsearch.errors import BadInputError
@@ -97,7 +98,7 @@ def query_command(
             raise BadInputError("give --box or --objects, not both (--box searches with the drawn box alone)")
         filters = Filters(label=label, min_box_area=min_box_area, min_score=min_score, under=tuple(under or ()),
                           not_under=tuple(not_under or ()), dataset=tuple(dataset or ()),
-                          not_dataset=tuple(not_dataset or ()))
+                          not_dataset=tuple(not_dataset or ()), tag=tag)
         query = record_id if record_id is not None else image
         with Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000) as searcher:
             if box is not None or objects:
@@ -118,6 +119,7 @@ def query_command(
         return
     for row, n in zip(rows, result.neighbours):
         row["classes"] = ",".join(n.record.classes)
+        row["tags"] = ",".join(f"{t.label} {t.score:.2f}" for t in n.record.tags)
         p = n.record.prediction
         row["predicted"] = f"{p.label} {p.score:.2f}" if p is not None else None
         m = n.match
@@ -125,7 +127,7 @@ def query_command(
                           if m is not None else None)
         row["why"] = n.why.text if n.why is not None else None
         row["match"] = "weak" if n.weak else "good" if result.cutoff is not None else ""
-    columns = ["rank", "id", "score", "match", "object", "classes", "predicted", "why", "path"]
+    columns = ["rank", "id", "score", "match", "object", "classes", "predicted", "tags", "why", "path"]
     echo_table(rows, columns if result.parts else [c for c in columns if c != "object"])
 
 

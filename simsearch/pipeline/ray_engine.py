@@ -15,6 +15,7 @@ driver scanned (a shared filesystem).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from simsearch.errors import BadInputError, SimsearchError
 from simsearch.pipeline.embed import (
     EmbedConfig, EmbeddedBatch, Embedder, FileBatch, ImageFileDataset, load_backbone,
 )
+from simsearch.records import Tag
 from simsearch.spec import EmbedderSpec, check_compatible
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,10 @@ def file_batch(block: dict[str, np.ndarray]) -> FileBatch:
     vectors = np.ascontiguousarray(block["vector"][ok], dtype=np.float32)
     maps = np.ascontiguousarray(block["map"][ok], dtype=np.float16)
     sizes = [(int(w), int(h)) for w, h in zip(block["width"][ok], block["height"][ok])]
-    return FileBatch([int(i) for i in positions[ok]], sizes, EmbeddedBatch(vectors, maps), failures)
+    # Tags travel as one JSON text a row ("" where the backbone has no classifier): Arrow holds strings.
+    texts = [str(t) for t in block["tags"][ok]] if "tags" in block else []
+    tags = [[Tag(label, score) for label, score in json.loads(t)] for t in texts] if any(texts) else None
+    return FileBatch([int(i) for i in positions[ok]], sizes, EmbeddedBatch(vectors, maps, tags), failures)
 
 
 class EmbedActor:
@@ -148,6 +153,7 @@ class EmbedActor:
                 "width": np.zeros(n, dtype=np.int64), "height": np.zeros(n, dtype=np.int64),
                 "vector": np.zeros((n, spec.dim), dtype=np.float32),
                 "map": np.zeros((n, *spec.feature_shape), dtype=np.float16),
+                "tags": np.full(n, "", dtype=object),
                 "fatal": np.full(n, self.fatal, dtype=object)}
         if self.fatal:
             return rows
@@ -161,6 +167,8 @@ class EmbedActor:
         if len(good):
             out = self.embedder.embed_batch([decoded[i].tensor for i in good])
             rows["vector"][good], rows["map"][good] = out.vectors, out.maps
+            for i, tags in zip(good, out.tags or []):
+                rows["tags"][i] = json.dumps([[t.label, t.score] for t in tags])
         return rows
 
 

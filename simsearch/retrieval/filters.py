@@ -1,7 +1,7 @@
 """Filters: which records a search may answer with, applied inside the search rather than after it.
 
 A filter is a set of conditions on a record (where its file is, which dataset it came
-from) and on its boxes (class, size, confidence). The store turns it into the sorted
+from, which ImageNet tag it holds) and on its boxes (class, size, confidence). The store turns it into the sorted
 ids that pass (`Store.ids_matching`) and FAISS searches only those, so a query returns
 k results whenever k records pass, however rare they are (a pool fetched first and
 filtered after returned fewer than k, or none, for a rare class).
@@ -23,7 +23,7 @@ class Filters:
     Box conditions (label, min_box_area, min_score) hold together on one box: an image
     passes when at least one of its boxes (ground truth, score 1.0, or the localizer's
     prediction) meets all of them, so "a large dog" is not met by a large cat beside a
-    small dog. Folder and dataset conditions hold on the image itself.
+    small dog. Folder, dataset and tag conditions hold on the image itself.
     """
 
     label: str | None = None  # class of at least one box (ground truth or predicted)
@@ -35,10 +35,13 @@ class Filters:
     not_under: tuple[str, ...] = ()  # and under none of these
     dataset: tuple[str, ...] = ()  # from one of these datasets (VOC2007, a box-list name, a folder's name)
     not_dataset: tuple[str, ...] = ()  # and from none of these
+    tag: str | None = None  # holds this ImageNet tag (any case), as the build's classifier gave it
 
     def __post_init__(self) -> None:
         label = self.label.strip() if isinstance(self.label, str) else self.label
         object.__setattr__(self, "label", label or None)  # "" is what a form's "all classes" sends
+        tag = self.tag.strip() if isinstance(self.tag, str) else self.tag
+        object.__setattr__(self, "tag", tag or None)
         object.__setattr__(self, "min_box_area", _fraction(self.min_box_area, "min_box_area",
                                                            "a fraction of the image area, e.g. 0.1 for a tenth"))
         object.__setattr__(self, "min_score", _fraction(self.min_score, "min_score",

@@ -37,7 +37,7 @@ import numpy as np
 import sqlite_utils
 
 from simsearch.errors import IndexDamagedError, NotFoundError
-from simsearch.records import GroundTruthObject, ImageRecord, ObjectMatch, Prediction, Record, Skipped
+from simsearch.records import GroundTruthObject, ImageRecord, ObjectMatch, Prediction, Record, Skipped, Tag
 from simsearch.spec import IndexSpec
 from simsearch.storage import layout
 from simsearch.storage.shards import ShardFiles
@@ -117,6 +117,13 @@ CREATE TABLE IF NOT EXISTS boxes (
     row INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS boxes_image ON boxes(image_id);
+CREATE TABLE IF NOT EXISTS tags (  -- ImageNet classes of the whole image, from the embedding's own forward pass
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    label TEXT NOT NULL,
+    score REAL NOT NULL  -- the classifier's probability
+);
+CREATE INDEX IF NOT EXISTS tags_image ON tags(image_id);
+CREATE INDEX IF NOT EXISTS tags_label ON tags(label COLLATE NOCASE);  -- the tag filter: a lookup, any case
 """
 
 
@@ -154,6 +161,7 @@ class NewImage:
     # Box vectors (pooled from the map, `pipeline.box_vectors`), committed with the record:
     object_vectors: np.ndarray | None = None  # (len(record.objects), D), one per ground-truth box
     prediction_vector: np.ndarray | None = None  # (D,), the predicted box's
+    tags: Sequence[Tag] = ()  # ImageNet tags from the embedding's forward pass, committed with the record
 
 
 def _now() -> str:
@@ -232,7 +240,9 @@ class Store:
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # reads the header: fails on garbage
             self.db = sqlite_utils.Database(conn)
             self._columns: list[str] | None = None
-            self._has_predictions = self._has_boxes = self._ensure_tables()
+            present = self._ensure_tables()
+            self._has_predictions = self._has_boxes = {"predictions", "boxes"} <= present
+            self._has_tags = "tags" in present
             # Indexes made before vectors left SQLite keep them as blobs until a build upgrades them.
             self.legacy = "vector" in self.db["embeddings"].columns_dict
             self._shards: dict[str, ShardFiles] = {}
@@ -240,22 +250,26 @@ class Store:
             conn.close()
             raise
 
-    def _ensure_tables(self) -> bool:
-        """Indexes made before the predictions and boxes tables (or the dataset index) joined the schema get them.
+    _LATER_TABLES = ("predictions", "boxes", "images_dataset", "tags")
+
+    def _ensure_tables(self) -> set[str]:
+        """Indexes made before the predictions, boxes and tags tables (or the dataset index) joined the schema
+        get them; returns the names of those now present.
 
         This is the one write a reader may make (empty tables and an index, once); in a
-        read-only folder such an index simply reads as having no predictions and no box
-        vectors, and filters by dataset by scanning, until a writer opens it.
+        read-only folder such an index simply reads as having no predictions, box vectors
+        or tags, and filters by dataset by scanning, until a writer opens it.
         """
         present = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE name IN "
-                                                 "('predictions', 'boxes', 'images_dataset')")}
-        if len(present) == 3:
-            return True
+                                                 f"({', '.join('?' * len(self._LATER_TABLES))})",
+                                                 self._LATER_TABLES)}
+        if len(present) == len(self._LATER_TABLES):
+            return present
         try:
             self.db.conn.executescript(SCHEMA)
         except sqlite3.OperationalError:  # read-only
-            return {"predictions", "boxes"} <= present
-        return True
+            return present
+        return set(self._LATER_TABLES)
 
     def __enter__(self) -> "Store":
         return self
@@ -376,6 +390,8 @@ class Store:
                                  [image_id, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, p.head_version])
                 self._insert_boxes(conn, image_id, item.record.objects, object_ids, box_rows[k][0],
                                    item.prediction, box_rows[k][1])
+                conn.executemany("INSERT INTO tags(image_id, label, score) VALUES (?, ?, ?)",
+                                 [(image_id, t.label, float(t.score)) for t in item.tags])
                 conn.execute("DELETE FROM skipped WHERE path = ?", [path])
             self._commit_rows(conn, "vec", vec_rows)
             self._commit_rows(conn, "map", map_rows)
@@ -775,6 +791,8 @@ class Store:
         them. The conditions are SQL fragments over `i` (images) and `b` (a box relation),
         so that the same filter can be applied to another relation of boxes.
         """
+        if filters.tag is not None and not self._has_tags:
+            return np.empty(0, dtype=np.int64)  # an old index opened read-only: nothing is tagged yet
         relation = self._IMAGE_BOXES if self._has_predictions else self._GROUND_TRUTH_BOXES
         sql, params = _matching_sql(filters, relation if filters.on_boxes else None)
         rows = self.db.execute(sql, params).fetchall()
@@ -814,7 +832,7 @@ class Store:
     def box_ids_matching(self, filters: "Filters", exclude_images: Iterable[int] = ()) -> np.ndarray:
         """Sorted int64 ids of the boxes that pass `filters` themselves (class, area, score) in images that pass
         its file conditions, leaving out the boxes of `exclude_images` (the query's own copies)."""
-        if not self._has_boxes:
+        if not self._has_boxes or (filters.tag is not None and not self._has_tags):
             return np.zeros(0, dtype=np.int64)
         where, params = _filter_conditions(filters, True)
         skip = sorted({int(i) for i in exclude_images})
@@ -907,9 +925,28 @@ class Store:
             sql = f"SELECT {cols} FROM images i WHERE i.id IN ({{}})"
         rows = self._rows_for(sql, ids)
         objects = self.objects([r[0] for r in rows])
+        tags = self.tags([r[0] for r in rows])
         return {r[0]: Record(*r[:8], objects=objects.get(r[0], []),
-                             prediction=Prediction(*r[8:]) if len(r) > 8 and r[8] is not None else None)
+                             prediction=Prediction(*r[8:]) if len(r) > 8 and r[8] is not None else None,
+                             tags=tags.get(r[0], []))
                 for r in rows}
+
+    def tags(self, ids: Sequence[int]) -> dict[int, list[Tag]]:
+        """Image id -> its ImageNet tags, most probable first."""
+        found: dict[int, list[Tag]] = {int(i): [] for i in ids}
+        if not self._has_tags:
+            return found
+        sql = "SELECT image_id, label, score FROM tags WHERE image_id IN ({}) ORDER BY image_id, score DESC"
+        for image_id, label, score in self._rows_for(sql, ids):
+            found[image_id].append(Tag(label, score))
+        return found
+
+    def tag_labels(self) -> dict[str, int]:
+        """tag -> number of records holding it, commonest first (what a tag search can name)."""
+        if not self._has_tags:
+            return {}
+        return {r[0]: r[1] for r in self.db.execute(
+            "SELECT label, count(DISTINCT image_id) AS n FROM tags GROUP BY label ORDER BY n DESC, label")}
 
     def ids_with_sha256(self, sha256: str) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT id FROM images WHERE sha256 = ?", [sha256])}
@@ -1024,7 +1061,8 @@ def _matching_sql(filters: "Filters", boxes: str | None) -> tuple[str, list]:
 
 
 def _filter_conditions(filters: "Filters", with_boxes: bool) -> tuple[str, list]:
-    """(WHERE clause, params) of `filters` over `i` (images: path, dataset, width, height) and `b` (one box).
+    """(WHERE clause, params) of `filters` over `i` (images: id, path, dataset, width, height, and its tags)
+    and `b` (one box).
 
     A box relation whose rows must each pass on their own (object vectors: one row a box)
     uses the same clause with `b` as that table, joined to its image as `i`.
@@ -1041,6 +1079,9 @@ def _filter_conditions(filters: "Filters", with_boxes: bool) -> tuple[str, list]
     if filters.not_dataset:
         clauses.append(f"(i.dataset IS NULL OR i.dataset NOT IN ({', '.join('?' * len(filters.not_dataset))}))")
         params += filters.not_dataset
+    if filters.tag is not None:
+        clauses.append("i.id IN (SELECT image_id FROM tags WHERE label = ? COLLATE NOCASE)")
+        params.append(filters.tag)
     if with_boxes:
         if filters.label is not None:
             clauses.append("b.label = ?")

@@ -34,6 +34,7 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .path { font-size: 12px; word-break: break-all; }
 .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
 .tag.pred { background: #dde8ff; }
+.tag.imagenet { background: #eee; color: #555; border: 1px dashed #bbb; }
 .why { font-size: 12px; color: #444; margin-top: 2px; }
 .query .pics img { max-width: 160px; max-height: 160px; }
 .card[data-weak="true"] { opacity: 0.55; filter: grayscale(0.8); }
@@ -79,6 +80,9 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
         if record.prediction:
             tags += (f'<span class="tag pred" title="predicted">{e(record.prediction.label)} '
                      f'{record.prediction.score:.2f}</span>')
+        # ImageNet tags are the backbone's guess at the whole image, not a box class: shown apart.
+        imagenet_tags = "".join(f'<span class="tag imagenet" title="ImageNet tag">{e(t.label)} {t.score:.2f}</span>'
+                                for t in record.tags)
         if shown is not None:
             crop_caption = f"matched {shown.label or 'object'} {shown.score:.2f} ({shown.source})"
         else:
@@ -97,6 +101,7 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
   </div>
   <div class="why">why: {e(why)}</div>
   <div>{tags or '<span class="muted">no classes</span>'}</div>
+  <div class="imagenet-tags">{imagenet_tags}</div>
   <div class="path"><a href="{relative_link(record.path, page)}">{e(Path(record.path).name)}</a> <span class="muted">{record.width}&times;{record.height}</span></div>
 </div>""")
     title = (f"Objects like {'your box' if boxed[0].source == 'drawn' else 'those'} in {Path(query_path).name}"

@@ -116,7 +116,7 @@ class Browser:
                     "labels": sorted(labels), "datasets": sorted(searcher.store.datasets()), "backbone": searcher.spec.embedder.backbone,
                     "index_type": searcher.spec.index_type, "max_upload_bytes": self.config.max_upload_bytes,
                     "max_pixels": self.config.max_pixels, "object_search": searcher.has_objects(),
-                    "score_cutoff": searcher.cutoff}
+                    "score_cutoff": searcher.cutoff, "tags": list(searcher.store.tag_labels())}
 
     def _record(self, image_id: int) -> Record:
         with self._lock:
@@ -297,6 +297,7 @@ class Browser:
             "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score, "weak": n.weak,
             "width": record.width, "height": record.height, "split": record.split, "dataset": record.dataset,
             "classes": record.classes, "objects": shown["objects"], "prediction": shown["prediction"],
+            "tags": shown["tags"],
             "box": {"xmin": box.xmin, "ymin": box.ymin, "xmax": box.xmax, "ymax": box.ymax,
                     "label": box.label, "source": box.source},
             "thumb_url": f"/api/records/{record.id}/thumb", "crop_url": f"/api/records/{record.id}/crop",
@@ -390,17 +391,19 @@ FILTER_HELP = {
     "not_under": "no files under this folder (repeatable)",
     "dataset": "only images of this dataset (repeatable: any of them)",
     "not_dataset": "no images of this dataset (repeatable)",
+    "tag": "only images holding this ImageNet tag (any case), e.g. espresso",
 }
 
 
-def _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset) -> Filters:
+def _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag=None) -> Filters:
     """The request's filters; empty fields (what a form sends for "any") do not filter.
 
     Folders are only compared with the paths the index recorded, never opened or listed.
     """
     return Filters(label=label or None, min_box_area=min_box_area, min_score=min_score,
                    under=tuple(f for f in under if f), not_under=tuple(f for f in not_under if f),
-                   dataset=tuple(d for d in dataset if d), not_dataset=tuple(d for d in not_dataset if d))
+                   dataset=tuple(d for d in dataset if d), not_dataset=tuple(d for d in not_dataset if d),
+                   tag=tag or None)
 
 
 def _query_filters(label: Optional[str] = Query(None, description=FILTER_HELP["label"]),
@@ -409,8 +412,9 @@ def _query_filters(label: Optional[str] = Query(None, description=FILTER_HELP["l
                    under: list[str] = Query([], description=FILTER_HELP["under"]),
                    not_under: list[str] = Query([], description=FILTER_HELP["not_under"]),
                    dataset: list[str] = Query([], description=FILTER_HELP["dataset"]),
-                   not_dataset: list[str] = Query([], description=FILTER_HELP["not_dataset"])) -> Filters:
-    return _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset)
+                   not_dataset: list[str] = Query([], description=FILTER_HELP["not_dataset"]),
+                   tag: Optional[str] = Query(None, description=FILTER_HELP["tag"])) -> Filters:
+    return _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag)
 
 
 def _error_status(exc: SimsearchError) -> int:
@@ -499,9 +503,10 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
                             not_under: list[str] = Form([], description=FILTER_HELP["not_under"]),
                             dataset: list[str] = Form([], description=FILTER_HELP["dataset"]),
                             not_dataset: list[str] = Form([], description=FILTER_HELP["not_dataset"]),
+                            tag: Optional[str] = Form(None, description=FILTER_HELP["tag"]),
                             box: Optional[str] = Form(None, description="xmin,ymin,xmax,ymax in the image's pixels"),
                             objects: bool = Form(False, description="search with the image's own objects")) -> dict:
-        filters = _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset)
+        filters = _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag)
         data = await file.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {config.max_upload_bytes // (1024 * 1024)} MB")

@@ -36,6 +36,7 @@ PAGE = r"""<!doctype html>
   .weak-label { color: #a33; font-size: 12px; font-weight: 600; }
   .tag { display: inline-block; background: #eef; border-radius: 3px; padding: 0 5px; margin: 1px; font-size: 12px; }
   .tag.pred { background: #dde8ff; }
+  .tag.imagenet { background: #eee; color: #555; border: 1px dashed #bbb; }
   .name { font-size: 12px; word-break: break-all; color: #555; }
   .why { font-size: 12px; color: #333; }
   .match { font-size: 11px; color: #777; }
@@ -62,6 +63,9 @@ PAGE = r"""<!doctype html>
       <div style="flex:2"><label for="dataset">Dataset</label><select id="dataset"><option value="">all datasets</option></select></div>
       <div style="flex:1"><label for="minscore">Min score</label><input type="number" id="minscore" min="0" max="1" step="0.05" placeholder="0..1"></div>
     </div>
+    <label for="tag">ImageNet tag</label>
+    <input type="search" id="tag" list="tags" placeholder="e.g. espresso" title="only images holding this ImageNet tag (the backbone's whole-image classes)">
+    <datalist id="tags"></datalist>
     <label for="under">Under folder</label>
     <input type="text" id="under" placeholder="/path/to/photos/2024" title="only files under this folder of the server">
     <label class="check" id="objects-row" hidden><input type="checkbox" id="objects"> search with its objects (each box, not the whole image)</label>
@@ -69,7 +73,7 @@ PAGE = r"""<!doctype html>
     <div class="hint">Drag on the query image to search with just that region
       <span id="boxhint">(matched against every object in the index)</span>.
       <button id="clearbox" hidden>Whole image</button></div>
-    <h2 style="margin-top:14px">Pick from the index</h2>
+    <h2 style="margin-top:14px">Pick from the index <span id="pickcount" class="hint"></span></h2>
     <div id="picker"></div>
   </section>
   <section>
@@ -102,19 +106,22 @@ async function loadInfo() {
   $("objects-row").hidden = $("boxhint").hidden = !info.object_search;
   for (const l of info.labels) { const o = document.createElement("option"); o.value = o.textContent = l; $("label").append(o); }
   for (const d of info.datasets || []) { const o = document.createElement("option"); o.value = o.textContent = d; $("dataset").append(o); }
+  for (const t of info.tags || []) { const o = document.createElement("option"); o.value = t; $("tags").append(o); }
   await loadPicker();
 }
 
 // The filters as [name, value] pairs: the same names for the search (GET or form) and the picker.
 function filters() {
   const pairs = [["label", $("label").value], ["dataset", $("dataset").value],
-                 ["min_score", $("minscore").value], ["under", $("under").value.trim()]];
+                 ["min_score", $("minscore").value], ["under", $("under").value.trim()], ["tag", $("tag").value.trim()]];
   return pairs.filter(([, v]) => v !== "");
 }
 
 async function loadPicker() {
   const params = new URLSearchParams([["limit", "200"], ...filters()]);
   const page = await api("/api/records?" + params);
+  const tag = $("tag").value.trim();
+  $("pickcount").textContent = tag ? `${page.total} tagged ${tag}` : "";
   $("picker").replaceChildren(...page.records.map(r => {
     const img = document.createElement("img");
     img.src = r.thumb_url; img.title = `${r.id}: ${r.name}`; img.loading = "lazy";
@@ -184,6 +191,8 @@ function card(r) {
                      : "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
   if (r.prediction) tags += `<span class="tag pred" title="predicted">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
+  // ImageNet tags: the backbone's guess at the whole image, shown apart from box classes.
+  const imagenet = (r.tags || []).map(t => `<span class="tag imagenet" title="ImageNet tag">${esc(t.label)} ${Number(t.score).toFixed(2)}</span>`).join("");
   // The object that matched (object search) or that the reason names: its crop, class and score.
   const m = r.match || (r.why && r.why.object);
   const crop = m ? `<img class="crop matched" src="${r.match_crop_url}" alt="matched object" data-box-id="${m.object_id}">`
@@ -194,6 +203,7 @@ function card(r) {
     <div class="pics"><img class="thumb" src="${r.thumb_url}" alt="thumbnail">${crop}</div>
     ${matched}<div class="why">why: ${esc(r.why ? r.why.text : "whole image")}</div>
     <div>${tags || '<span class="name">no classes</span>'}</div>
+    <div class="imagenet-tags">${imagenet}</div>
     <div class="name">${esc(r.name)} · <a href="${r.overlay_url}" target="_blank">full image</a></div>`;
   div.querySelector("a").onclick = (e) => e.stopPropagation();
   div.onclick = () => { window.scrollTo(0, 0); searchId(r.id); };
@@ -229,7 +239,7 @@ $("file").onchange = () => {
 };
 $("go").onclick = () => { if ($("rid").value) searchId($("rid").value); };
 $("rid").onkeydown = (e) => { if (e.key === "Enter") $("go").click(); };
-for (const id of ["label", "dataset", "minscore", "under"]) $(id).onchange = () => { loadPicker().catch(e => status(e.message, true)); run(); };
+for (const id of ["label", "dataset", "minscore", "under", "tag"]) $(id).onchange = () => { loadPicker().catch(e => status(e.message, true)); run(); };
 $("k").onchange = run;
 $("clearbox").onclick = () => { setBox(null); run(); };
 $("objects").onchange = () => { setBox(null); run(); };
