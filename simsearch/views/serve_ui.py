@@ -183,7 +183,8 @@ function card(r) {
   div.title = r.weak ? "Weak match: scores no better than unrelated images of this index. Search from this image"
                      : "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
-  if (r.prediction) tags += `<span class="tag pred" title="predicted">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
+  // "unknown": the head's best class scored below its threshold; the chip shows the score, names no class.
+  if (r.prediction) tags += `<span class="tag pred" title="${r.prediction.label === "unknown" ? "predicted: no class scored above the localizer's threshold" : "predicted"}">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
   // The object that matched (object search) or that the reason names: its crop, class and score.
   const m = r.match || (r.why && r.why.object);
   const crop = m ? `<img class="crop matched" src="${r.match_crop_url}" alt="matched object" data-box-id="${m.object_id}">`
