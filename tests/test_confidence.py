@@ -89,3 +89,12 @@ def test_a_head_saved_before_calibration_loads_and_predicts_as_before(tmp_path):
     assert scores == pytest.approx(softmax(old.logits(maps)).max(1), abs=1e-6)
     assert [p.label for p in predictions_from_maps(loaded, maps, [(10, 10)] * 10)] == \
         [old.spec.classes[k] for k in labels]
+
+
+def test_a_validation_set_all_right_does_not_drive_the_temperature_to_zero():
+    from simsearch.localizer.calibrate import T_RANGE
+
+    logits = np.array([[5.0, 0.0], [0.0, 4.0], [3.0, 0.0]])
+    t = fit_temperature(logits, np.array([0, 1, 0]))
+    assert T_RANGE[0] <= t < 1  # sharper, as it should be, but bounded and finite
+    assert np.isfinite(softmax(logits, t)).all()

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 KEEP_CORRECT = 0.95  # share of correct validation predictions that must stay above the threshold
+T_RANGE = (0.05, 100.0)  # the fitted temperature is clipped to this
 
 
 def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
@@ -34,7 +35,8 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray | torc
 
     optimiser.step(closure)
     t = float(log_t.detach().exp())
-    return t if np.isfinite(t) else 1.0
+    # A validation set the head gets all right drives T towards 0 (every score 1.0, no threshold possible): bound it.
+    return float(np.clip(t, *T_RANGE)) if np.isfinite(t) else 1.0
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
