@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+UNKNOWN = "unknown"  # a prediction's label when the head is not confident enough to name a class
+
+
 @dataclass(frozen=True)
 class GroundTruthObject:
     """One annotated box, in pixels of the (EXIF-upright) image."""
@@ -50,7 +53,11 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The localizer's class, confidence and box for one record, in pixels of the original image."""
+    """The localizer's class, confidence and box for one record, in pixels of the original image.
+
+    `label` is UNKNOWN when the head's best class scored below its threshold: the
+    score and box are kept, but no class is claimed.
+    """
 
     label: str
     score: float

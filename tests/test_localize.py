@@ -93,7 +93,7 @@ def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
     labels, scores, boxes = again.predict_maps(maps)
     for k, i in enumerate(ids):
         w, h = rows[i]["width"], rows[i]["height"]
-        assert again.spec.classes[labels[k]] == stored[i]["label"]
+        assert again.label_of(labels[k], scores[k]) == stored[i]["label"]
         assert scores[k] == pytest.approx(stored[i]["score"], abs=1e-6)
         assert boxes[k] * [w, h, w, h] == pytest.approx([stored[i][c] for c in ("xmin", "ymin", "xmax", "ymax")], abs=1e-3)
 
@@ -111,7 +111,7 @@ def test_query_results_carry_predictions(trained):
         searcher.close()
     for n in result.neighbours:
         assert n.record.prediction.label in {"book", "cabinetry", "chair", "cup", "diningtable", "door", "pillow",
-                                         "pottedplant"}
+                                         "pottedplant", "unknown"}
         p = n.record.prediction
         x1, y1, x2, y2 = p.xmin, p.ymin, p.xmax, p.ymax
         assert 0 <= x1 < x2 <= n.record.width and 0 <= y1 < y2 <= n.record.height
@@ -228,9 +228,15 @@ def test_cli_evaluate_table_and_json(trained):
     result = runner.invoke(app, ["evaluate", "--index", str(index)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert {"accuracy", "mean_iou", "corloc", "per_class", "confusion", "classes"} <= set(data)
+    assert {"accuracy", "mean_iou", "corloc", "per_class", "confusion", "classes", "ece", "ece_uncalibrated",
+            "unknown_rate", "accuracy_kept"} <= set(data)
+    assert 0 <= data["ece"] <= 1 and 0 <= data["unknown_rate"] <= 1
     table = runner.invoke(app, ["evaluate", "--index", str(index), "--format", "table"])
     assert table.exit_code == 0 and "CorLoc" in table.stdout and "confusion" in table.stdout
+    assert "ECE" in table.stdout and '"unknown"' in table.stdout
+    # A class the index lacks is one line and exit 1, before any training.
+    wrong = runner.invoke(app, ["evaluate", "--index", str(index), "--open-set", "--hold-out", "unicorn"])
+    assert wrong.exit_code == 1 and "unicorn" in wrong.output
 
 
 def test_target_is_the_largest_non_difficult_object():
@@ -279,3 +285,54 @@ def test_localize_gives_every_predicted_box_a_vector_and_replaces_them_on_a_reru
         found = searcher.search_objects(1, 10)
         assert {p.source for p in found.parts} == {"truth", "predicted"}  # its own objects, both kinds
         assert {n.match.source for n in found.neighbours} <= {"truth", "predicted"}
+
+
+def test_calibration_is_recorded_and_low_scores_are_stored_as_unknown(trained, tmp_path):
+    """The fitted temperature lowers the validation NLL; a head whose threshold no score reaches names no class."""
+    from dataclasses import replace
+
+    from simsearch.localizer.head import Localizer
+    from simsearch.localizer.predict import localize
+    from simsearch.localizer.train import evaluate
+    from simsearch.records import UNKNOWN
+    from simsearch.storage.store import Store
+
+    index, report = trained
+    cal = report.calibration
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9 and cal["temperature"] > 0
+    assert 0 < cal["threshold"] < 1 and 0 <= cal["unknown_share"] <= 0.5
+    head = Localizer.load(index)
+    assert (head.spec.temperature, head.spec.threshold) == (cal["temperature"], cal["threshold"])
+    result = evaluate(index, "val")
+    assert result.ece == pytest.approx(cal["ece_after"], abs=1e-6)
+    assert result.ece_uncalibrated == pytest.approx(cal["ece_before"], abs=1e-6)
+    assert 0 <= result.accuracy_kept <= result.accuracy
+
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    head.spec = replace(head.spec, threshold=1.01)  # no score reaches it
+    head.save(copy)
+    localize(copy)
+    store = Store(copy)
+    try:
+        labels = {r["label"] for r in store.db.query("SELECT label FROM predictions")}
+        assert labels == {UNKNOWN}
+        assert store.predicted_labels() == {}  # "unknown" is never offered as a class to filter by
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_open_set_held_out_classes_come_out_unknown(trained):
+    """Two classes held out of a short run: a rate in [0, 1] for them, and what the threshold costs the others."""
+    from simsearch.localizer.train import TrainConfig, open_set
+
+    index, _ = trained
+    report = open_set(TrainConfig(index, epochs=30, quiet=True))
+    assert len(report.held_out) == 2 and len(report.classes) == 2
+    assert not set(report.held_out) & set(report.classes)
+    assert report.held_out_images > 0 and report.known_images > 0
+    assert 0 <= report.held_out_unknown_rate <= 1 and 0 <= report.known_unknown_rate <= 1
+    assert 0 <= report.known_accuracy_kept <= report.known_accuracy <= 1
+    assert report.known_accuracy >= 0.6  # two classes left: well above chance
+    assert report.seconds < 120

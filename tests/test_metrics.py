@@ -63,3 +63,22 @@ def test_evaluate_predictions_per_class():
     assert (by["a"].n, by["a"].accuracy, by["a"].corloc, by["a"].predicted) == (2, 0.5, 0.5, 1)
     assert (by["b"].n, by["b"].accuracy, by["b"].mean_iou, by["b"].predicted) == (1, 1.0, 0.5, 2)
     assert result.confusion == [[1, 1], [0, 1]]
+
+
+def test_expected_calibration_error_hand_computed():
+    from simsearch.localizer.metrics import expected_calibration_error
+
+    # Perfectly calibrated: in the 0.8 bin 4 of 5 are right, in the 0.6 bin 3 of 5.
+    conf = [0.8] * 5 + [0.6] * 5
+    right = [1, 1, 1, 1, 0] + [1, 1, 1, 0, 0]
+    assert expected_calibration_error(conf, right, bins=10) == pytest.approx(0.0)
+    # Overconfident: says 0.95, right half the time -> |0.5 - 0.95| = 0.45.
+    assert expected_calibration_error([0.95] * 4, [1, 0, 1, 0]) == pytest.approx(0.45)
+    # Two bins weighted by their share: 3 at 0.9 all wrong (gap 0.9), 1 at 0.3 right (gap 0.7).
+    assert expected_calibration_error([0.9, 0.9, 0.9, 0.3], [0, 0, 0, 1], bins=10) == pytest.approx(
+        (3 * 0.9 + 1 * 0.7) / 4)
+    # A confidence of exactly 0 or 1 is binned, not lost; nothing to score is 0.
+    assert expected_calibration_error([0.0, 1.0], [0, 1]) == pytest.approx(0.0)
+    assert expected_calibration_error([], []) == 0.0
+    with pytest.raises(ValueError):
+        expected_calibration_error([0.5], [1, 0])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from simsearch.errors import IndexDamagedError, NotFoundError, SpecMismatchError
+from simsearch.records import UNKNOWN
 from simsearch.spec import EmbedderSpec
 from simsearch.storage import layout
 
@@ -94,6 +95,9 @@ class HeadSpec:
     target: str = "largest"
     validation: dict = field(default_factory=dict)  # how the held-out images were chosen
     training: dict = field(default_factory=dict)  # config, epochs, losses, seconds: for the record
+    # Heads saved before calibration lack these two: T = 1 and no threshold predict exactly as they did.
+    temperature: float = 1.0  # logits are divided by T before the softmax (fitted on validation, calibrate.py)
+    threshold: float = 0.0  # a calibrated score below this is stored as UNKNOWN (0: never)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -167,12 +171,15 @@ class Localizer:
 
     @torch.inference_mode()
     def predict_maps(self, maps: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(n, C, H, W) maps -> class indices (n,), class scores (n,), boxes (n, 4) x1, y1, x2, y2 in [0, 1]."""
+        """(n, C, H, W) maps -> class indices (n,), calibrated class scores (n,), boxes (n, 4) x1, y1, x2, y2 in [0, 1].
+
+        Indices are the best class even below the threshold; `label_of` names them.
+        """
         labels, scores, boxes = [], [], []
         for start in range(0, len(maps), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(maps[start:start + batch_size])).to(self.device).float()
             logits, box = self.head(x)
-            prob = logits.softmax(dim=1)
+            prob = (logits / self.spec.temperature).softmax(dim=1)
             score, label = prob.max(dim=1)
             labels.append(label.cpu().numpy())
             scores.append(score.cpu().numpy())
@@ -180,6 +187,17 @@ class Localizer:
         if not labels:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
         return np.concatenate(labels), np.concatenate(scores), np.concatenate(boxes)
+
+    def label_of(self, index: int, score: float) -> str:
+        """The class name a prediction is stored under: UNKNOWN when its score is below the head's threshold."""
+        return UNKNOWN if score < self.spec.threshold else self.spec.classes[int(index)]
+
+    @torch.inference_mode()
+    def logits(self, maps: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """(n, C, H, W) maps -> (n, K) raw class logits, before the temperature: what calibration fits."""
+        out = [self.head(torch.from_numpy(np.ascontiguousarray(maps[s:s + batch_size])).to(self.device).float())[0]
+               .cpu().numpy() for s in range(0, len(maps), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.spec.classes)), np.float32)
 
 
 def head_version(head: nn.Module) -> str:

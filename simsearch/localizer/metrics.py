@@ -1,4 +1,4 @@
-"""Localizer metrics: box IoU, CorLoc, top-1 accuracy, per-class scores and a confusion matrix.
+"""Localizer metrics: box IoU, CorLoc, top-1 accuracy, calibration error, per-class scores and a confusion matrix.
 
 Plain numpy over (x1, y1, x2, y2) boxes, so the same code scores pixels or
 normalised coordinates: IoU does not change when both axes are scaled.
@@ -59,6 +59,32 @@ def confusion_matrix(actual: Sequence[str], predicted: Sequence[str],
     return classes, matrix
 
 
+ECE_BINS = 15  # equal-width confidence bins, as in Guo et al. (2017)
+
+
+def expected_calibration_error(confidences: np.ndarray | Sequence[float], correct: np.ndarray | Sequence[bool],
+                               bins: int = ECE_BINS) -> float:
+    """ECE: the |accuracy - mean confidence| of each equal-width confidence bin, weighted by its share of predictions.
+
+    0 means every score is the probability of being right; a head that says 0.95
+    and is right half the time has ECE 0.45.
+    """
+    confidences = np.asarray(confidences, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if confidences.shape != correct.shape:
+        raise ValueError("confidences and correct differ in shape")
+    if confidences.size == 0:
+        return 0.0
+    # Bins are (lo, hi]; a confidence of exactly 0 goes in the first one.
+    which = np.clip(np.ceil(confidences * bins).astype(np.int64) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.sum() * abs(correct[mask].mean() - confidences[mask].mean())
+    return float(total / confidences.size)
+
+
 @dataclass
 class ClassScore:
     label: str
@@ -81,6 +107,10 @@ class Evaluation:
     classes: list[str] = field(default_factory=list)
     confusion: list[list[int]] = field(default_factory=list)  # rows: actual, columns: predicted
     extra: dict = field(default_factory=dict)  # who was evaluated: split, head version, unseen classes
+    ece: float | None = None  # expected calibration error of the scores as stored (temperature applied)
+    ece_uncalibrated: float | None = None  # the same with T = 1: what calibration gained
+    unknown_rate: float | None = None  # share predicted "unknown" (score below the head's threshold)
+    accuracy_kept: float | None = None  # share right and not "unknown": accuracy once the threshold applies
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -44,9 +44,12 @@ def open_localizer(store: Store, head_dir: str | os.PathLike | None = None, devi
 
 def predictions_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequence[tuple[int, int]]
                           ) -> list[Prediction]:
-    """One prediction per map, its box in pixels of the original image of the (width, height) given."""
+    """One prediction per map, its box in pixels of the original image of the (width, height) given.
+
+    Below the head's threshold the label is UNKNOWN; the score and the box are kept.
+    """
     labels, scores, boxes = localizer.predict_maps(maps)
-    return [Prediction(localizer.spec.classes[int(label)], float(score), float(box[0] * w), float(box[1] * h),
+    return [Prediction(localizer.label_of(label, score), float(score), float(box[0] * w), float(box[1] * h),
                        float(box[2] * w), float(box[3] * h), localizer.spec.version)
             for label, score, box, (w, h) in zip(labels, scores, boxes, sizes)]
 

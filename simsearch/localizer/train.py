@@ -1,7 +1,9 @@
 """Training and evaluating the localizer head on an index's stored maps and ground-truth boxes.
 
 Cross-entropy for the class and smooth-L1 plus GIoU for the box train together;
-the epoch with the best validation loss is kept. Validation images are chosen by
+the epoch with the best validation loss is kept, then its class scores are
+calibrated on the validation images (one temperature, and the "unknown"
+threshold: `calibrate`). Validation images are chosen by
 a rule recorded in the head's spec (a split name, or a fraction by sha256), so
 `evaluate` scores exactly the images the head never trained on.
 """
@@ -12,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,8 @@ from torch.nn import functional as F
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.localizer.head import (HeadSpec, Localizer, LocalizerHead, cxcywh_to_xyxy, giou_loss, head_version,
                                       xyxy_to_cxcywh)
-from simsearch.localizer.metrics import Evaluation, evaluate_predictions
+from simsearch.localizer.calibrate import KEEP_CORRECT, fit_temperature, nll, softmax, unknown_threshold
+from simsearch.localizer.metrics import Evaluation, evaluate_predictions, expected_calibration_error
 from simsearch.localizer.predict import open_localizer
 from simsearch.records import GroundTruthObject
 from simsearch.storage.store import Store
@@ -55,6 +58,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # auto | cpu | cuda: the head is small, a CPU is fine
     quiet: bool = False
+    keep_correct: float = KEEP_CORRECT  # the "unknown" threshold keeps this share of correct val predictions
+    exclude_classes: tuple[str, ...] = ()  # images whose target has these classes are left out (open-set tests)
+    head_dir: Path | None = None  # where the head is saved; default the index folder
 
 
 @dataclass
@@ -143,6 +149,7 @@ class TrainReport:
     val_corloc: float
     seconds: float
     history: list[dict] = field(default_factory=list)  # per epoch: train/val cross-entropy and box loss
+    calibration: dict = field(default_factory=dict)  # temperature, threshold, val NLL and ECE before/after
 
 
 def _losses(head: LocalizerHead, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, box_weight: float):
@@ -185,8 +192,10 @@ def _train(config: TrainConfig) -> TrainReport:
         val_ids = held_out(store, every.ids, validation)
         rows = store.images(every.ids)
         # A VOC test split is never trained on: it stays clean for a final measurement.
-        is_train = [i not in val_ids and rows[i]["split"] != "test" for i in every.ids]
-        is_val = [i in val_ids for i in every.ids]
+        excluded = set(config.exclude_classes)
+        is_train = [i not in val_ids and rows[i]["split"] != "test" and label not in excluded
+                    for i, label in zip(every.ids, every.labels)]
+        is_val = [i in val_ids and label not in excluded for i, label in zip(every.ids, every.labels)]
         train_idx = np.flatnonzero(is_train)
         val_idx = np.flatnonzero(is_val)
         if len(train_idx) == 0 or len(val_idx) == 0:
@@ -247,6 +256,10 @@ def _train(config: TrainConfig) -> TrainReport:
             f"training diverged: the validation loss was not a number in all {len(history)} epochs. "
             "Check the index's boxes (simsearch info), or train with a lower --lr")
     head.load_state_dict(best[2])
+    known_val = val_idx[(y[val_idx] >= 0).numpy()]
+    val_logits = _logits(head, maps, known_val, device)
+    calibration = calibrate(val_logits, y[known_val].numpy(), config.keep_correct)
+    log.info("calibration: %s", calibration)
     seconds = time.perf_counter() - started
     best_row = history[best[1]]
     version = head_version(head)
@@ -255,11 +268,41 @@ def _train(config: TrainConfig) -> TrainReport:
         tuple(classes), embedder.backbone, embedder.weights, embedder.weights_sha256, tuple(embedder.feature_shape),
         version, config.width, config.hidden, config.target, validation,
         {"config": settings, "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
-         "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2)},
+         "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2),
+         "calibration": calibration, "excluded_classes": sorted(excluded)},
+        temperature=calibration["temperature"], threshold=calibration["threshold"],
     )
-    Localizer(head.cpu(), spec).save(config.index_dir)
+    Path(config.head_dir or config.index_dir).mkdir(parents=True, exist_ok=True)
+    Localizer(head.cpu(), spec).save(config.head_dir or config.index_dir)
     return TrainReport(str(config.index_dir), version, classes, int(len(train_idx)), int(len(val_idx)), len(history),
-                       best[1] + 1, best[0], best_row["val_accuracy"], best_row["val_corloc"], seconds, history)
+                       best[1] + 1, best[0], best_row["val_accuracy"], best_row["val_corloc"], seconds, history,
+                       calibration)
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, keep_correct: float = KEEP_CORRECT) -> dict:
+    """Fit the temperature on validation logits and read the "unknown" threshold off the calibrated scores.
+
+    Returns what the spec and the report record: T, the threshold, and the
+    validation NLL and ECE before (T = 1) and after.
+    """
+    temperature = fit_temperature(logits, labels) if len(labels) else 1.0
+    before, after = softmax(logits), softmax(logits, temperature)
+    correct = before.argmax(1) == labels  # the same for both: T never changes the ranking
+    threshold = unknown_threshold(after.max(1), correct, keep_correct)
+    return {"temperature": temperature, "threshold": threshold, "keep_correct": keep_correct, "val_images": len(labels),
+            "nll_before": nll(logits, labels) if len(labels) else 0.0,
+            "nll_after": nll(logits, labels, temperature) if len(labels) else 0.0,
+            "ece_before": expected_calibration_error(before.max(1), correct),
+            "ece_after": expected_calibration_error(after.max(1), correct),
+            "unknown_share": float((after.max(1) < threshold).mean()) if len(labels) else 0.0}
+
+
+@torch.no_grad()
+def _logits(head: LocalizerHead, maps, idx: np.ndarray, device) -> np.ndarray:
+    head.eval()
+    out = [head(maps[torch.from_numpy(idx[s:s + 512])].to(device).float())[0].cpu().numpy()
+           for s in range(0, len(idx), 512)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, head.classify.out_features))
 
 
 @torch.no_grad()
@@ -311,14 +354,88 @@ def evaluate(index_dir: str | os.PathLike, split: str = "val", head_dir: str | o
         if not ids:
             raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
         truth = examples(store, ids, localizer.spec.target)
-        labels, _, boxes = localizer.predict_maps(load_maps(store, truth.ids))
+        maps = load_maps(store, truth.ids)
+    labels, scores, boxes = localizer.predict_maps(maps)
     predicted = [localizer.spec.classes[int(k)] for k in labels]
     result = evaluate_predictions(truth.labels, predicted, truth.boxes, boxes)
     known = set(localizer.spec.classes)
+    correct = np.array([a == p for a, p in zip(truth.labels, predicted)])
+    unknown = scores < localizer.spec.threshold
+    seen = np.array([label in known for label in truth.labels])
+    raw = softmax(localizer.logits(maps)).max(1) if len(maps) else np.zeros(0)
+    result.ece = expected_calibration_error(scores[seen], correct[seen])
+    result.ece_uncalibrated = expected_calibration_error(raw[seen], correct[seen])
+    result.unknown_rate = float(unknown.mean())
+    result.accuracy_kept = float((correct & ~unknown).mean())
     result.extra = {"split": split, "head_version": localizer.spec.version,
-                    "unseen_class_images": sum(label not in known for label in truth.labels),
-                    "chance_accuracy": _majority_share(truth.labels)}
+                    "unseen_class_images": int((~seen).sum()),
+                    "chance_accuracy": _majority_share(truth.labels),
+                    "temperature": localizer.spec.temperature, "threshold": localizer.spec.threshold}
     return result
+
+
+# ---------------------------------------------------------------- open set
+
+@dataclass
+class OpenSetReport:
+    """How a head trained without some classes treats images of them, and what the threshold costs the rest."""
+
+    held_out: list[str]  # classes the head never saw
+    classes: list[str]  # classes it was trained on
+    held_out_images: int  # images (any split) whose target is a held-out class
+    held_out_unknown_rate: float  # share of those predicted UNKNOWN: the higher the better
+    held_out_mean_score: float
+    known_images: int  # validation images of the trained classes
+    known_accuracy: float  # top-1 on those without the threshold
+    known_accuracy_kept: float  # correct and not UNKNOWN, with the threshold
+    known_unknown_rate: float  # share of those wrongly sent to UNKNOWN
+    known_mean_score: float
+    temperature: float
+    threshold: float
+    ece_before: float  # validation ECE of the trained classes, T = 1
+    ece_after: float
+    seconds: float
+
+
+def open_set(config: TrainConfig, hold_out: Sequence[str] = (), n_hold_out: int = 2) -> OpenSetReport:
+    """Train a throwaway head without `hold_out` (default: the `n_hold_out` first classes by name), then measure.
+
+    The index's own head is left alone: the throwaway one lives in a temporary
+    folder. Every image of a held-out class counts (none was trained on); known
+    classes are scored on the validation images.
+    """
+    import tempfile
+
+    started = time.perf_counter()
+    with Store(config.index_dir) as store:
+        every = examples(store, policy=config.target)
+    present = sorted(set(every.labels))
+    hold_out = tuple(hold_out) or tuple(present[:n_hold_out])
+    missing = [c for c in hold_out if c not in present]
+    if missing:
+        raise BadInputError(f"no image has class {', '.join(missing)}; hold out some of: {', '.join(present)}")
+    if len(present) - len(hold_out) < 2:
+        raise BadInputError(f"holding out {len(hold_out)} of {len(present)} classes leaves fewer than 2 to train on")
+    with tempfile.TemporaryDirectory(prefix="simsearch-open-set-") as folder:
+        report = train(replace(config, exclude_classes=hold_out, head_dir=Path(folder)))
+        with Store(config.index_dir) as store:
+            localizer = open_localizer(store, folder)
+            spec = localizer.spec
+            val = held_out(store, every.ids, spec.validation)
+            unseen = [i for i, c in zip(every.ids, every.labels) if c in hold_out]
+            known = [(i, c) for i, c in zip(every.ids, every.labels) if i in val and c in spec.classes]
+            unseen_maps = load_maps(store, unseen)
+            known_maps = load_maps(store, [i for i, _ in known])
+    _, unseen_scores, _ = localizer.predict_maps(unseen_maps)
+    labels, known_scores, _ = localizer.predict_maps(known_maps)
+    correct = np.array([spec.classes[int(k)] == c for k, (_, c) in zip(labels, known)], dtype=bool)
+    kept = known_scores >= spec.threshold
+    mean = lambda a: float(np.mean(a)) if len(a) else 0.0  # noqa: E731
+    return OpenSetReport(
+        list(hold_out), list(spec.classes), len(unseen), mean(unseen_scores < spec.threshold), mean(unseen_scores),
+        len(known), mean(correct), mean(correct & kept), mean(~kept), mean(known_scores), spec.temperature,
+        spec.threshold, report.calibration["ece_before"], report.calibration["ece_after"],
+        time.perf_counter() - started)
 
 
 def _majority_share(labels: Sequence[str]) -> float:

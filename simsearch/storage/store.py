@@ -37,7 +37,7 @@ import numpy as np
 import sqlite_utils
 
 from simsearch.errors import IndexDamagedError, NotFoundError
-from simsearch.records import GroundTruthObject, ImageRecord, ObjectMatch, Prediction, Record, Skipped, Tag
+from simsearch.records import GroundTruthObject, ImageRecord, ObjectMatch, Prediction, Record, Skipped, Tag, UNKNOWN
 from simsearch.spec import IndexSpec
 from simsearch.storage import layout
 from simsearch.storage.shards import ShardFiles
@@ -748,11 +748,11 @@ class Store:
         return {r[0]: Prediction(*r[1:]) for r in rows}
 
     def predicted_labels(self) -> dict[str, int]:
-        """label -> number of records the localizer gave it."""
+        """label -> number of records the localizer gave it; UNKNOWN is no class, so it is not listed."""
         if not self._has_predictions:
             return {}
         return {r[0]: r[1] for r in self.db.execute(
-            "SELECT label, count(*) FROM predictions GROUP BY label ORDER BY label")}
+            "SELECT label, count(*) FROM predictions WHERE label != ? GROUP BY label ORDER BY label", (UNKNOWN,))}
 
     def write_predictions(self, predictions: dict[int, Prediction],
                           vectors: dict[int, np.ndarray] | None = None) -> None:

@@ -12,7 +12,7 @@ import os
 import urllib.parse
 from pathlib import Path
 
-from simsearch.records import GroundTruthObject
+from simsearch.records import GroundTruthObject, UNKNOWN
 from simsearch.retrieval.objects import QueryPart
 from simsearch.retrieval.searcher import QueryResult
 from simsearch.pipeline.read import open_image
@@ -78,7 +78,9 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
         box = match_box(shown, record) if shown is not None else record_box(record)
         tags = "".join(f'<span class="tag">{e(c)}</span>' for c in record.classes)
         if record.prediction:
-            tags += (f'<span class="tag pred" title="predicted">{e(record.prediction.label)} '
+            unsure = record.prediction.label == UNKNOWN  # a score, not a class: say so rather than name one
+            title = "predicted: no class scored above the localizer's threshold" if unsure else "predicted"
+            tags += (f'<span class="tag pred" title="{title}">{e(record.prediction.label)} '
                      f'{record.prediction.score:.2f}</span>')
         # ImageNet tags are the backbone's guess at the whole image, not a box class: shown apart.
         imagenet_tags = "".join(f'<span class="tag imagenet" title="ImageNet tag">{e(t.label)} {t.score:.2f}</span>'

@@ -63,7 +63,7 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
         for box, colour in ((truth.boxes[k], ACTUAL), (boxes[k], PREDICTED)):
             x1, y1, x2, y2 = (float(v) * (tile - 1) for v in box)
             draw.rectangle((x0 + x1, y0 + y1, x0 + x2, y0 + y2), outline=colour, width=3)
-        predicted = localizer.spec.classes[int(labels[k])]
+        predicted = localizer.label_of(labels[k], scores[k])
         draw.text((x0 + 4, y0 + tile + 2), f"actual: {truth.labels[k]}", fill=ACTUAL, font=caption_font)
         draw.text((x0 + 4, y0 + tile + 17), f"predicted: {predicted} ({scores[k]:.2f})", fill=PREDICTED, font=caption_font)
     out = Path(out_dir)

@@ -190,7 +190,8 @@ function card(r) {
   div.title = r.weak ? "Weak match: scores no better than unrelated images of this index. Search from this image"
                      : "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
-  if (r.prediction) tags += `<span class="tag pred" title="predicted">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
+  // "unknown": the head's best class scored below its threshold; the chip shows the score, names no class.
+  if (r.prediction) tags += `<span class="tag pred" title="${r.prediction.label === "unknown" ? "predicted: no class scored above the localizer's threshold" : "predicted"}">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
   // ImageNet tags: the backbone's guess at the whole image, shown apart from box classes.
   const imagenet = (r.tags || []).map(t => `<span class="tag imagenet" title="ImageNet tag">${esc(t.label)} ${Number(t.score).toFixed(2)}</span>`).join("");
   // The object that matched (object search) or that the reason names: its crop, class and score.
