@@ -217,7 +217,7 @@ def test_a_rebuild_reads_the_vectors_in_chunks(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(layout, "CHUNK", 128)
     reads = []
     real_vectors = Store.vectors
-    monkeypatch.setattr(Store, "vectors", lambda self, ids=None: reads.append(ids) or real_vectors(self, ids))
+    monkeypatch.setattr(Store, "vectors", lambda self, ids=None, kind="images": reads.append(ids) or real_vectors(self, ids, kind))
     xb = clustered_vectors(1000, DIM, seed=8)
     with Store(tmp_path / "idx", create=True) as store:
         _add(store, xb, 0)

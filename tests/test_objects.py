@@ -316,3 +316,25 @@ def test_a_drawn_box_searches_with_its_pooled_vector_and_its_own_pixels(boxed, t
         part = searcher.search_objects(3, 3, box).parts[0]
         pooled = pool_one(searcher.store.feature_maps([3])[0], fractions([box], record.width, record.height))[0]
         np.testing.assert_allclose(part.vector, pooled, atol=1e-5)
+
+
+def test_images_without_boxes_leave_the_objects_index_as_it_is(boxed, tmp_path):
+    """Adding or removing images that hold no box must not make objects.faiss stale (a rewrite, readers reopening)."""
+    from simsearch.storage import layout
+    from simsearch.storage.store import Store
+    from vectors import add_synthetic
+
+    _, index, _ = boxed
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    with Store(copy) as store:
+        before = store.boxes_generation
+        spec = store.spec
+        added = add_synthetic(store, np.eye(spec.embedder.dim, dtype=np.float32)[:3], 0, spec.embedder)
+        store.remove_images(added[:2])
+        assert store.boxes_generation == before
+        assert layout.sync_objects(store, spec.embedder).action == "kept"
+        boxed_id = store.boxes([1])[1].image_id
+        store.remove_images([boxed_id])  # an image with a box: the objects index must follow
+        assert store.boxes_generation == before + 1
+        assert layout.sync_objects(store, spec.embedder).action == "updated"

@@ -219,16 +219,16 @@ def _backfill_object_vectors(store: Store) -> None:
         return
     log.info("pooling box vectors for %d images' boxes and %d predictions made before box vectors",
              len(objects), len(predicted))
-    for part, maps, sizes in iter_maps(store, sorted(set(objects) | set(predicted))):
+    missing = {oid for ids in objects.values() for oid in ids}
+    wanted = set(predicted)
+    for part, maps, sizes in iter_maps(store, sorted(set(objects) | wanted)):
         records = store.records(part)
         object_ids = store.object_ids(part)
-        boxes = [record_boxes(records[i].objects, records[i].prediction if i in predicted else None, *size)
+        boxes = [record_boxes(records[i].objects, records[i].prediction if i in wanted else None, *size)
                  for i, size in zip(part, sizes)]
         pooled = pool_boxes(maps, boxes)
-        missing = {oid for ids in objects.values() for oid in ids}
         vectors = {oid: v for i, vs in zip(part, pooled) for oid, v in zip(object_ids[i], vs) if oid in missing}
         store.add_object_vectors(vectors)
-        wanted = set(predicted)
         store.write_predictions({i: records[i].prediction for i in part if i in wanted},
                                 {i: vs[-1] for i, vs in zip(part, pooled) if i in wanted})
 

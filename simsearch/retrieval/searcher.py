@@ -231,7 +231,7 @@ class Searcher:
         return self.objects_calibration.cutoff if self.objects_calibration else None
 
     def has_objects(self) -> bool:
-        return self.store.vector_set("boxes").count() > 0
+        return self.store.vector_set("boxes").any()
 
     def search_objects(self, query: int | str | os.PathLike, k: int = 10,
                        box: tuple[float, float, float, float] | None = None,
@@ -369,11 +369,9 @@ class Searcher:
     def _own_objects(self, record: Record | None, described: dict, fmap: np.ndarray | None,
                      size: tuple[int, int]) -> list[QueryPart]:
         """The query's own objects as search parts: its stored boxes when it is indexed, else the localizer's box."""
-        if record is not None:
-            boxes = self.store.boxes_of_images([record.id])[record.id]
-            if boxes:
-                _, xb = self.store.vector_set("boxes").vectors([b.id for b in boxes])
-                return [QueryPart(v, b.label, tuple(b.box), b.source) for b, v in zip(boxes, xb)]
+        stored = self._stored_parts(record) if record is not None else []
+        if stored:
+            return stored
         if fmap is not None and (self.dir / layout.HEAD).is_file():
             from simsearch.localizer.predict import open_localizer, predictions_from_maps
 
@@ -399,12 +397,15 @@ class Searcher:
     def query_parts(self, record: Record | None, whole: np.ndarray) -> list[QueryPart]:
         """The whole query, and its stored objects when it is an indexed record: what "why similar" compares."""
         parts = [QueryPart(np.asarray(whole, dtype=np.float32).reshape(-1))]
-        if record is not None and self.has_objects():
-            boxes = self.store.boxes_of_images([record.id])[record.id]
-            if boxes:
-                _, xb = self.store.vector_set("boxes").vectors([b.id for b in boxes])
-                parts += [QueryPart(v, b.label, tuple(b.box), b.source) for b, v in zip(boxes, xb)]
-        return parts
+        return parts + (self._stored_parts(record) if record is not None else [])
+
+    def _stored_parts(self, record: Record) -> list[QueryPart]:
+        """An indexed record's boxes with their stored vectors, as search parts."""
+        boxes = self.store.boxes_of_images([record.id])[record.id]
+        if not boxes:
+            return []
+        _, xb = self.store.vectors([b.id for b in boxes], "boxes")
+        return [QueryPart(v, b.label, tuple(b.box), b.source) for b, v in zip(boxes, xb)]
 
     def copies_of(self, sha256: str) -> set[int]:
         """Records holding these very bytes: no answer to a query made of them."""

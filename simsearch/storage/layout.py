@@ -393,7 +393,7 @@ def faiss_is_current(store: "Store", collection: str = "images") -> bool:
 
 def sync_objects(store: "Store", embedder_spec: "EmbedderSpec") -> FaissSync | None:
     """Make objects.faiss hold exactly the box vectors; None (and no files) when the index has no boxes."""
-    if not store.vector_set("boxes").count():
+    if not store.vector_set("boxes").any():
         remove_faiss(store.dir, "boxes")
         return None
     return sync_faiss(store, embedder_spec, collection="boxes")

@@ -117,6 +117,7 @@ CREATE TABLE IF NOT EXISTS boxes (
     row INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS boxes_image ON boxes(image_id);
+CREATE INDEX IF NOT EXISTS boxes_object ON boxes(object_id);  -- a deleted object's box cascades by lookup, not scan
 CREATE TABLE IF NOT EXISTS tags (  -- ImageNet classes of the whole image, from the embedding's own forward pass
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
     label TEXT NOT NULL,
@@ -250,7 +251,7 @@ class Store:
             conn.close()
             raise
 
-    _LATER_TABLES = ("predictions", "boxes", "images_dataset", "tags")
+    _LATER_TABLES = ("predictions", "boxes", "boxes_object", "images_dataset", "tags")
 
     def _ensure_tables(self) -> set[str]:
         """Indexes made before the predictions, boxes and tags tables (or the dataset index) joined the schema
@@ -365,10 +366,12 @@ class Store:
         map_of = dict(zip(kept, map_rows))
         box_rows = self._append_box_vectors([self._box_vectors_of(it) for it in items])
         ids: list[int] = []
+        boxes_changed = False  # a replaced file takes its old boxes with it
         with self.transaction() as conn:
             for k, item in enumerate(items):
                 path = str(item.record.path)
-                conn.execute("DELETE FROM images WHERE path = ?", [path])  # a changed file: replace it whole
+                # A changed file: replace it whole (its old boxes go with it).
+                boxes_changed |= conn.execute("DELETE FROM images WHERE path = ?", [path]).rowcount > 0
                 cur = conn.execute(
                     "INSERT INTO images(path, sha256, size, mtime_ns, width, height, split, source, dataset, added_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -395,9 +398,11 @@ class Store:
                 conn.execute("DELETE FROM skipped WHERE path = ?", [path])
             self._commit_rows(conn, "vec", vec_rows)
             self._commit_rows(conn, "map", map_rows)
-            self._commit_rows(conn, "box", [row for objects, pred in box_rows for row in objects + pred])
+            placed_boxes = [row for objects, pred in box_rows for row in objects + pred]
+            self._commit_rows(conn, "box", placed_boxes)
             self._bump(conn)
-            self._bump(conn, "boxes_generation")
+            if boxes_changed or placed_boxes:  # images without boxes leave the objects index as it is
+                self._bump(conn, "boxes_generation")
         return ids
 
     @staticmethod
@@ -607,9 +612,11 @@ class Store:
         if not ids:
             return 0
         with self.transaction() as conn:
+            had_boxes = self._has_boxes and bool(self._rows_for("SELECT 1 FROM boxes WHERE image_id IN ({}) LIMIT 1", ids))
             conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])  # boxes and maps cascade
             self._bump(conn)
-            self._bump(conn, "boxes_generation")
+            if had_boxes:
+                self._bump(conn, "boxes_generation")
         return len(ids)
 
     def record_skipped(self, skipped: Sequence[Skipped]) -> None:
@@ -623,17 +630,24 @@ class Store:
 
     # ------------------------------------------------------------ reading
 
+    def has_rows(self, table: str) -> bool:
+        return self.db[table].exists() and self.db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
+
     def count(self, table: str = "images") -> int:
         return self.db[table].count if self.db[table].exists() else 0
 
-    def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, xb) in id order (all records, or those of `ids` that exist); xb is (n, dim) float32."""
-        if self.legacy:
+    def vectors(self, ids: Sequence[int] | None = None, kind: str = "images") -> tuple[np.ndarray, np.ndarray]:
+        """(ids, xb) in id order (all of a vector set, or those of `ids` that exist); xb is (n, dim) float32.
+
+        `kind`: the images' vectors (ids are record ids) or the boxes' (ids are box ids).
+        """
+        if self.legacy and kind == "images":
             return self._legacy_vectors(ids)
-        found, positions = self._positions("embeddings", ids)
+        where = KINDS[kind]
+        found, positions = self._positions(where.table, ids, where.id_column)
         if not len(found):
             return found, np.zeros((0, 0), dtype=np.float32)
-        return found, self._gather("vec", positions)
+        return found, self._gather(where.shard, positions)
 
     def _positions(self, table: str, ids: Sequence[int] | None,
                    id_column: str = "image_id") -> tuple[np.ndarray, np.ndarray]:
@@ -677,12 +691,13 @@ class Store:
             ids, xb = self.vectors()
         return generation, ids, xb
 
-    def id_snapshot(self) -> tuple[int, np.ndarray]:
-        """(generation, ids with a vector) read in one transaction."""
+    def id_snapshot(self, kind: str = "images") -> tuple[int, np.ndarray]:
+        """(generation, ids with a vector) of a vector set, read in one transaction."""
+        where = KINDS[kind]
         with self._read_transaction():
-            generation = self.generation
-            ids = np.fromiter((r[0] for r in self.db.execute("SELECT image_id FROM embeddings ORDER BY image_id")),
-                              dtype=np.int64)
+            generation = int(self.get_meta(where.generation_key, "0"))
+            ids = np.fromiter((r[0] for r in self.db.execute(
+                f"SELECT {where.id_column} FROM {where.table} ORDER BY {where.id_column}")), dtype=np.int64)
         return generation, ids
 
     @contextmanager
@@ -1007,6 +1022,10 @@ class VectorSet:
     def count(self) -> int:
         return self.store.count(self.kind.table)
 
+    def any(self) -> bool:
+        """Whether the set holds a vector at all (a lookup, where `count` reads the whole table)."""
+        return self.store.has_rows(self.kind.table)
+
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         return self.store.get_meta(self.kind.meta_prefix + key, default)
 
@@ -1028,23 +1047,11 @@ class VectorSet:
 
     def vectors(self, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, xb) in id order, as `Store.vectors`."""
-        if self.name == "images":
-            return self.store.vectors(ids)
-        found, positions = self.store._positions(self.kind.table, ids, self.kind.id_column)
-        if not len(found):
-            return found, np.zeros((0, 0), dtype=np.float32)
-        return found, self.store._gather(self.kind.shard, positions)
+        return self.store.vectors(ids, self.name)
 
     def id_snapshot(self) -> tuple[int, np.ndarray]:
         """(generation, ids) read in one transaction."""
-        if self.name == "images":
-            return self.store.id_snapshot()
-        with self.store._read_transaction():
-            generation = self.generation
-            ids = np.fromiter((r[0] for r in self.store.db.execute(
-                f"SELECT {self.kind.id_column} FROM {self.kind.table} ORDER BY {self.kind.id_column}")),
-                dtype=np.int64)
-        return generation, ids
+        return self.store.id_snapshot(self.name)
 
 
 def _matching_sql(filters: "Filters", boxes: str | None) -> tuple[str, list]:
