@@ -98,3 +98,78 @@ def test_a_validation_set_all_right_does_not_drive_the_temperature_to_zero():
     t = fit_temperature(logits, np.array([0, 1, 0]))
     assert T_RANGE[0] <= t < 1  # sharper, as it should be, but bounded and finite
     assert np.isfinite(softmax(logits, t)).all()
+
+
+# ---------------------------------------------------------------- familiarity: "none of these" from the box's own vector
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_familiarity_is_the_kth_nearest_training_box_of_the_predicted_class():
+    from simsearch.localizer.familiarity import NO_REFERENCES, References, familiarity
+
+    refs = References(_unit([[1, 0, 0], [0.8, 0.6, 0], [0.6, 0.8, 0], [0, 0, 1]]).astype(np.float16),
+                      np.array([0, 0, 0, 1]), k=2)
+    query = _unit([[1, 0, 0], [1, 0, 0], [0, 1, 0]])
+    got = familiarity(refs, query, np.array([0, 1, 2]))
+    assert got[0] == pytest.approx(0.8, abs=1e-3)  # 2nd nearest class-0 box: cos = 0.8 (the nearest is 1.0)
+    assert got[1] == pytest.approx(0.0, abs=1e-3)  # class 1 has one box: the farthest (only) one counts
+    assert got[2] == -1.0  # no training box of class 2: nothing vouches for it
+    assert (familiarity(None, query, np.array([0, 1, 2])) == NO_REFERENCES).all()
+
+
+def test_references_keep_at_most_per_class_boxes_of_each_class():
+    from simsearch.localizer.familiarity import choose
+
+    labels = np.array([0] * 50 + [1] * 3)
+    refs = choose(np.random.default_rng(0).normal(size=(53, 4)), labels, per_class=10)
+    assert sorted(np.bincount(refs.labels).tolist()) == [3, 10]
+    assert refs.vectors.dtype == np.float16 and refs.vectors.shape == (13, 4)
+
+
+def _flat_maps(vectors):
+    """Maps whose every cell holds the same vector: any box pools to that vector, normalised."""
+    v = np.asarray(vectors, dtype=np.float32)
+    return np.repeat(np.repeat(v[:, :, None, None], 7, axis=2), 7, axis=3)
+
+
+def test_a_confident_box_unlike_its_classes_training_boxes_is_unknown(tmp_path):
+    from simsearch.localizer.familiarity import References
+
+    rng = np.random.default_rng(0)
+    familiar = rng.normal(size=8).astype(np.float32)
+    strange = -familiar  # cosine -1 with every training box
+    refs = References(np.repeat(_unit(familiar)[None], 6, axis=0).astype(np.float16), np.array([0, 0, 1, 1, 2, 2]))
+    localizer = _localizer({"familiarity_threshold": 0.5})
+    localizer.references = refs
+    localizer.save(tmp_path)
+    again = Localizer.load(tmp_path)
+    assert again.spec.familiarity_threshold == 0.5
+    assert again.references.vectors.tolist() == refs.vectors.tolist()
+    assert again.references.labels.tolist() == refs.labels.tolist()
+    maps = _flat_maps([familiar, strange])
+    out = again.predict(maps)
+    assert out.scores.min() > again.spec.threshold  # the score test alone would name a class for both
+    assert out.familiarity == pytest.approx([1.0, -1.0], abs=1e-3)
+    assert out.unknown.tolist() == [False, True]
+    found = predictions_from_maps(again, maps, [(10, 10)] * 2)
+    assert found[0].label != UNKNOWN and found[1].label == UNKNOWN
+    assert found[1].score == pytest.approx(float(out.scores[1]))  # the score is kept
+
+
+def test_calibrate_sets_the_familiarity_threshold_on_the_correct_validation_predictions():
+    from simsearch.localizer.train import calibrate
+
+    logits, labels = _overconfident(n=400, seed=3)
+    familiar = np.linspace(0, 1, 400)
+    cal = calibrate(logits, labels, keep_correct=0.9, familiar=familiar)
+    correct = logits.argmax(1) == labels
+    assert np.mean(familiar[correct] >= cal["familiarity_threshold"]) >= 0.9
+    assert np.mean(familiar[correct] >= cal["familiarity_threshold"]) < 0.93  # the highest such threshold
+    assert cal["threshold"] <= cal["score_only_threshold"]  # the score test steps back when familiarity is on
+    assert cal["correct_kept"] >= 0.88
+    # Without familiarity the score threshold does the whole job, as before.
+    plain = calibrate(logits, labels, keep_correct=0.9)
+    assert plain["familiarity_threshold"] == -1.0 and plain["threshold"] == plain["score_only_threshold"]

@@ -90,10 +90,11 @@ def test_saved_head_reloads_and_predicts_identically(trained, tmp_path):
     shutil.copy(index / HEAD_FILE, tmp_path / HEAD_FILE)
     again = Localizer.load(tmp_path)
     assert head_version(again.head) == report.head_version == again.spec.version
-    labels, scores, boxes = again.predict_maps(maps)
+    out = again.predict(maps)
+    labels, scores, boxes = out.classes, out.scores, out.boxes
     for k, i in enumerate(ids):
         w, h = rows[i]["width"], rows[i]["height"]
-        assert again.label_of(labels[k], scores[k]) == stored[i]["label"]
+        assert again.label_of(labels[k], out.unknown[k]) == stored[i]["label"]
         assert scores[k] == pytest.approx(stored[i]["score"], abs=1e-6)
         assert boxes[k] * [w, h, w, h] == pytest.approx([stored[i][c] for c in ("xmin", "ymin", "xmax", "ymax")], abs=1e-3)
 
@@ -303,6 +304,11 @@ def test_calibration_is_recorded_and_low_scores_are_stored_as_unknown(trained, t
     assert 0 < cal["threshold"] < 1 and 0 <= cal["unknown_share"] <= 0.5
     head = Localizer.load(index)
     assert (head.spec.temperature, head.spec.threshold) == (cal["temperature"], cal["threshold"])
+    # The training boxes' vectors travel in the head file, for the familiarity test on any index it is applied to.
+    assert head.spec.familiarity_threshold == cal["familiarity_threshold"] > -1
+    assert len(head.references) >= report.train_images  # every training box of a trained class, not only targets
+    assert set(head.references.labels.tolist()) == set(range(len(report.classes)))
+    assert cal["correct_kept"] >= 0.9
     result = evaluate(index, "val")
     assert result.ece == pytest.approx(cal["ece_after"], abs=1e-6)
     assert result.ece_uncalibrated == pytest.approx(cal["ece_before"], abs=1e-6)

@@ -64,7 +64,8 @@ def train_localizer_command(
         f"{report.val_images} val images, best epoch {report.best_epoch} of {report.epochs_run}: val accuracy "
         f"{report.val_accuracy:.3f}, CorLoc {report.val_corloc:.3f}; temperature "
         f"{report.calibration['temperature']:.2f}: val ECE {report.calibration['ece_before']:.3f} -> "
-        f"{report.calibration['ece_after']:.3f}, \"unknown\" below {report.calibration['threshold']:.2f}; "
+        f"{report.calibration['ece_after']:.3f}, \"unknown\" below score {report.calibration['threshold']:.2f} "
+        f"or familiarity {report.calibration['familiarity_threshold']:.2f}; "
         f"{report.seconds:.1f}s. "
         f"Next: simsearch localize --index {index}", err=True)
 
@@ -89,6 +90,7 @@ def evaluate_command(
     hold_out: Optional[str] = typer.Option(None, "--hold-out", help="Comma-separated classes for --open-set; default the first two by name."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Epochs of the --open-set head."),
     seed: int = typer.Option(0, "--seed", help="Seed of the --open-set head."),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share held out for validation by the --open-set head when the index has no val split."),
     fmt: Format = FORMAT_OPTION,
 ) -> None:
     """Top-1 accuracy, calibration (ECE), "unknown" share, mean IoU, CorLoc (IoU >= 0.5), per class and a confusion matrix."""
@@ -97,16 +99,20 @@ def evaluate_command(
     if open_set:
         with reported():
             chosen = tuple(c.strip() for c in hold_out.split(",") if c.strip()) if hold_out else ()
-            report = measure_open_set(TrainConfig(index_dir=index, epochs=epochs, seed=seed, quiet=True), chosen)
+            report = measure_open_set(TrainConfig(index_dir=index, epochs=epochs, seed=seed, quiet=True,
+                                                  val_fraction=val_fraction), chosen)
         if fmt is Format.json:
             echo_json(asdict(report))
             return
         typer.echo(f"held out {', '.join(report.held_out)}: {report.held_out_images} images, "
-                   f"{report.held_out_unknown_rate:.3f} \"unknown\" (mean score {report.held_out_mean_score:.2f})")
+                   f"{report.held_out_unknown_rate:.3f} \"unknown\" (score threshold alone "
+                   f"{report.held_out_unknown_rate_score_only:.3f}; mean score {report.held_out_mean_score:.2f})")
         typer.echo(f"known classes: {report.known_images} val images, accuracy {report.known_accuracy:.3f} without "
-                   f"the threshold, {report.known_accuracy_kept:.3f} right and kept with it "
-                   f"({report.known_unknown_rate:.3f} \"unknown\"); T {report.temperature:.2f}, threshold "
-                   f"{report.threshold:.2f}, val ECE {report.ece_before:.3f} -> {report.ece_after:.3f}")
+                   f"the thresholds, {report.known_accuracy_kept:.3f} right and kept with them "
+                   f"({report.known_unknown_rate:.3f} \"unknown\"; score threshold alone "
+                   f"{report.known_unknown_rate_score_only:.3f}); T {report.temperature:.2f}, score threshold "
+                   f"{report.threshold:.2f}, familiarity threshold {report.familiarity_threshold:.2f}, "
+                   f"val ECE {report.ece_before:.3f} -> {report.ece_after:.3f}")
         return
     with reported():
         result = evaluate(index, split, head)
@@ -117,7 +123,8 @@ def evaluate_command(
                f"CorLoc {result.corloc:.4f}  (majority-class accuracy {result.extra['chance_accuracy']:.4f})")
     typer.echo(f"ECE {result.ece:.4f} (uncalibrated {result.ece_uncalibrated:.4f}, temperature "
                f"{result.extra['temperature']:.2f})  \"unknown\" {result.unknown_rate:.4f} (score below "
-               f"{result.extra['threshold']:.2f})  right and kept {result.accuracy_kept:.4f}")
+               f"{result.extra['threshold']:.2f} or familiarity below {result.extra['familiarity_threshold']:.2f})  "
+               f"right and kept {result.accuracy_kept:.4f}")
     typer.echo("")
     echo_table([asdict(c) for c in result.per_class], ["label", "n", "accuracy", "mean_iou", "corloc", "predicted"])
     typer.echo("")

@@ -14,6 +14,8 @@ import torch
 from torch.nn import functional as F
 
 KEEP_CORRECT = 0.95  # share of correct validation predictions that must stay above the threshold
+# With a familiarity test as well, the score threshold only catches the least confident predictions.
+KEEP_CORRECT_SCORE = 0.99
 T_RANGE = (0.05, 100.0)  # the fitted temperature is clipped to this
 
 

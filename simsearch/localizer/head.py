@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from simsearch.errors import IndexDamagedError, NotFoundError, SpecMismatchError
+from simsearch.localizer.familiarity import References, familiarity
+from simsearch.pipeline.box_vectors import pool_boxes
 from simsearch.records import UNKNOWN
 from simsearch.spec import EmbedderSpec
 from simsearch.storage import layout
@@ -98,6 +100,8 @@ class HeadSpec:
     # Heads saved before calibration lack these two: T = 1 and no threshold predict exactly as they did.
     temperature: float = 1.0  # logits are divided by T before the softmax (fitted on validation, calibrate.py)
     threshold: float = 0.0  # a calibrated score below this is stored as UNKNOWN (0: never)
+    # Heads saved before familiarity lack this: -1 never calls a box unknown on that ground (familiarity.py).
+    familiarity_threshold: float = -1.0  # a predicted box less similar than this to its class's training boxes: UNKNOWN
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -122,13 +126,26 @@ class HeadSpec:
             )
 
 
+@dataclass
+class HeadOutput:
+    """What the head says of n maps: the best class even when it is not claimed (see `unknown`)."""
+
+    classes: np.ndarray  # (n,) index of the best class
+    scores: np.ndarray  # (n,) its calibrated probability
+    boxes: np.ndarray  # (n, 4) x1, y1, x2, y2 in [0, 1]
+    familiarity: np.ndarray  # (n,) similarity of the box to its class's training boxes (familiarity.py)
+    unknown: np.ndarray  # (n,) bool: score or familiarity below the head's thresholds
+
+
 class Localizer:
     """A trained head ready to predict from stored feature maps."""
 
-    def __init__(self, head: LocalizerHead, spec: HeadSpec, device: str = "cpu"):
+    def __init__(self, head: LocalizerHead, spec: HeadSpec, device: str = "cpu",
+                 references: References | None = None):
         self.spec = spec
         self.device = torch.device(device)
         self.head = head.to(self.device).eval()
+        self.references = references  # the training boxes' vectors that familiarity is measured against
 
     @staticmethod
     def exists(folder: str | os.PathLike) -> bool:
@@ -154,16 +171,20 @@ class Localizer:
             head = LocalizerHead(spec.feature_shape[0], len(spec.classes), spec.feature_shape[1:], spec.width,
                                  spec.hidden)
             head.load_state_dict(saved["state"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            references = References.from_state(saved["references"]) if "references" in saved else None
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise IndexDamagedError(f"{path} is inconsistent ({str(e).splitlines()[0]}); {retrain}") from e
-        return cls(head, spec, device)
+        return cls(head, spec, device, references)
 
     def save(self, folder: str | os.PathLike) -> None:
         """Weights and spec in one file, replaced atomically: a kill leaves the old head or the new one."""
         folder = Path(folder)
         tmp = folder / f"{HEAD_FILE}.{os.getpid()}.tmp"
         state = {k: v.cpu() for k, v in self.head.state_dict().items()}
-        torch.save({"format": HEAD_FORMAT, "spec": self.spec.to_json(), "state": state}, tmp)
+        saved = {"format": HEAD_FORMAT, "spec": self.spec.to_json(), "state": state}
+        if self.references is not None:
+            saved["references"] = self.references.to_state()
+        torch.save(saved, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the rename must not land before the bytes do
         os.replace(tmp, folder / HEAD_FILE)
@@ -188,9 +209,24 @@ class Localizer:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
         return np.concatenate(labels), np.concatenate(scores), np.concatenate(boxes)
 
-    def label_of(self, index: int, score: float) -> str:
-        """The class name a prediction is stored under: UNKNOWN when its score is below the head's threshold."""
-        return UNKNOWN if score < self.spec.threshold else self.spec.classes[int(index)]
+    def predict(self, maps: np.ndarray) -> HeadOutput:
+        """Class, score and box of each map, and whether the head can claim that class (`unknown` when not).
+
+        A prediction is unknown when its calibrated score is below the head's
+        threshold, or when its box looks unlike every training box of that class.
+        """
+        labels, scores, boxes = self.predict_maps(maps)
+        if self.references is not None and len(labels):
+            vectors = np.concatenate(pool_boxes(maps, [b[None] for b in boxes]))
+            familiar = familiarity(self.references, vectors, labels)
+        else:
+            familiar = familiarity(None, np.zeros((len(labels), 0)), labels)
+        unknown = (scores < self.spec.threshold) | (familiar < self.spec.familiarity_threshold)
+        return HeadOutput(labels, scores, boxes, familiar, unknown)
+
+    def label_of(self, index: int, unknown: bool) -> str:
+        """The class name a prediction is stored under: UNKNOWN when the head cannot claim its best class."""
+        return UNKNOWN if unknown else self.spec.classes[int(index)]
 
     @torch.inference_mode()
     def logits(self, maps: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -46,12 +46,13 @@ def predictions_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequenc
                           ) -> list[Prediction]:
     """One prediction per map, its box in pixels of the original image of the (width, height) given.
 
-    Below the head's threshold the label is UNKNOWN; the score and the box are kept.
+    When the head cannot claim its best class (a low score, or a box unlike its
+    training boxes) the label is UNKNOWN; the score and the box are kept.
     """
-    labels, scores, boxes = localizer.predict_maps(maps)
-    return [Prediction(localizer.label_of(label, score), float(score), float(box[0] * w), float(box[1] * h),
+    out = localizer.predict(maps)
+    return [Prediction(localizer.label_of(label, unknown), float(score), float(box[0] * w), float(box[1] * h),
                        float(box[2] * w), float(box[3] * h), localizer.spec.version)
-            for label, score, box, (w, h) in zip(labels, scores, boxes, sizes)]
+            for label, unknown, score, box, (w, h) in zip(out.classes, out.unknown, out.scores, out.boxes, sizes)]
 
 
 def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chunk: int = 2048

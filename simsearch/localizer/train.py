@@ -24,9 +24,12 @@ from torch.nn import functional as F
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.localizer.head import (HeadSpec, Localizer, LocalizerHead, cxcywh_to_xyxy, giou_loss, head_version,
                                       xyxy_to_cxcywh)
-from simsearch.localizer.calibrate import KEEP_CORRECT, fit_temperature, nll, softmax, unknown_threshold
+from simsearch.localizer.calibrate import (KEEP_CORRECT, KEEP_CORRECT_SCORE, fit_temperature, nll, softmax,
+                                           unknown_threshold)
+from simsearch.localizer.familiarity import References, choose
 from simsearch.localizer.metrics import Evaluation, evaluate_predictions, expected_calibration_error
 from simsearch.localizer.predict import open_localizer
+from simsearch.pipeline.box_vectors import fractions, pool_boxes
 from simsearch.records import GroundTruthObject
 from simsearch.storage.store import Store
 from simsearch.storage.layout import writer_lock
@@ -205,6 +208,7 @@ def _train(config: TrainConfig) -> TrainReport:
         classes = sorted({every.labels[i] for i in train_idx})
         where = {c: k for k, c in enumerate(classes)}
         maps = torch.from_numpy(load_maps(store, every.ids))  # fp16 in memory, fp32 one batch at a time
+        train_objects = store.objects([every.ids[j] for j in train_idx])
         y = torch.tensor([where.get(label, -1) for label in every.labels])  # -1: a class only val has
         b = torch.from_numpy(every.boxes)
         embedder = spec.embedder
@@ -258,7 +262,10 @@ def _train(config: TrainConfig) -> TrainReport:
     head.load_state_dict(best[2])
     known_val = val_idx[(y[val_idx] >= 0).numpy()]
     val_logits = _logits(head, maps, known_val, device)
-    calibration = calibrate(val_logits, y[known_val].numpy(), config.keep_correct)
+    references = training_references(maps, every, train_idx, train_objects, where, config.seed)
+    probe = Localizer(head, _probe_spec(classes, embedder, config), device, references)
+    familiar = probe.predict(maps[torch.from_numpy(known_val)].float().numpy()).familiarity
+    calibration = calibrate(val_logits, y[known_val].numpy(), config.keep_correct, familiar)
     log.info("calibration: %s", calibration)
     seconds = time.perf_counter() - started
     best_row = history[best[1]]
@@ -271,30 +278,79 @@ def _train(config: TrainConfig) -> TrainReport:
          "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2),
          "calibration": calibration, "excluded_classes": sorted(excluded)},
         temperature=calibration["temperature"], threshold=calibration["threshold"],
+        familiarity_threshold=calibration["familiarity_threshold"],
     )
     Path(config.head_dir or config.index_dir).mkdir(parents=True, exist_ok=True)
-    Localizer(head.cpu(), spec).save(config.head_dir or config.index_dir)
+    Localizer(head.cpu(), spec, references=references).save(config.head_dir or config.index_dir)
     return TrainReport(str(config.index_dir), version, classes, int(len(train_idx)), int(len(val_idx)), len(history),
                        best[1] + 1, best[0], best_row["val_accuracy"], best_row["val_corloc"], seconds, history,
                        calibration)
 
 
-def calibrate(logits: np.ndarray, labels: np.ndarray, keep_correct: float = KEEP_CORRECT) -> dict:
-    """Fit the temperature on validation logits and read the "unknown" threshold off the calibrated scores.
+def calibrate(logits: np.ndarray, labels: np.ndarray, keep_correct: float = KEEP_CORRECT,
+              familiar: np.ndarray | None = None) -> dict:
+    """Fit the temperature on validation logits and read the "unknown" thresholds off the validation predictions.
 
-    Returns what the spec and the report record: T, the threshold, and the
+    With the familiarity of each validation box (`familiarity.py`), that is the
+    main test: its threshold keeps `keep_correct` of the correct predictions, and
+    the score threshold only catches the least confident (it keeps
+    KEEP_CORRECT_SCORE of them). Without, the score threshold keeps `keep_correct`.
+    Returns what the spec and the report record: T, the thresholds, and the
     validation NLL and ECE before (T = 1) and after.
     """
     temperature = fit_temperature(logits, labels) if len(labels) else 1.0
     before, after = softmax(logits), softmax(logits, temperature)
     correct = before.argmax(1) == labels  # the same for both: T never changes the ranking
-    threshold = unknown_threshold(after.max(1), correct, keep_correct)
-    return {"temperature": temperature, "threshold": threshold, "keep_correct": keep_correct, "val_images": len(labels),
+    if familiar is None or not correct.any():
+        threshold, familiarity_threshold = unknown_threshold(after.max(1), correct, keep_correct), -1.0
+        unknown = after.max(1) < threshold
+    else:
+        threshold = unknown_threshold(after.max(1), correct, KEEP_CORRECT_SCORE)
+        familiarity_threshold = unknown_threshold(familiar, correct, keep_correct)
+        unknown = (after.max(1) < threshold) | (np.asarray(familiar) < familiarity_threshold)
+    score_only = unknown_threshold(after.max(1), correct, keep_correct)
+    return {"temperature": temperature, "threshold": threshold, "familiarity_threshold": familiarity_threshold,
+            "score_only_threshold": score_only,
+            "unknown_share_score_only": float((after.max(1) < score_only).mean()) if len(labels) else 0.0,
+            "keep_correct": keep_correct, "val_images": len(labels),
             "nll_before": nll(logits, labels) if len(labels) else 0.0,
             "nll_after": nll(logits, labels, temperature) if len(labels) else 0.0,
             "ece_before": expected_calibration_error(before.max(1), correct),
             "ece_after": expected_calibration_error(after.max(1), correct),
-            "unknown_share": float((after.max(1) < threshold).mean()) if len(labels) else 0.0}
+            "unknown_share": float(unknown.mean()) if len(labels) else 0.0,
+            "correct_kept": float((correct & ~unknown).sum() / max(int(correct.sum()), 1))}
+
+
+def training_references(maps: torch.Tensor, every: Examples, train_idx: np.ndarray,
+                        objects: dict[int, list[GroundTruthObject]], where: dict[str, int], seed: int = 0,
+                        chunk: int = 256) -> References:
+    """The pooled vectors of every usable ground-truth box of a trained class in the training images.
+
+    Every box, not only each image's target: the chairs beside the largest table
+    are chairs too, and they are what a "chair" prediction elsewhere should resemble.
+    """
+    vectors, labels = [], []
+    for start in range(0, len(train_idx), chunk):
+        part = train_idx[start:start + chunk]
+        boxes, classes = [], []
+        for j in part:
+            w, h = every.sizes[j]
+            usable = [o for o in objects.get(every.ids[j], []) if o.label in where and not o.difficult and o.area > 0]
+            boxes.append(fractions([(o.xmin, o.ymin, o.xmax, o.ymax) for o in usable], w, h) if usable
+                         else np.zeros((0, 4)))
+            classes += [where[o.label] for o in usable]
+        pooled = pool_boxes(maps[torch.from_numpy(part)].float(), boxes)
+        vectors += [v for v in pooled if len(v)]
+        labels += classes
+    if not labels:
+        return choose(np.zeros((0, maps.shape[1]), np.float32), [])
+    return choose(np.concatenate(vectors), labels, seed=seed)
+
+
+def _probe_spec(classes: Sequence[str], embedder, config: TrainConfig) -> HeadSpec:
+    """A spec good enough to run the head before its real spec (which records the calibration) exists."""
+    return HeadSpec(tuple(classes), embedder.backbone, embedder.weights, embedder.weights_sha256,
+                    tuple(embedder.feature_shape), "probe", config.width, config.hidden, config.target)
 
 
 @torch.no_grad()
@@ -355,12 +411,13 @@ def evaluate(index_dir: str | os.PathLike, split: str = "val", head_dir: str | o
             raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
         truth = examples(store, ids, localizer.spec.target)
         maps = load_maps(store, truth.ids)
-    labels, scores, boxes = localizer.predict_maps(maps)
-    predicted = [localizer.spec.classes[int(k)] for k in labels]
-    result = evaluate_predictions(truth.labels, predicted, truth.boxes, boxes)
+    out = localizer.predict(maps)
+    scores = out.scores
+    predicted = [localizer.spec.classes[int(k)] for k in out.classes]
+    result = evaluate_predictions(truth.labels, predicted, truth.boxes, out.boxes)
     known = set(localizer.spec.classes)
     correct = np.array([a == p for a, p in zip(truth.labels, predicted)])
-    unknown = scores < localizer.spec.threshold
+    unknown = out.unknown
     seen = np.array([label in known for label in truth.labels])
     raw = softmax(localizer.logits(maps)).max(1) if len(maps) else np.zeros(0)
     result.ece = expected_calibration_error(scores[seen], correct[seen])
@@ -370,7 +427,8 @@ def evaluate(index_dir: str | os.PathLike, split: str = "val", head_dir: str | o
     result.extra = {"split": split, "head_version": localizer.spec.version,
                     "unseen_class_images": int((~seen).sum()),
                     "chance_accuracy": _majority_share(truth.labels),
-                    "temperature": localizer.spec.temperature, "threshold": localizer.spec.threshold}
+                    "temperature": localizer.spec.temperature, "threshold": localizer.spec.threshold,
+                    "familiarity_threshold": localizer.spec.familiarity_threshold}
     return result
 
 
@@ -395,6 +453,9 @@ class OpenSetReport:
     ece_before: float  # validation ECE of the trained classes, T = 1
     ece_after: float
     seconds: float
+    familiarity_threshold: float = -1.0
+    held_out_unknown_rate_score_only: float = 0.0  # the held-out share "unknown" by the score threshold alone
+    known_unknown_rate_score_only: float = 0.0
 
 
 def open_set(config: TrainConfig, hold_out: Sequence[str] = (), n_hold_out: int = 2) -> OpenSetReport:
@@ -426,16 +487,19 @@ def open_set(config: TrainConfig, hold_out: Sequence[str] = (), n_hold_out: int 
             known = [(i, c) for i, c in zip(every.ids, every.labels) if i in val and c in spec.classes]
             unseen_maps = load_maps(store, unseen)
             known_maps = load_maps(store, [i for i, _ in known])
-    _, unseen_scores, _ = localizer.predict_maps(unseen_maps)
-    labels, known_scores, _ = localizer.predict_maps(known_maps)
-    correct = np.array([spec.classes[int(k)] == c for k, (_, c) in zip(labels, known)], dtype=bool)
-    kept = known_scores >= spec.threshold
+    unseen_out, known_out = localizer.predict(unseen_maps), localizer.predict(known_maps)
+    correct = np.array([spec.classes[int(k)] == c for k, (_, c) in zip(known_out.classes, known)], dtype=bool)
+    kept = ~known_out.unknown
     mean = lambda a: float(np.mean(a)) if len(a) else 0.0  # noqa: E731
+    # The same images under the score threshold alone (keeping `keep_correct` of correct validation predictions):
+    # what the familiarity test adds.
+    score_only = report.calibration["score_only_threshold"]
     return OpenSetReport(
-        list(hold_out), list(spec.classes), len(unseen), mean(unseen_scores < spec.threshold), mean(unseen_scores),
-        len(known), mean(correct), mean(correct & kept), mean(~kept), mean(known_scores), spec.temperature,
+        list(hold_out), list(spec.classes), len(unseen), mean(unseen_out.unknown), mean(unseen_out.scores),
+        len(known), mean(correct), mean(correct & kept), mean(~kept), mean(known_out.scores), spec.temperature,
         spec.threshold, report.calibration["ece_before"], report.calibration["ece_after"],
-        time.perf_counter() - started)
+        time.perf_counter() - started, spec.familiarity_threshold, mean(unseen_out.scores < score_only),
+        mean(known_out.scores < score_only))
 
 
 def _majority_share(labels: Sequence[str]) -> float:

@@ -47,7 +47,8 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
         ids = evaluation_ids(store, localizer.spec, split)
         ids = sorted(random.Random(seed).sample(ids, min(n, len(ids))))
         truth = examples(store, ids, localizer.spec.target)
-        labels, scores, boxes = localizer.predict_maps(load_maps(store, truth.ids))
+        out = localizer.predict(load_maps(store, truth.ids))
+        labels, scores, boxes = out.classes, out.scores, out.boxes
         paths = store.images(truth.ids)
     if not truth.ids:
         raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
@@ -63,7 +64,7 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
         for box, colour in ((truth.boxes[k], ACTUAL), (boxes[k], PREDICTED)):
             x1, y1, x2, y2 = (float(v) * (tile - 1) for v in box)
             draw.rectangle((x0 + x1, y0 + y1, x0 + x2, y0 + y2), outline=colour, width=3)
-        predicted = localizer.label_of(labels[k], scores[k])
+        predicted = localizer.label_of(labels[k], out.unknown[k])
         draw.text((x0 + 4, y0 + tile + 2), f"actual: {truth.labels[k]}", fill=ACTUAL, font=caption_font)
         draw.text((x0 + 4, y0 + tile + 17), f"predicted: {predicted} ({scores[k]:.2f})", fill=PREDICTED, font=caption_font)
     out = Path(out_dir)
