@@ -30,7 +30,7 @@ from simsearch.localizer.familiarity import References, choose
 from simsearch.localizer.metrics import Evaluation, evaluate_predictions, expected_calibration_error
 from simsearch.localizer.predict import open_localizer
 from simsearch.pipeline.box_vectors import fractions, pool_boxes
-from simsearch.records import GroundTruthObject
+from simsearch.records import UNKNOWN, GroundTruthObject
 from simsearch.storage.store import Store
 from simsearch.storage.layout import writer_lock
 
@@ -195,7 +195,11 @@ def _train(config: TrainConfig) -> TrainReport:
         val_ids = held_out(store, every.ids, validation)
         rows = store.images(every.ids)
         # A VOC test split is never trained on: it stays clean for a final measurement.
-        excluded = set(config.exclude_classes)
+        # "unknown" is what a prediction says when it names no class: a class of that name would read as one.
+        excluded = set(config.exclude_classes) | {UNKNOWN}
+        if UNKNOWN in every.labels:
+            log.warning("images whose largest box is labelled %r are left out of training: simsearch reserves that "
+                        "name for predictions that name no class", UNKNOWN)
         is_train = [i not in val_ids and rows[i]["split"] != "test" and label not in excluded
                     for i, label in zip(every.ids, every.labels)]
         is_val = [i in val_ids and label not in excluded for i, label in zip(every.ids, every.labels)]
@@ -276,7 +280,7 @@ def _train(config: TrainConfig) -> TrainReport:
         version, config.width, config.hidden, config.target, validation,
         {"config": settings, "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
          "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2),
-         "calibration": calibration, "excluded_classes": sorted(excluded)},
+         "calibration": calibration, "excluded_classes": sorted(excluded - {UNKNOWN})},
         temperature=calibration["temperature"], threshold=calibration["threshold"],
         familiarity_threshold=calibration["familiarity_threshold"],
     )
