@@ -175,8 +175,13 @@ class Searcher:
         """(1, D) vector of an image file, decoded no larger than the model needs."""
         return self.embed_file(path)[0]
 
-    def embed_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple[int, int], list[Tag]]:
-        """(1, D) vector, (C, H, W) map, upright (width, height) and ImageNet tags of an image file: one forward pass."""
+    def embed_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """(1, D) vector, (C, H, W) map and upright (width, height) of an image file: one forward pass."""
+        return self.embed_file_tagged(path)[:3]
+
+    def embed_file_tagged(self, path: str | os.PathLike
+                          ) -> tuple[np.ndarray, np.ndarray, tuple[int, int], list[Tag]]:
+        """`embed_file` and the file's ImageNet tags from the same pass: what a query shows it holds."""
         image = open_image(path, draft=self.spec.embedder.preprocess.input_size, max_pixels=self.max_pixels)
         embedded = self.embedder.embed_images([image])
         tags = embedded.tags[0] if embedded.tags is not None else []
@@ -278,7 +283,7 @@ class Searcher:
             path = Path(query)
             if not path.is_file():
                 raise NotFoundError(f"{path}: no such image file")
-            xq, fmap, size, tags = self.embed_file(path)
+            xq, fmap, size, tags = self.embed_file_tagged(path)
             described = {"path": str(path), "sha256": file_sha256(path)}
             seen = (fmap, size, tags)
         # The query itself (and byte-identical copies) is no answer to "images like this one".
@@ -406,12 +411,12 @@ class Searcher:
                     if not Path(record.path).is_file():
                         raise NotFoundError(f"{record.path}: the file of record {record.id} is gone, and its feature "
                                             "map was not kept; query with the image file instead")
-                    whole, fmap, _, _ = self.embed_file(record.path)
+                    whole, fmap, _ = self.embed_file(record.path)
             return described, record, whole, fmap, (record.width, record.height), QueryContents.of_record(record)
         path = Path(query)
         if not path.is_file():
             raise NotFoundError(f"{path}: no such image file")
-        whole, fmap, size, tags = self.embed_file(path)
+        whole, fmap, size, tags = self.embed_file_tagged(path)
         sha = file_sha256(path)
         copies = sorted(self.copies_of(sha))
         record = self.record(copies[0]) if copies else None
