@@ -42,6 +42,7 @@ PAGE = r"""<!doctype html>
   .match { font-size: 11px; color: #777; }
   .controls label.check { font-weight: normal; display: flex; gap: 6px; align-items: center; }
   .controls label.check input { width: auto; }
+  [hidden] { display: none !important; }  /* a hidden row stays hidden whatever its display rule */
   #picker { display: grid; grid-template-columns: repeat(auto-fill, 64px); gap: 4px; max-height: 280px; overflow: auto; margin-top: 6px; }
   #picker img { width: 64px; height: 64px; object-fit: cover; cursor: pointer; border: 1px solid #ddd; }
   h2 { font-size: 15px; margin: 0 0 8px; }
@@ -71,7 +72,7 @@ PAGE = r"""<!doctype html>
     <label for="under">Under folder</label>
     <input type="text" id="under" placeholder="/path/to/photos/2024" title="only files under this folder of the server">
     <label class="check" id="objects-row" hidden><input type="checkbox" id="objects"> search with its objects (each box, not the whole image)</label>
-    <label class="check" id="training-row" hidden title="the images the localizer learned from are left out of the results by default"><input type="checkbox" id="training"> include the localizer's training images (<span id="training-sets"></span>)</label>
+    <label class="check" id="training-row" hidden title="the images the localizer learned from are left out of the results by default"><input type="checkbox" id="training"> <span>include the localizer's training images (<span id="training-sets"></span>)</span></label>
     <div id="stage"><img id="qimg" alt="" hidden><div id="sel"></div></div>
     <div class="hint">Drag on the query image to search with just that region
       <span id="boxhint">(matched against every object in the index)</span>.
