@@ -87,7 +87,7 @@ def query_command(
     Output starts with the query itself: in --format json a first line {"query": {path, id,
     indexed, prediction, predictions, tags, objects, left_out}}, then one line per neighbour
     (rank, id, path, score, ...); in --format table a line `query: PATH  predicted: chair 0.81
-    [x0,y0,x1,y1]  tags: espresso 0.96` above the table. An indexed query shows what the
+    [12,30,200,220]  tags: espresso 0.96` above the table. An indexed query shows what the
     index stored for it; an outside file what its own embedding pass saw.
 
     Filters (--class, --min-box-area, --min-score, --under, --not-under, --dataset,
