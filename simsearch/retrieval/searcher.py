@@ -112,6 +112,7 @@ class Searcher:
         self._embedder: Embedder | None = None
         self._objects_index = None  # (spec, index, generation) of the objects index, opened on first use
         self._localizer = (None, None)  # (the head file's stat, its Localizer): loaded once, again when retrained
+        self._datasets = (None, {})  # (store generation, images per dataset): counted once per change, not per query
         self.objects_calibration: Calibration | None = None
         self._open()
         self._closed = False
@@ -235,7 +236,10 @@ class Searcher:
         trained = self.training_datasets()
         if not trained:
             return filters, None
-        return leave_out_training(filters, trained, self.store.datasets())
+        generation = self.store.generation
+        if self._datasets[0] != generation:
+            self._datasets = (generation, self.store.datasets())
+        return leave_out_training(filters, trained, self._datasets[1])
 
     # ------------------------------------------------------------ searching
 
