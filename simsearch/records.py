@@ -30,6 +30,10 @@ class GroundTruthObject:
     def area(self) -> float:
         return max(0.0, self.xmax - self.xmin) * max(0.0, self.ymax - self.ymin)
 
+    def to_json(self) -> dict:
+        return {"label": self.label, "box": [self.xmin, self.ymin, self.xmax, self.ymax], "difficult": self.difficult,
+                "truncated": self.truncated}
+
 
 @dataclass
 class ImageRecord:
@@ -133,8 +137,7 @@ class Record:
         return {
             "id": self.id, "path": self.path, "width": self.width, "height": self.height, "split": self.split,
             "dataset": self.dataset,
-            "objects": [{"label": o.label, "box": [o.xmin, o.ymin, o.xmax, o.ymax], "difficult": o.difficult,
-                         "truncated": o.truncated} for o in self.objects],
+            "objects": [o.to_json() for o in self.objects],
             "prediction": self.prediction.to_json() if self.prediction else None,
             "tags": [t.to_json() for t in self.tags],
         }

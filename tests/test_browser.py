@@ -63,6 +63,11 @@ def test_upload_shows_neighbour_cards(browser, server, demo_data: Path, tmp_path
     cards = page.locator(".card")
     assert cards.count() == 12
     assert "motorcycle_right.png" in cards.first.inner_text()
+    # above the neighbours, what the engine sees in the query: its drawn class and its ImageNet tags
+    contents = page.locator("#qcontents")
+    assert contents.is_visible() and contents.inner_text().startswith("In the query:")
+    assert "motorbike" in contents.inner_text() and "moped 0." in contents.inner_text()
+    assert not page.locator("#training-row").is_visible()  # no localizer here: no training images to include
     # every card's crop and thumbnail really decoded
     page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
     shot = tmp_path / "serve-upload.png"

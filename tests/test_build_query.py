@@ -59,6 +59,24 @@ def test_query_by_id_matches_query_by_file_and_excludes_itself(demo_index: Path)
     assert [n.rank for n in by_id.neighbours] == [1, 2, 3]
 
 
+def test_the_result_says_what_is_in_the_query(demo_index: Path, demo_data: Path, tmp_path: Path):
+    coffee = demo_data / "images" / "coffee.png"
+    outside = tmp_path / "coffee.jpg"  # other bytes: seen by its own pass, not looked up
+    Image.open(coffee).convert("RGB").save(outside, quality=92)
+    with Searcher(demo_index, device="cpu") as searcher:
+        stored = searcher.search(coffee, 2)
+        record = stored.record
+        assert record is not None and Path(record.path).name == "coffee.png"  # its bytes are indexed: that record
+        assert stored.contents.seen == "stored" and stored.contents.tags == record.tags
+        assert [o.label for o in stored.contents.objects] == record.classes == ["cup"]
+        assert stored.contents.predictions == []  # the demo index has no localizer
+        seen = searcher.search(outside, 2)
+        assert seen.record is None and seen.contents.seen == "embedded" and not seen.contents.objects
+        assert seen.contents.tags[0].label == "espresso" and abs(seen.contents.tags[0].score - record.tags[0].score) < 0.05
+        assert seen.query_to_json()["tags"][0]["label"] == "espresso" and seen.query_to_json()["indexed"] is False
+    assert stored.contents.text() == f"objects: cup  tags: espresso {record.tags[0].score:.2f}"
+
+
 def test_voc_objects_land_in_sqlite(real_index: Path):
     db = sqlite3.connect(real_index / layout.DB)
     rows = db.execute(

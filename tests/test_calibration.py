@@ -158,12 +158,14 @@ def test_cli_table_marks_weak_rows_and_says_when_nothing_matches(indoor_index: P
     out = runner.invoke(_app(), ["query", str(_photo(photos_dir, "coffee.png")), "--index", str(indoor_index),
                                  "-k", "3", "--format", "table", "--device", "cpu"])
     assert out.exit_code == 0, out.output
-    lines = out.stdout.splitlines()
+    above, *lines = out.stdout.splitlines()
+    assert above.startswith("query: ") and "tags: espresso 0." in above  # what the engine sees, then the table
     assert lines[0].split()[:4] == ["rank", "id", "score", "match"]
     assert len(lines) == 4 and all(line.split()[3] == "weak" for line in lines[1:])
     assert f"no good match in this index (best score " in out.stderr and f"cutoff {cutoff:.2f})" in out.stderr
-    rows = [json.loads(line) for line in runner.invoke(
+    query, *rows = [json.loads(line) for line in runner.invoke(
         _app(), ["query", "--id", "3", "--index", str(indoor_index), "-k", "85", "--device", "cpu"]).stdout.splitlines()]
+    assert query["query"]["id"] == 3
     assert [r["weak"] for r in rows] == [r["score"] < cutoff for r in rows]
     assert not rows[0]["weak"] and rows[-1]["weak"]  # an indoor scene's best match is good, its worst is not
 

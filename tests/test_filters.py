@@ -270,27 +270,34 @@ def _query_cli(demo_index: Path, *args: str):
     return result
 
 
-def test_cli_filter_flags_end_to_end(demo_index: Path, demo_data: Path):
+def _rows(result) -> list[dict]:
+    """The neighbours of a JSON query: every line after the first, which describes the query."""
     import json
 
+    query, *rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert query["query"]["id"] == 1, query
+    return rows
+
+
+def test_cli_filter_flags_end_to_end(demo_index: Path, demo_data: Path):
     with Store(demo_index) as store:
         records = store.records(store.ids())
-    everything = [json.loads(line) for line in _query_cli(demo_index).stdout.splitlines()]
+    everything = _rows(_query_cli(demo_index))
     assert len(everything) == len(records) - 1
     labelled = {r.id for r in records.values() if "motorbike" in r.classes or
                 (r.prediction and r.prediction.label == "motorbike")} - {1}
     assert labelled
     bikes = _query_cli(demo_index, "--class", "motorbike")
     assert bikes.exit_code == 0, bikes.output
-    assert {json.loads(line)["id"] for line in bikes.stdout.splitlines()} == labelled
+    assert {row["id"] for row in _rows(bikes)} == labelled
     folder = Path(records[1].path).parent
     under = _query_cli(demo_index, "--under", str(folder))
-    assert {json.loads(line)["id"] for line in under.stdout.splitlines()} == {
+    assert {row["id"] for row in _rows(under)} == {
         r.id for r in records.values() if Path(r.path).parent == folder} - {1}
-    assert _query_cli(demo_index, "--not-under", str(folder)).stdout.strip() == ""
+    assert _rows(_query_cli(demo_index, "--not-under", str(folder))) == []
     dataset = records[1].dataset
-    assert len(_query_cli(demo_index, "--dataset", dataset).stdout.splitlines()) == len(everything)
-    assert _query_cli(demo_index, "--not-dataset", dataset, "--dataset", "other").stdout.strip() == ""
+    assert len(_rows(_query_cli(demo_index, "--dataset", dataset))) == len(everything)
+    assert _rows(_query_cli(demo_index, "--not-dataset", dataset, "--dataset", "other")) == []
     big = _query_cli(demo_index, "--min-box-area", "0.5", "--min-score", "0.9", "--format", "table")
     assert big.exit_code == 0, big.output
     for flag, value in (("--min-box-area", "2"), ("--min-score", "-1"), ("--under", "")):

@@ -152,12 +152,14 @@ def test_object_queries_by_cli_show_the_matched_box(boxed):
     table = runner.invoke(app, ["query", str(src), "--index", str(index), "--box", "10,10,120,120", "--format", "table",
                                 "-k", "3"])
     assert table.exit_code == 0, table.output
-    header = table.stdout.splitlines()[0].split()
+    above, header = table.stdout.splitlines()[0], table.stdout.splitlines()[1].split()
+    assert above.startswith("query: ") and f"{src} box [10,10,120,120]  objects: " in above, above  # the query first
     assert header[:5] == ["rank", "id", "score", "match", "object"] and "why" in header
     lines = runner.invoke(app, ["query", "--id", "1", "--index", str(index), "--objects", "-k", "3"]).stdout
     import json
 
-    rows = [json.loads(line) for line in lines.splitlines()]
+    query, *rows = [json.loads(line) for line in lines.splitlines()]
+    assert query["query"]["id"] == 1 and query["query"]["objects"] and query["query"]["parts"]
     assert len(rows) == 3 and all(r["match"]["source"] == "truth" and r["why"]["object"] for r in rows)
     bad = runner.invoke(app, ["query", str(src), "--index", str(index), "--box", "1,2,3"])
     assert bad.exit_code != 0 and "four numbers" in bad.output and "Traceback" not in bad.output

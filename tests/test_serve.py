@@ -46,6 +46,23 @@ def test_upload_finds_the_other_motorcycle_view(client: TestClient, demo_data: P
     assert max(Image.open(io.BytesIO(crop.content)).size) == 256
 
 
+def test_the_query_contents_come_before_the_neighbours(client: TestClient, demo_data: Path):
+    coffee = _id_of(client, "coffee.png")
+    by_id = client.get(f"/api/search?id={coffee}&k=2").json()["query"]
+    assert by_id["seen"] == "stored" and by_id["tags"][0]["label"] == "espresso"
+    assert [o["label"] for o in by_id["objects"]] == ["cup"] and by_id["prediction"] is None
+    assert by_id["left_out"] is None  # no localizer, no training data to leave out
+    buffer = io.BytesIO()  # other bytes than the indexed file: tags from the upload's own pass
+    Image.open(demo_data / "images" / "coffee.png").convert("RGB").save(buffer, "JPEG", quality=92)
+    r = client.post("/api/search", files={"file": ("c.jpg", buffer.getvalue(), "image/jpeg")}, data={"k": "2"})
+    upload = r.json()["query"]
+    assert upload["seen"] == "embedded" and upload["tags"][0]["label"] == "espresso" and upload["objects"] == []
+    region = client.get(f"/api/search?id={coffee}&k=2&box=0,0,200,200").json()["query"]
+    assert region["seen"] in ("embedded", "stored") and "tags" in region
+    page = client.get("/").text
+    assert 'id="qcontents"' in page and "showContents(result.query)" in page
+
+
 def test_search_by_id_region_and_class_filter(client: TestClient):
     bike = _id_of(client, "motorcycle_left.png")
     r = client.get(f"/api/search?id={bike}&k=3").json()

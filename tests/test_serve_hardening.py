@@ -109,8 +109,8 @@ def test_max_pixels_refuses_larger_uploads_and_jpegs_decode_only_what_the_search
         built, quadrants_jpeg: bytes, monkeypatch):
     app = create_app(built[1], ServeConfig(device="cpu", max_pixels=5_000_000))
     browser, embedded = app.state.browser, []
-    real_embed = browser._embed
-    monkeypatch.setattr(browser, "_embed", lambda image: embedded.append(image.copy()) or real_embed(image))
+    real_embed = browser._look
+    monkeypatch.setattr(browser, "_look", lambda image: embedded.append(image.copy()) or real_embed(image))
     client = TestClient(app, raise_server_exceptions=False)
 
     png = _encoded(Image.new("RGB", (3000, 3000), BLUE), "PNG")  # 9 MP, over this server's 5 MP

@@ -130,17 +130,23 @@ def test_cli_tag_filter_and_table_and_json_show_tags(demo_index: Path, demo_data
     out = runner.invoke(app, ["query", str(cat), "--index", str(demo_index), "-k", "3", "--tag", "Espresso",
                               "--device", "cpu"])
     assert out.exit_code == 0, out.output
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    query, *rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == 1 and rows[0]["tags"][0]["label"] == "espresso"
+    # First, what the engine sees in the query: the cat is indexed, so its stored tags.
+    assert query["query"]["tags"][0]["label"] == "Egyptian cat" and query["query"]["seen"] == "stored"
+    assert query["query"]["id"] is not None and query["query"]["path"] == str(cat)
     page = tmp_path / "page.html"
     out = runner.invoke(app, ["query", str(cat), "--index", str(demo_index), "-k", "3", "--format", "table",
                               "--tag", "espresso", "--device", "cpu", "--html", str(page)])
     assert out.exit_code == 0, out.output
-    header = out.stdout.splitlines()[0].split()
+    above, header = out.stdout.splitlines()[0], out.stdout.splitlines()[1].split()
+    assert above.startswith("query: ") and "tags: Egyptian cat 0.5" in above, above
     assert "tags" in header and "classes" in header
     assert "espresso 0." in out.stdout
     text = page.read_text()
     assert 'class="tag imagenet"' in text and "espresso 0." in text
+    shown = text.split('id="query-contents"', 1)[1].split('<div class="grid">', 1)[0]  # the query's chips
+    assert 'class="tag imagenet" title="ImageNet tag">Egyptian cat 0.5' in shown
 
 
 def test_app_lists_records_by_tag_and_shows_tags(demo_index: Path):

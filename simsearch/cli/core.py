@@ -80,12 +80,20 @@ def query_command(
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Only images of this dataset (repeatable): VOC2007, a box-list dataset's name, or the indexed folder's name, as `info` and the JSON output show."),
     not_dataset: Optional[list[str]] = typer.Option(None, "--not-dataset", help="No images of this dataset (repeatable)."),
     tag: Optional[str] = typer.Option(None, "--tag", help="Only images holding this ImageNet tag (any case), e.g. espresso: the whole-image classes the build's backbone gave, as the tags column shows."),
+    include_training: bool = typer.Option(False, "--include-training", help="Also answer with the images the index's localizer was trained on (its datasets are left out by default when the index holds other images too; --dataset overrides)."),
 ) -> None:
-    """Images like this one: neighbours with scores, classes, boxes and why each is similar.
+    """Images like this one: first what the engine sees in it, then its neighbours with scores, classes, boxes and why.
+
+    Output starts with the query itself: in --format json a first line {"query": {path, id,
+    indexed, prediction, predictions, tags, objects, left_out}}, then one line per neighbour
+    (rank, id, path, score, ...); in --format table a line `query: PATH  predicted: chair 0.81
+    [12,30,200,220]  tags: espresso 0.96` above the table. An indexed query shows what the
+    index stored for it; an outside file what its own embedding pass saw.
 
     Filters (--class, --min-box-area, --min-score, --under, --not-under, --dataset,
     --not-dataset, --tag) are applied inside the search: -k results come back whenever k images pass
-    (with --box/--objects, k images holding a box that passes).
+    (with --box/--objects, k images holding a box that passes). The datasets the index's
+    localizer was trained on are left out when other images are indexed too (--include-training).
     """
     from simsearch.errors import BadInputError
     from simsearch.retrieval.filters import Filters
@@ -102,9 +110,10 @@ def query_command(
         query = record_id if record_id is not None else image
         with Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000) as searcher:
             if box is not None or objects:
-                result = searcher.search_objects(query, k, parse_box(box) if box is not None else None, filters)
+                result = searcher.search_objects(query, k, parse_box(box) if box is not None else None, filters,
+                                                 include_training)
             else:
-                result = searcher.search(query, k, filters)
+                result = searcher.search(query, k, filters, include_training)
         if html is not None:
             from simsearch.views.page import write_query_page
 
@@ -114,9 +123,13 @@ def query_command(
         typer.echo(f"no good match in this index (best score {result.neighbours[0].score:.2f}, "
                    f"cutoff {result.cutoff:.2f})", err=True)
     if fmt is Format.json:
+        echo_json({"query": result.query_to_json()})
         for row in rows:
             echo_json(row)
         return
+    if result.left_out is not None:
+        typer.echo(result.left_out.text(), err=True)
+    typer.echo(query_line(result))
     for row, n in zip(rows, result.neighbours):
         row["classes"] = ",".join(n.record.classes)
         row["tags"] = ",".join(f"{t.label} {t.score:.2f}" for t in n.record.tags)
@@ -129,6 +142,17 @@ def query_command(
         row["match"] = "weak" if n.weak else "good" if result.cutoff is not None else ""
     columns = ["rank", "id", "score", "match", "object", "classes", "predicted", "tags", "why", "path"]
     echo_table(rows, columns if result.parts else [c for c in columns if c != "object"])
+
+
+def query_line(result) -> str:
+    """'query: PATH  predicted: chair 0.81 [12,30,200,220]  tags: espresso 0.96': what the table is about."""
+    where = result.query.get("path")
+    if result.record is not None:
+        where = f"id {result.record.id} {where}"
+    if "box" in result.query:
+        where += f" box [{','.join(f'{v:.0f}' for v in result.query['box'])}]"
+    contents = result.contents.text() if result.contents is not None else ""
+    return f"query: {where}  {contents}".rstrip()
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:

@@ -280,7 +280,8 @@ def _train(config: TrainConfig) -> TrainReport:
         version, config.width, config.hidden, config.target, validation,
         {"config": settings, "train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
          "best_epoch": best[1] + 1, "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2),
-         "calibration": calibration, "excluded_classes": sorted(excluded - {UNKNOWN})},
+         "calibration": calibration, "excluded_classes": sorted(excluded - {UNKNOWN}),
+         "datasets": sorted({rows[every.ids[j]]["dataset"] for j in train_idx} - {None})},  # searches leave these out
         temperature=calibration["temperature"], threshold=calibration["threshold"],
         familiarity_threshold=calibration["familiarity_threshold"],
     )

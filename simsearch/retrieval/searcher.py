@@ -22,9 +22,11 @@ from simsearch.errors import BadInputError, NotFoundError, SimsearchError
 from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.pipeline.box_vectors import fractions, pool_one
-from simsearch.records import ObjectMatch, Record
+from simsearch.records import ObjectMatch, Record, Tag
+from simsearch.retrieval.contents import QueryContents
 from simsearch.retrieval.filters import Filters
 from simsearch.retrieval.objects import QueryPart, Why, best_per_image, explain
+from simsearch.retrieval.scope import LeftOut, leave_out_training
 from simsearch.storage import calibration
 from simsearch.storage.calibration import Calibration
 from simsearch.spec import IndexSpec
@@ -70,9 +72,29 @@ class Neighbour:
 class QueryResult:
     query: dict  # {"path": ...} or {"id": ...}, with its sha256
     neighbours: list[Neighbour]
-    record: Record | None = None  # the query's own record, when it is one
+    record: Record | None = None  # the query's own record: the id queried, or the record holding the file's bytes
     parts: list[QueryPart] = field(default_factory=list)  # what an object query searched with
     cutoff: float | None = None  # the index's score cutoff: neighbours below it are weak (None: not calibrated)
+    contents: QueryContents | None = None  # what the engine sees in the query: prediction(s), tags, drawn boxes
+    left_out: LeftOut | None = None  # the localizer's training images, left out by default (None: nothing was)
+
+    def query_to_json(self) -> dict:
+        """What was searched with and what the engine sees in it: the first line of `query`'s JSON output.
+
+        `id` is the query's record (a file whose bytes are indexed counts as that record:
+        its stored contents are shown); `left_out` names the training datasets a search
+        left out by default.
+        """
+        indexed = self.contents is not None and self.contents.seen == "stored"
+        shown = {"path": self.query.get("path"), "id": self.record.id if self.record is not None else None,
+                 "sha256": self.query.get("sha256"), "indexed": indexed}
+        if "box" in self.query:
+            shown["box"] = list(self.query["box"])
+        if self.parts:
+            shown["parts"] = [p.to_json() for p in self.parts]
+        shown.update((self.contents or QueryContents()).to_json())
+        shown["left_out"] = self.left_out.to_json() if self.left_out is not None else None
+        return shown
 
     @property
     def no_good_match(self) -> bool:
@@ -89,6 +111,8 @@ class Searcher:
         self.device, self.precision, self.weights, self.max_pixels = device, precision, weights, max_pixels
         self._embedder: Embedder | None = None
         self._objects_index = None  # (spec, index, generation) of the objects index, opened on first use
+        self._localizer = (None, None)  # (the head file's stat, its Localizer): loaded once, again when retrained
+        self._datasets = (None, {})  # (store generation, images per dataset): counted once per change, not per query
         self.objects_calibration: Calibration | None = None
         self._open()
         self._closed = False
@@ -154,9 +178,68 @@ class Searcher:
 
     def embed_file(self, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         """(1, D) vector, (C, H, W) map and upright (width, height) of an image file: one forward pass."""
+        return self.embed_file_tagged(path)[:3]
+
+    def embed_file_tagged(self, path: str | os.PathLike
+                          ) -> tuple[np.ndarray, np.ndarray, tuple[int, int], list[Tag]]:
+        """`embed_file` and the file's ImageNet tags from the same pass: what a query shows it holds."""
         image = open_image(path, draft=self.spec.embedder.preprocess.input_size, max_pixels=self.max_pixels)
         embedded = self.embedder.embed_images([image])
-        return embedded.vectors[:1], embedded.maps[0], tuple(image.info.get("full_size", image.size))
+        tags = embedded.tags[0] if embedded.tags is not None else []
+        return embedded.vectors[:1], embedded.maps[0], tuple(image.info.get("full_size", image.size)), tags
+
+    def look(self, image: Image.Image) -> tuple[np.ndarray, QueryContents]:
+        """(1, D) vector of decoded pixels and what that same pass sees in them (tags, the localizer's prediction)."""
+        embedded = self.embedder.embed_images([image])
+        tags = embedded.tags[0] if embedded.tags is not None else []
+        size = tuple(image.info.get("full_size", image.size))
+        return embedded.vectors[:1], self.contents_seen(embedded.maps[0], size, tags)
+
+    # ------------------------------------------------------------ the query's own contents
+
+    def localizer(self):
+        """The index's own localizer head, or None: loaded once, and again when a training run replaces it."""
+        path = self.dir / layout.HEAD
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._localizer = (None, None)
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._localizer[0] != key:
+            from simsearch.localizer.predict import open_localizer
+
+            self._localizer = (key, open_localizer(self.store))
+        return self._localizer[1]
+
+    def contents_seen(self, fmap: np.ndarray, size: tuple[int, int], tags: list[Tag]) -> QueryContents:
+        """An outside image's contents from its own pass: its tags, and the head's prediction from its map."""
+        predictions = []
+        localizer = self.localizer()
+        if localizer is not None:
+            from simsearch.localizer.predict import predictions_from_maps
+
+            predictions = predictions_from_maps(localizer, fmap[None], [size])
+        return QueryContents(predictions, list(tags), [], "embedded")
+
+    # ------------------------------------------------------------ what a search answers with
+
+    def training_datasets(self) -> tuple[str, ...]:
+        """The datasets the index's localizer head trained on (none: no head, or one trained before they were recorded)."""
+        localizer = self.localizer()
+        return tuple(localizer.spec.training.get("datasets", ())) if localizer is not None else ()
+
+    def scope(self, filters: Filters | None, include_training: bool = False) -> tuple[Filters | None, LeftOut | None]:
+        """`filters` as a search applies them: the head's training datasets left out unless `include_training`."""
+        if include_training:
+            return filters, None
+        trained = self.training_datasets()
+        if not trained:
+            return filters, None
+        generation = self.store.generation
+        if self._datasets[0] != generation:
+            self._datasets = (generation, self.store.datasets())
+        return leave_out_training(filters, trained, self._datasets[1])
 
     # ------------------------------------------------------------ searching
 
@@ -186,11 +269,16 @@ class Searcher:
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
         return self.describe(hits[:k])
 
-    def search(self, query: int | str | os.PathLike, k: int = 10, filters: Filters | None = None) -> QueryResult:
-        """Neighbours of a record id (int) or an image file (path), best first, among those passing `filters`."""
+    def search(self, query: int | str | os.PathLike, k: int = 10, filters: Filters | None = None,
+               include_training: bool = False) -> QueryResult:
+        """Neighbours of a record id (int) or an image file (path), best first, among those passing `filters`.
+
+        The localizer's training datasets are left out unless `include_training` (see `scope`).
+        """
         if k < 1:
             raise BadInputError("k must be at least 1")
         record = None
+        seen = None
         if isinstance(query, (int, np.integer)):
             record = self.record(int(query))  # NotFoundError with its hint when the id is unknown
             xq = self.store.vectors([record.id])[1]
@@ -199,14 +287,17 @@ class Searcher:
             path = Path(query)
             if not path.is_file():
                 raise NotFoundError(f"{path}: no such image file")
-            xq = self.vector_of_file(path)
+            xq, fmap, size, tags = self.embed_file_tagged(path)
             described = {"path": str(path), "sha256": file_sha256(path)}
+            seen = (fmap, size, tags)
         # The query itself (and byte-identical copies) is no answer to "images like this one".
         excluded = self.copies_of(described["sha256"])
-        neighbours = self.search_vector(xq, k, excluded, filters)
+        scoped, left_out = self.scope(filters, include_training)
+        neighbours = self.search_vector(xq, k, excluded, scoped)
         indexed = record if record is not None else (self.record(min(excluded)) if excluded else None)
         self.explain_neighbours(neighbours, self.query_parts(indexed, xq))
-        return QueryResult(described, neighbours, record, cutoff=self.cutoff)
+        contents = QueryContents.of_record(indexed) if indexed is not None else self.contents_seen(*seen)
+        return QueryResult(described, neighbours, indexed, cutoff=self.cutoff, contents=contents, left_out=left_out)
 
     # ------------------------------------------------------------ objects
 
@@ -235,7 +326,7 @@ class Searcher:
 
     def search_objects(self, query: int | str | os.PathLike, k: int = 10,
                        box: tuple[float, float, float, float] | None = None,
-                       filters: Filters | None = None) -> QueryResult:
+                       filters: Filters | None = None, include_training: bool = False) -> QueryResult:
         """Images holding objects like the query's: one drawn `box` (pixels), else each of the query's own objects.
 
         Results are grouped per image: an image appears once, with its best-matching
@@ -244,15 +335,16 @@ class Searcher:
         """
         if k < 1:
             raise BadInputError("k must be at least 1")
-        described, record, whole, fmap, size = self._query_input(query, need_map=box is not None)
+        described, record, whole, fmap, size, contents = self._query_input(query, need_map=box is not None)
         parts = self._parts(box, record, described, fmap, size, described["path"])
         excluded = self.copies_of(described["sha256"])
-        return QueryResult(described, self.search_parts(parts, k, excluded, filters), record, parts,
-                           cutoff=self.objects_cutoff)
+        scoped, left_out = self.scope(filters, include_training)
+        return QueryResult(described, self.search_parts(parts, k, excluded, scoped), record, parts,
+                           cutoff=self.objects_cutoff, contents=contents, left_out=left_out)
 
     def search_objects_in_image(self, image: Image.Image, box: tuple[float, float, float, float] | None, k: int = 10,
-                                exclude: set[int] | frozenset[int] = frozenset(), filters: Filters | None = None
-                                ) -> QueryResult:
+                                exclude: set[int] | frozenset[int] = frozenset(), filters: Filters | None = None,
+                                include_training: bool = False) -> QueryResult:
         """`search_objects` for decoded pixels (an upload): a `box` in the image's full-size pixels, else its own objects.
 
         `image` may be a reduced decode (`info["full_size"]`): the box is pooled from the
@@ -262,12 +354,16 @@ class Searcher:
         if k < 1:
             raise BadInputError("k must be at least 1")
         size = tuple(image.info.get("full_size", image.size))
-        fmap = self.embedder.embed_images([image]).maps[0]
+        embedded = self.embedder.embed_images([image])
+        fmap = embedded.maps[0]
         described: dict = {"path": "the image"}
         record = self.record(min(exclude)) if exclude else None
         parts = self._parts(box, record, described, fmap, size, image)
-        return QueryResult(described, self.search_parts(parts, k, exclude, filters), record, parts,
-                           cutoff=self.objects_cutoff)
+        contents = (QueryContents.of_record(record) if record is not None
+                    else self.contents_seen(fmap, size, embedded.tags[0] if embedded.tags is not None else []))
+        scoped, left_out = self.scope(filters, include_training)
+        return QueryResult(described, self.search_parts(parts, k, exclude, scoped), record, parts,
+                           cutoff=self.objects_cutoff, contents=contents, left_out=left_out)
 
     def search_parts(self, parts: list[QueryPart], k: int, exclude: set[int] | frozenset[int] = frozenset(),
                      filters: Filters | None = None) -> list[Neighbour]:
@@ -306,7 +402,7 @@ class Searcher:
         return out
 
     def _query_input(self, query: int | str | os.PathLike, need_map: bool):
-        """(described, record or None, (1, D) vector, (C, H, W) map or None, (width, height)) of a query."""
+        """(described, record or None, (1, D) vector, (C, H, W) map or None, (width, height), contents) of a query."""
         if isinstance(query, (int, np.integer)):
             record = self.record(int(query))
             described = {"id": record.id, "path": record.path, "sha256": record.sha256}
@@ -320,15 +416,16 @@ class Searcher:
                         raise NotFoundError(f"{record.path}: the file of record {record.id} is gone, and its feature "
                                             "map was not kept; query with the image file instead")
                     whole, fmap, _ = self.embed_file(record.path)
-            return described, record, whole, fmap, (record.width, record.height)
+            return described, record, whole, fmap, (record.width, record.height), QueryContents.of_record(record)
         path = Path(query)
         if not path.is_file():
             raise NotFoundError(f"{path}: no such image file")
-        whole, fmap, size = self.embed_file(path)
+        whole, fmap, size, tags = self.embed_file_tagged(path)
         sha = file_sha256(path)
         copies = sorted(self.copies_of(sha))
         record = self.record(copies[0]) if copies else None
-        return {"path": str(path), "sha256": sha}, record, whole, fmap, size
+        contents = QueryContents.of_record(record) if record is not None else self.contents_seen(fmap, size, tags)
+        return {"path": str(path), "sha256": sha}, record, whole, fmap, size, contents
 
     def _parts(self, box: tuple[float, float, float, float] | None, record: Record | None, described: dict,
                fmap: np.ndarray | None, size: tuple[int, int], pixels: Image.Image | str | None = None
@@ -372,10 +469,11 @@ class Searcher:
         stored = self._stored_parts(record) if record is not None else []
         if stored:
             return stored
-        if fmap is not None and (self.dir / layout.HEAD).is_file():
-            from simsearch.localizer.predict import open_localizer, predictions_from_maps
+        localizer = self.localizer() if fmap is not None else None
+        if localizer is not None:
+            from simsearch.localizer.predict import predictions_from_maps
 
-            prediction = predictions_from_maps(open_localizer(self.store), fmap[None], [size])[0]
+            prediction = predictions_from_maps(localizer, fmap[None], [size])[0]
             box = (prediction.xmin, prediction.ymin, prediction.xmax, prediction.ymax)
             return [QueryPart(pool_one(fmap, fractions([box], *size))[0], prediction.label, box, "predicted")]
         where = described.get("id", described["path"])
@@ -456,11 +554,11 @@ _OPEN: dict[str, Searcher] = {}
 
 
 def search(index_dir: str | os.PathLike, image_or_id: int | str | os.PathLike, k: int = 10,
-           filters: Filters | None = None) -> QueryResult:
+           filters: Filters | None = None, include_training: bool = False) -> QueryResult:
     """Neighbours of an image file or record id; the index stays open between calls."""
     key = str(Path(index_dir).resolve())
     searcher = _OPEN.get(key)
     if searcher is None:
         searcher = _OPEN[key] = Searcher(index_dir)
     searcher.refresh()  # a build may have changed the index since it was opened
-    return searcher.search(image_or_id, k, filters)
+    return searcher.search(image_or_id, k, filters, include_training)

@@ -12,7 +12,8 @@ import os
 import urllib.parse
 from pathlib import Path
 
-from simsearch.records import GroundTruthObject, UNKNOWN
+from simsearch.records import GroundTruthObject, Prediction, Tag, UNKNOWN
+from simsearch.retrieval.contents import QueryContents
 from simsearch.retrieval.objects import QueryPart
 from simsearch.retrieval.searcher import QueryResult
 from simsearch.pipeline.read import open_image
@@ -40,6 +41,8 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .card[data-weak="true"] { opacity: 0.55; filter: grayscale(0.8); }
 .weak-label { color: #a33; font-size: 12px; font-weight: 600; }
 .no-match { color: #a33; margin: 0 0 12px; }
+.contents { margin: 4px 0; }
+.left-out { color: #666; margin: 0 0 12px; font-size: 12px; }
 """
 
 
@@ -77,14 +80,9 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
         shown = n.match if n.match is not None else (n.why.match if n.why is not None else None)
         box = match_box(shown, record) if shown is not None else record_box(record)
         tags = "".join(f'<span class="tag">{e(c)}</span>' for c in record.classes)
-        if record.prediction:
-            unsure = record.prediction.label == UNKNOWN  # a score, not a class: say so rather than name one
-            title = "predicted: no class scored above the localizer's threshold" if unsure else "predicted"
-            tags += (f'<span class="tag pred" title="{title}">{e(record.prediction.label)} '
-                     f'{record.prediction.score:.2f}</span>')
+        tags += _prediction_chips([record.prediction] if record.prediction else [])
         # ImageNet tags are the backbone's guess at the whole image, not a box class: shown apart.
-        imagenet_tags = "".join(f'<span class="tag imagenet" title="ImageNet tag">{e(t.label)} {t.score:.2f}</span>'
-                                for t in record.tags)
+        imagenet_tags = _tag_chips(record.tags)
         if shown is not None:
             crop_caption = f"matched {shown.label or 'object'} {shown.score:.2f} ({shown.source})"
         else:
@@ -110,8 +108,12 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
              if boxed else f"Images like {Path(query_path).name}")
     cutoff = f" &middot; weak below {result.cutoff:.3f}" if result.cutoff is not None else ""
     note = ""
+    if result.left_out is not None:
+        note += (f'<div class="left-out" id="left-out">Left out {result.left_out.images} training images of '
+                 f'{e(", ".join(result.left_out.datasets))} (the localizer learned from them); '
+                 f'query with --include-training to see them.</div>')
     if result.no_good_match:
-        note = (f'<div class="no-match" id="no-good-match">No good match in this index: the best score, '
+        note += (f'<div class="no-match" id="no-good-match">No good match in this index: the best score, '
                 f'{result.neighbours[0].score:.3f}, is below its cutoff {result.cutoff:.3f}.</div>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
@@ -121,11 +123,38 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
 <div class="muted">index {e(str(index_dir))} &middot; {len(result.neighbours)} neighbours &middot; score = cosine similarity{cutoff}</div>
 <div class="query"><img id="query" alt="query image" src="{data_uri(query_jpeg)}">
   <div><div><b>query</b></div><div class="path"><a href="{relative_link(query_path, page)}">{e(str(query_path))}</a></div>
+  {_contents_html(result.contents)}
   <div class="pics">{parts_html}</div></div></div>
 {note}<div class="grid">{''.join(cards)}
 </div>
 </body></html>
 """
+
+
+def _prediction_chips(predictions: list[Prediction]) -> str:
+    """The localizer's chips; "unknown" is a score, not a class, and its title says so rather than name one."""
+    chips = []
+    for p in predictions:
+        title = "predicted: no class scored above the localizer's threshold" if p.label == UNKNOWN else "predicted"
+        chips.append(f'<span class="tag pred" title="{title}">{html.escape(p.label)} {p.score:.2f}</span>')
+    return "".join(chips)
+
+
+def _tag_chips(tags: list[Tag]) -> str:
+    return "".join(f'<span class="tag imagenet" title="ImageNet tag">{html.escape(t.label)} {t.score:.2f}</span>'
+                   for t in tags)
+
+
+def _contents_html(contents: QueryContents | None) -> str:
+    """What the engine sees in the query, above its neighbours: drawn classes, the prediction(s), ImageNet tags."""
+    if contents is None:
+        return ""
+    classes = "".join(f'<span class="tag">{html.escape(c)}</span>' for c in sorted({o.label for o in contents.objects}))
+    seen = "stored in the index" if contents.seen == "stored" else "seen in this image"
+    chips = classes + _prediction_chips(contents.predictions) or '<span class="muted">no localizer prediction</span>'
+    tags = _tag_chips(contents.tags) or '<span class="muted">no ImageNet tags</span>'
+    return (f'<div class="contents" id="query-contents" data-seen="{contents.seen}" title="{seen}">'
+            f'<div>{chips}</div><div class="imagenet-tags">{tags}</div></div>')
 
 
 def _part_caption(part: QueryPart) -> str:

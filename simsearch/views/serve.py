@@ -32,7 +32,9 @@ from starlette.concurrency import run_in_threadpool
 
 from simsearch.errors import (BadInputError, ImageTooLargeError, IndexBusyError, IndexDamagedError, NotFoundError,
                                SimsearchError)
+from simsearch.retrieval.contents import QueryContents
 from simsearch.retrieval.filters import Filters
+from simsearch.retrieval.scope import LeftOut
 from simsearch.retrieval.searcher import Neighbour, QueryResult, Searcher
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
 from simsearch.records import Record
@@ -116,7 +118,8 @@ class Browser:
                     "labels": sorted(labels), "datasets": sorted(searcher.store.datasets()), "backbone": searcher.spec.embedder.backbone,
                     "index_type": searcher.spec.index_type, "max_upload_bytes": self.config.max_upload_bytes,
                     "max_pixels": self.config.max_pixels, "object_search": searcher.has_objects(),
-                    "score_cutoff": searcher.cutoff, "tags": list(searcher.store.tag_labels())}
+                    "score_cutoff": searcher.cutoff, "tags": list(searcher.store.tag_labels()),
+                    "training_datasets": list(searcher.training_datasets())}
 
     def _record(self, image_id: int) -> Record:
         with self._lock:
@@ -175,20 +178,21 @@ class Browser:
     # ------------------------------------------------------------ search
 
     def search_id(self, image_id: int, k: int, filters: Filters | None = None, box: str | None = None,
-                  objects: bool = False) -> dict:
+                  objects: bool = False, include_training: bool = False) -> dict:
         """Neighbours of a record, or of a region of it when `box` is given.
 
         A box searches the objects index when the index has one ("mode": "objects"), else
         its pixels are cropped and embedded ("mode": "crop"); `objects` searches with the
-        record's own objects.
+        record's own objects. "query" says what the engine sees in the query (`_with_contents`).
         """
         k = self._k(k)
         if objects or (box and self._has_objects()):
-            return self._search_objects_id(image_id, k, filters, box)
+            return self._search_objects_id(image_id, k, filters, box, include_training)
         if not box:
             with self._lock:
-                result = self._fresh().search(image_id, k, filters)
-            return {"query": _query_of(result.record), "mode": "image", "cutoff": result.cutoff,
+                result = self._fresh().search(image_id, k, filters, include_training)
+            query = _with_contents(_query_of(result.record), result.contents, result.left_out)
+            return {"query": query, "mode": "image", "cutoff": result.cutoff,
                     "neighbours": [self._public(n) for n in result.neighbours]}
         record = self._record(image_id)
         query = _query_of(record)
@@ -196,33 +200,35 @@ class Browser:
             image = self._open_record_file(record, draft=_region_draft)
             region, image = _crop_region(image, box)
             query["box"] = list(region)
-            xq = self._embed(image)
+            xq, contents = self._look(image)  # what is in the region, from the pass that embeds it
         # A region's best match may well be its own image: nothing is excluded.
-        return {"query": query, "mode": "crop", "neighbours": self._neighbours(xq, k, filters, set()),
+        neighbours, left_out = self._neighbours(xq, k, filters, set(), include_training)
+        return {"query": _with_contents(query, contents, left_out), "mode": "crop", "neighbours": neighbours,
                 "cutoff": self._cutoff()}
 
-    def _search_objects_id(self, image_id: int, k: int, filters: Filters | None, box: str | None) -> dict:
+    def _search_objects_id(self, image_id: int, k: int, filters: Filters | None, box: str | None,
+                           include_training: bool = False) -> dict:
         """Images holding objects like the record's box (or its own objects): the objects index, grouped per image."""
         record = self._record(image_id)
         region = parse_box(box, (record.width, record.height)) if box else None
         with self._decode_slots:  # a record whose map was not kept is decoded again
             with self._lock:
-                result = self._fresh().search_objects(image_id, k, region, filters)
+                result = self._fresh().search_objects(image_id, k, region, filters, include_training)
         return self._objects_response(_query_of(record), result)
 
     def _objects_response(self, query: dict, result: QueryResult) -> dict:
         if "box" in result.query:
             query["box"] = [round(v) for v in result.query["box"]]
         query["parts"] = [p.to_json() for p in result.parts]
-        return {"query": query, "mode": "objects", "cutoff": result.cutoff,
-                "neighbours": [self._public(n) for n in result.neighbours]}
+        return {"query": _with_contents(query, result.contents, result.left_out), "mode": "objects",
+                "cutoff": result.cutoff, "neighbours": [self._public(n) for n in result.neighbours]}
 
     def _has_objects(self) -> bool:
         with self._lock:
             return self._fresh().has_objects()
 
     def search_upload(self, data: bytes, k: int, filters: Filters | None = None, box: str | None = None,
-                      name: str | None = None, objects: bool = False) -> dict:
+                      name: str | None = None, objects: bool = False, include_training: bool = False) -> dict:
         """Neighbours of an uploaded image, or of a region of it (`box` in the image's full-size pixels).
 
         A box searches the objects index when there is one, as `search_id`; `objects`
@@ -253,37 +259,45 @@ class Browser:
             if by_objects:
                 region = parse_box(box, (width, height)) if box else None
                 with self._lock:
-                    result = self._fresh().search_objects_in_image(image, region, self._k(k), exclude, filters)
+                    result = self._fresh().search_objects_in_image(image, region, self._k(k), exclude, filters,
+                                                                   include_training)
                 del image
                 return self._objects_response(query, result)
             if box:
                 region, image = _crop_region(image, box)
                 query["box"] = list(region)
                 exclude = set()  # a region's best match may well be the uploaded file itself
-            xq = self._embed(image)
+            xq, contents = self._look(image)
             del image  # the decoded pixels go before the slot is given back
-        return {"query": query, "mode": "crop" if box else "image",
-                "neighbours": self._neighbours(xq, self._k(k), filters, exclude), "cutoff": self._cutoff()}
+        if exclude:  # an indexed file: what the index stored for it, as a query by its id shows
+            contents = QueryContents.of_record(self._record(min(exclude)))
+        neighbours, left_out = self._neighbours(xq, self._k(k), filters, exclude, include_training)
+        return {"query": _with_contents(query, contents, left_out), "mode": "crop" if box else "image",
+                "neighbours": neighbours, "cutoff": self._cutoff()}
 
     def _k(self, k: int) -> int:
         return max(1, min(int(k), self.config.max_k))
 
-    def _embed(self, image: Image.Image) -> np.ndarray:
+    def _look(self, image: Image.Image) -> tuple[np.ndarray, QueryContents]:
+        """The pixels' vector and what the same pass sees in them (tags, the localizer's prediction)."""
         with self._lock:
-            return self._fresh().vector_of_image(image)
+            return self._fresh().look(image)
 
     def _cutoff(self) -> float | None:
         """The index's score cutoff: neighbours below it are weak (None: not calibrated)."""
         with self._lock:
             return self._fresh().cutoff
 
-    def _neighbours(self, xq: np.ndarray, k: int, filters: Filters | None, exclude: set[int]) -> list[dict]:
+    def _neighbours(self, xq: np.ndarray, k: int, filters: Filters | None, exclude: set[int],
+                    include_training: bool = False) -> tuple[list[dict], LeftOut | None]:
+        """The neighbours of a vector as the client sees them, and the training images left out (as `search`)."""
         with self._lock:
-            neighbours = self._fresh().search_vector(xq, k, exclude, filters)
+            scoped, left_out = self._fresh().scope(filters, include_training)
+            neighbours = self.searcher.search_vector(xq, k, exclude, scoped)
             # Why each is similar, as `search` says it: an upload of an indexed file lends that record's objects.
             indexed = self.searcher.record(min(exclude)) if exclude else None
             self.searcher.explain_neighbours(neighbours, self.searcher.query_parts(indexed, xq))
-        return [self._public(n) for n in neighbours]
+        return [self._public(n) for n in neighbours], left_out
 
     @staticmethod
     def _public(n: Neighbour) -> dict:
@@ -349,6 +363,14 @@ def _query_of(record: Record) -> dict:
     return {"id": record.id, "path_name": Path(record.path).name, "width": record.width, "height": record.height}
 
 
+def _with_contents(query: dict, contents: QueryContents | None, left_out: LeftOut | None) -> dict:
+    """`query` with what the engine sees in it (prediction(s), ImageNet tags, drawn boxes; as `simsearch query`'s
+    JSON first line) and the training images the search left out."""
+    query.update((contents or QueryContents()).to_json())
+    query["left_out"] = left_out.to_json() if left_out is not None else None
+    return query
+
+
 def _region_draft(width: int, height: int) -> tuple[int, int]:
     """JPEG draft target for a region search: REGION_DECODE_SIDE a side, or the whole file if smaller."""
     return min(width, REGION_DECODE_SIDE), min(height, REGION_DECODE_SIDE)
@@ -393,6 +415,10 @@ FILTER_HELP = {
     "not_dataset": "no images of this dataset (repeatable)",
     "tag": "only images holding this ImageNet tag (any case), e.g. espresso",
 }
+
+
+INCLUDE_TRAINING_HELP = ("also answer with the images the index's localizer trained on (left out by default when "
+                         "the index holds other images too; a dataset filter overrides)")
 
 
 def _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag=None) -> Filters:
@@ -490,8 +516,9 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
                filters: Filters = Depends(_query_filters),
                box: Optional[str] = Query(None, description="xmin,ymin,xmax,ymax in the record's pixels: searches the "
                                           "objects index when it has objects (mode objects), else the crop (mode crop)"),
-               objects: bool = Query(False, description="search with the record's own objects")) -> dict:
-        return browser.search_id(id, k, filters, box or None, objects)
+               objects: bool = Query(False, description="search with the record's own objects"),
+               include_training: bool = Query(False, description=INCLUDE_TRAINING_HELP)) -> dict:
+        return browser.search_id(id, k, filters, box or None, objects, include_training)
 
     @app.post("/api/search", summary="Neighbours of an uploaded image (or of a region of it)")
     async def search_upload(file: UploadFile = File(..., description="an image file"),
@@ -505,12 +532,14 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
                             not_dataset: list[str] = Form([], description=FILTER_HELP["not_dataset"]),
                             tag: Optional[str] = Form(None, description=FILTER_HELP["tag"]),
                             box: Optional[str] = Form(None, description="xmin,ymin,xmax,ymax in the image's pixels"),
-                            objects: bool = Form(False, description="search with the image's own objects")) -> dict:
+                            objects: bool = Form(False, description="search with the image's own objects"),
+                            include_training: bool = Form(False, description=INCLUDE_TRAINING_HELP)) -> dict:
         filters = _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag)
         data = await file.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {config.max_upload_bytes // (1024 * 1024)} MB")
-        return await run_in_threadpool(browser.search_upload, data, k, filters, box or None, file.filename, objects)
+        return await run_in_threadpool(browser.search_upload, data, k, filters, box or None, file.filename, objects,
+                                       include_training)
 
     # Oversized bodies are refused before FastAPI parses (and spools) them.
     app.add_middleware(UploadCap, limit=config.max_upload_bytes)

@@ -42,9 +42,12 @@ PAGE = r"""<!doctype html>
   .match { font-size: 11px; color: #777; }
   .controls label.check { font-weight: normal; display: flex; gap: 6px; align-items: center; }
   .controls label.check input { width: auto; }
+  [hidden] { display: none !important; }  /* a hidden row stays hidden whatever its display rule */
   #picker { display: grid; grid-template-columns: repeat(auto-fill, 64px); gap: 4px; max-height: 280px; overflow: auto; margin-top: 6px; }
   #picker img { width: 64px; height: 64px; object-fit: cover; cursor: pointer; border: 1px solid #ddd; }
   h2 { font-size: 15px; margin: 0 0 8px; }
+  #qcontents { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; margin-bottom: 8px; }
+  #qcontents .label { font-weight: 600; margin-right: 6px; }
 </style></head>
 <body>
 <header><h1>simsearch</h1><span id="info" class="muted"></span><a class="muted" href="/docs">API</a></header>
@@ -69,6 +72,7 @@ PAGE = r"""<!doctype html>
     <label for="under">Under folder</label>
     <input type="text" id="under" placeholder="/path/to/photos/2024" title="only files under this folder of the server">
     <label class="check" id="objects-row" hidden><input type="checkbox" id="objects"> search with its objects (each box, not the whole image)</label>
+    <label class="check" id="training-row" hidden title="the images the localizer learned from are left out of the results by default"><input type="checkbox" id="training"> <span>include the localizer's training images (<span id="training-sets"></span>)</span></label>
     <div id="stage"><img id="qimg" alt="" hidden><div id="sel"></div></div>
     <div class="hint">Drag on the query image to search with just that region
       <span id="boxhint">(matched against every object in the index)</span>.
@@ -77,6 +81,7 @@ PAGE = r"""<!doctype html>
     <div id="picker"></div>
   </section>
   <section>
+    <div id="qcontents" hidden></div>
     <div id="status">Upload an image or pick one from the index.</div>
     <div id="results" class="grid"></div>
   </section>
@@ -104,6 +109,8 @@ async function loadInfo() {
   const info = await api("/api/info");
   $("info").textContent = `${info.images} images · ${info.backbone} · ${info.index_type}`;
   $("objects-row").hidden = $("boxhint").hidden = !info.object_search;
+  $("training-row").hidden = !(info.training_datasets || []).length;
+  $("training-sets").textContent = (info.training_datasets || []).join(", ");
   for (const l of info.labels) { const o = document.createElement("option"); o.value = o.textContent = l; $("label").append(o); }
   for (const d of info.datasets || []) { const o = document.createElement("option"); o.value = o.textContent = d; $("dataset").append(o); }
   for (const t of info.tags || []) { const o = document.createElement("option"); o.value = t; $("tags").append(o); }
@@ -159,16 +166,18 @@ async function run() {
       for (const [name, value] of filters()) form.append(name, value);
       if (box) form.append("box", box.join(","));
       else if ($("objects").checked) form.append("objects", "true");
+      if ($("training").checked) form.append("include_training", "true");
       result = await api("/api/search", {method: "POST", body: form});
     } else {
       const params = new URLSearchParams({id: query.id, k});
       for (const [name, value] of filters()) params.append(name, value);
       if (box) params.set("box", box.join(","));
       else if ($("objects").checked) params.set("objects", "true");
+      if ($("training").checked) params.set("include_training", "true");
       result = await api("/api/search?" + params);
     }
     render(result);
-  } catch (e) { status(e.message, true); $("results").replaceChildren(); }
+  } catch (e) { status(e.message, true); $("results").replaceChildren(); $("qcontents").hidden = true; }
 }
 
 function render(result) {
@@ -180,8 +189,30 @@ function render(result) {
   let text = `${n} neighbour${n === 1 ? "" : "s"} (${what})${how}` + (shown.length ? "; " + shown.join(", ") : "");
   if (n && result.neighbours.every(r => r.weak))
     text += ` · no good match in this index (best score ${result.neighbours[0].score.toFixed(2)}, cutoff ${Number(result.cutoff).toFixed(2)})`;
+  const left = result.query.left_out;
+  if (left) text += ` · left out ${left.images} training images of ${left.datasets.join(", ")} (tick "include the localizer's training images" to see them)`;
   status(text);
+  showContents(result.query);
   $("results").replaceChildren(...result.neighbours.map(card));
+}
+
+function predictionChip(p) {
+  // "unknown": the head's best class scored below its threshold; the chip shows the score, names no class.
+  const title = p.label === "unknown" ? "predicted: no class scored above the localizer's threshold" : "predicted";
+  return `<span class="tag pred" title="${title}">${esc(p.label)} ${Number(p.score).toFixed(2)}</span>`;
+}
+
+function tagChips(tags) {
+  return (tags || []).map(t => `<span class="tag imagenet" title="ImageNet tag">${esc(t.label)} ${Number(t.score).toFixed(2)}</span>`).join("");
+}
+
+// What the engine sees in the query itself, above its neighbours: drawn classes, the localizer's prediction(s), ImageNet tags.
+function showContents(q) {
+  const classes = [...new Set((q.objects || []).map(o => o.label))].sort().map(c => `<span class="tag">${esc(c)}</span>`).join("");
+  const predicted = (q.predictions || []).map(predictionChip).join("");
+  const where = q.seen === "stored" ? "stored in the index" : "seen in this image";
+  $("qcontents").innerHTML = `<span class="label" title="${where}">In the query:</span>${classes}${predicted || '<span class="name">no localizer prediction</span>'} ${tagChips(q.tags) || '<span class="name">no ImageNet tags</span>'}`;
+  $("qcontents").hidden = false;
 }
 
 function card(r) {
@@ -190,10 +221,9 @@ function card(r) {
   div.title = r.weak ? "Weak match: scores no better than unrelated images of this index. Search from this image"
                      : "Search from this image";
   let tags = r.classes.map(c => `<span class="tag">${esc(c)}</span>`).join("");
-  // "unknown": the head's best class scored below its threshold; the chip shows the score, names no class.
-  if (r.prediction) tags += `<span class="tag pred" title="${r.prediction.label === "unknown" ? "predicted: no class scored above the localizer's threshold" : "predicted"}">${esc(r.prediction.label)} ${Number(r.prediction.score).toFixed(2)}</span>`;
+  if (r.prediction) tags += predictionChip(r.prediction);
   // ImageNet tags: the backbone's guess at the whole image, shown apart from box classes.
-  const imagenet = (r.tags || []).map(t => `<span class="tag imagenet" title="ImageNet tag">${esc(t.label)} ${Number(t.score).toFixed(2)}</span>`).join("");
+  const imagenet = tagChips(r.tags);
   // The object that matched (object search) or that the reason names: its crop, class and score.
   const m = r.match || (r.why && r.why.object);
   const crop = m ? `<img class="crop matched" src="${r.match_crop_url}" alt="matched object" data-box-id="${m.object_id}">`
@@ -244,6 +274,7 @@ for (const id of ["label", "dataset", "minscore", "under", "tag"]) $(id).onchang
 $("k").onchange = run;
 $("clearbox").onclick = () => { setBox(null); run(); };
 $("objects").onchange = () => { setBox(null); run(); };
+$("training").onchange = run;
 
 loadInfo().then(() => {
   const m = location.hash.match(/id=(\d+)/);
