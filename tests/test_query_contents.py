@@ -161,3 +161,21 @@ def test_serve_shows_the_query_contents_and_can_include_training(mixed):
     by_id = client.get("/api/search", params={"id": 1, "k": 3, "include_training": True}).json()["query"]
     assert by_id["seen"] == "stored" and by_id["prediction"] is not None and by_id["left_out"] is None
     assert 'id="training"' in client.get("/").text and 'id="qcontents"' in client.get("/").text
+
+
+def test_a_damaged_head_does_not_stop_plain_searches(mixed, tmp_path):
+    """Only object searches need the head: a plain query still answers, without the head's contents or scope."""
+    from simsearch.errors import IndexDamagedError
+    from simsearch.localizer.head import HEAD_FILE
+    from simsearch.retrieval.searcher import Searcher
+
+    index, outside = mixed
+    copy = tmp_path / "index"
+    shutil.copytree(index, copy)
+    (copy / HEAD_FILE).write_bytes(b"not a torch file")
+    with Searcher(copy, device="cpu") as searcher:
+        result = searcher.search(outside, 3)
+        assert len(result.neighbours) == 3
+        assert result.contents.predictions == [] and result.contents.tags  # tags come from the backbone, not the head
+        with pytest.raises(IndexDamagedError):
+            searcher.search_objects(outside, 3)

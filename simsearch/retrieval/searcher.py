@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simsearch.errors import BadInputError, NotFoundError, SimsearchError
+from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError, SimsearchError, SpecMismatchError
 from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.pipeline.box_vectors import fractions, pool_one
@@ -112,6 +112,7 @@ class Searcher:
         self._embedder: Embedder | None = None
         self._objects_index = None  # (spec, index, generation) of the objects index, opened on first use
         self._localizer = (None, None)  # (the head file's stat, its Localizer): loaded once, again when retrained
+        self._head_warned = None  # the head file's stat when its damage was last reported
         self._datasets = (None, {})  # (store generation, images per dataset): counted once per change, not per query
         self.objects_calibration: Calibration | None = None
         self._open()
@@ -209,13 +210,32 @@ class Searcher:
         if self._localizer[0] != key:
             from simsearch.localizer.predict import open_localizer
 
-            self._localizer = (key, open_localizer(self.store))
+            try:
+                self._localizer = (key, open_localizer(self.store))
+            except (IndexDamagedError, SpecMismatchError) as e:
+                self._localizer = (key, e)  # the same file fails the same way: not read again until it changes
+        if isinstance(self._localizer[1], Exception):
+            raise self._localizer[1]
         return self._localizer[1]
+
+    def optional_localizer(self):
+        """The head when it loads, else None with one warning: a damaged head must not stop plain searches.
+
+        Only the query's contents and the training-data default depend on it there;
+        object searches that need the head call `localizer()` and report the damage.
+        """
+        try:
+            return self.localizer()
+        except (IndexDamagedError, SpecMismatchError) as e:
+            if self._head_warned != self._localizer[0]:
+                log.warning("the localizer head is not used: %s", e)
+                self._head_warned = self._localizer[0]
+            return None
 
     def contents_seen(self, fmap: np.ndarray, size: tuple[int, int], tags: list[Tag]) -> QueryContents:
         """An outside image's contents from its own pass: its tags, and the head's prediction from its map."""
         predictions = []
-        localizer = self.localizer()
+        localizer = self.optional_localizer()
         if localizer is not None:
             from simsearch.localizer.predict import predictions_from_maps
 
@@ -225,8 +245,8 @@ class Searcher:
     # ------------------------------------------------------------ what a search answers with
 
     def training_datasets(self) -> tuple[str, ...]:
-        """The datasets the index's localizer head trained on (none: no head, or one trained before they were recorded)."""
-        localizer = self.localizer()
+        """The datasets the index's localizer head trained on (none: no usable head, or one trained before they were recorded)."""
+        localizer = self.optional_localizer()
         return tuple(localizer.spec.training.get("datasets", ())) if localizer is not None else ()
 
     def scope(self, filters: Filters | None, include_training: bool = False) -> tuple[Filters | None, LeftOut | None]:
