@@ -20,13 +20,13 @@ import math
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from io import BytesIO
 from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from simsearch.errors import SimsearchError
+from simsearch.pipeline.edits import centre_crop, jpeg, rescaled
 
 log = logging.getLogger(__name__)
 
@@ -124,30 +124,12 @@ def cutoff_rule(random_scores: np.ndarray, near_duplicate_scores: np.ndarray | N
 # ------------------------------------------------------------ near-duplicates
 
 
-def _jpeg(image: Image.Image, quality: int) -> Image.Image:
-    buffer = BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
-
-
-def _crop(image: Image.Image, keep: float) -> Image.Image:
-    w, h = image.size
-    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return image.crop((left, top, left + cw, top + ch))
-
-
-def _scaled(image: Image.Image, factor: float) -> Image.Image:
-    w, h = image.size
-    return image.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR).resize((w, h), Image.BILINEAR)
-
-
+# Fixed strengths (no randomness), drawn from the Copydays set that evaluate-retrieval uses (`pipeline/edits`).
 EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
-    "crop75": lambda im: _crop(im, 0.75),  # centre crop keeping 75% of each side
+    "crop75": lambda im: centre_crop(im, 0.75),  # centre crop keeping 75% of each side
     "flip": ImageOps.mirror,
-    "jpeg30": lambda im: _jpeg(im, 30),
-    "scale25": lambda im: _scaled(im, 0.25),  # down to 25% and back up
+    "jpeg30": lambda im: jpeg(im, 30),
+    "scale25": lambda im: rescaled(im, 0.25),  # down to 25% and back up
 }
 
 
