@@ -49,7 +49,7 @@ def train_localizer_command(
     box_weight: float = typer.Option(2.0, "--box-weight", help="loss = cross-entropy + box_weight * (smooth-L1 + GIoU)."),
     every: bool = typer.Option(False, "--every", help="Train the dense head instead: objectness, class and box for every anchor of every grid cell, learnt from every non-difficult box, so localize stores every object found (per-class NMS, score >= --score-threshold), not only the largest; evaluate then reports mAP@0.5."),
     anchors: int = typer.Option(3, "--anchors", min=1, help="With --every: anchor shapes per grid cell (k-means of the training boxes)."),
-    score_threshold: float = typer.Option(0.25, "--score-threshold", min=0.0, max=1.0, help="With --every: detections scoring below this are not stored."),
+    score_threshold: Optional[float] = typer.Option(None, "--score-threshold", min=0.0, max=1.0, help="With --every: detections scoring below this are not stored; default the score of best F1 on the validation images."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
     quiet: bool = QUIET_OPTION,
@@ -73,7 +73,8 @@ def train_localizer_command(
             f"dense head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
             f"{report.val_images} val images, best epoch {report.best_epoch} of {report.epochs_run}: val mAP@0.5 "
             f"{report.val_map:.3f}; best detection against the largest object: accuracy {report.val_accuracy:.3f}, "
-            f"CorLoc {report.val_corloc:.3f}; {report.seconds:.1f}s. Next: simsearch localize --index {index}", err=True)
+            f"CorLoc {report.val_corloc:.3f}; detections scoring below {report.calibration['threshold']:.2f} are not "
+            f"stored; {report.seconds:.1f}s. Next: simsearch localize --index {index}", err=True)
         return
     typer.echo(
         f"head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "

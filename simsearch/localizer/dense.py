@@ -38,7 +38,8 @@ class DenseConfig:
     cls_weight: float = 1.0
     box_weight: float = 2.0
     iou_objectness: bool = True  # a positive's objectness target is its box's IoU: scores rank well-placed boxes first
-    score_threshold: float = 0.25  # detections scoring below are not stored (HeadSpec.threshold)
+    score_threshold: float | None = None  # detections scoring below are not stored (HeadSpec.threshold); None:
+    # the score of best F1 (right boxes at IoU 0.5) on the validation images, `train_dense.f1_threshold`
     nms_iou: float = 0.5  # per-class NMS: a box overlapping a better one of its class this much is dropped
     max_detections: int = 100  # per image, after NMS
     batch_size: int = 16  # small batches: a few dozen images still give several steps an epoch

@@ -178,9 +178,7 @@ def train(config: TrainConfig) -> TrainReport:
     """
     with writer_lock(config.index_dir, "train-localizer"):
         if config.target == "every":
-            from simsearch.localizer.train_dense import train_dense
-
-            return train_dense(config)
+            return _train_every(config)
         if config.target not in TARGETS:
             raise BadInputError(f"unknown target {config.target!r}; use one of {', '.join(TARGETS)}")
         return _train(config)
@@ -220,6 +218,26 @@ def split(store: Store, config: TrainConfig) -> Split:
             f"{len(train_idx)} training and {len(val_idx)} validation images: both are needed. "
             "Change --val-split or --val-fraction")
     return Split(every, validation, train_idx, val_idx)
+
+
+def _train_every(config: TrainConfig) -> TrainReport:
+    """The dense head (`train_dense.fit_dense`) on the same split as the single-object head's, saved the same way."""
+    from simsearch.localizer.train_dense import fit_dense, truths
+
+    started = time.perf_counter()
+    with Store(config.index_dir) as store:
+        chosen = split(store, config)
+        truth = truths(store, chosen.every.ids)
+        embedder = store.spec.embedder
+        maps = torch.from_numpy(load_maps(store, chosen.every.ids))  # fp16 in memory, fp32 one batch at a time
+    fit = fit_dense(config, chosen, truth, maps, embedder)
+    folder = config.head_dir or config.index_dir
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Localizer(fit.head, fit.spec).save(folder)
+    return TrainReport(str(config.index_dir), fit.spec.version, list(fit.spec.classes), len(chosen.train_idx),
+                       len(chosen.val_idx), len(fit.history), fit.best_epoch, fit.best_val_loss, fit.val_accuracy,
+                       fit.val_corloc, time.perf_counter() - started, fit.history,
+                       {"threshold": fit.spec.threshold, **fit.spec.training["threshold"]}, "every", fit.val_map)
 
 
 def _train(config: TrainConfig) -> TrainReport:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 
 from simsearch.errors import BadInputError
 from simsearch.localizer.dense import DenseConfig, DenseHead, Detections, Targets, assign, decode, dense_loss, fit_anchors
-from simsearch.localizer.head import HeadSpec, Localizer, head_version
+from simsearch.localizer.head import HeadSpec, head_version
 from simsearch.localizer.metrics import DetectionTruth, box_iou, corloc, mean_average_precision
 from simsearch.storage.store import Store
 
@@ -51,6 +51,32 @@ def detection_scores(detections: Sequence[Detections], truth: Sequence[Detection
     return mean_average_precision(named, truth, classes)
 
 
+def f1_threshold(detections: Sequence[Detections], truth: Sequence[DetectionTruth], classes: Sequence[str],
+                 floor: float = 0.05) -> tuple[float, float]:
+    """(score, F1): the detection score above which the stored boxes are most often right and miss least (max F1
+    of right boxes at IoU 0.5 over every class pooled), read off validation images. Never below `floor`."""
+    from simsearch.localizer.metrics import match_detections
+
+    scores, right, n_truth = [], [], 0
+    for d, t in zip(detections, truth):
+        names = np.array([classes[int(k)] for k in d.labels])
+        labels = np.array(t.labels)
+        difficult = np.asarray(t.difficult, dtype=bool)
+        n_truth += int(sum(not x and c in classes for c, x in zip(t.labels, difficult)))
+        for c in set(names.tolist()):
+            mine, theirs = names == c, labels == c if len(labels) else np.zeros(0, bool)
+            matched, counted = match_detections(d.boxes[mine], d.scores[mine], t.boxes[theirs], difficult[theirs])
+            scores += d.scores[mine][counted].tolist()
+            right += matched[counted].tolist()
+    if not scores or not n_truth:
+        return floor, 0.0
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranked, hits = np.asarray(scores)[order], np.cumsum(np.asarray(right)[order])
+    f1 = 2 * hits / (np.arange(1, len(ranked) + 1) + n_truth)
+    best = int(f1.argmax())
+    return max(float(ranked[best]), floor), float(f1[best])
+
+
 def _targets(truth: Sequence[DetectionTruth], where: dict[str, int], anchors: np.ndarray, grid: tuple[int, int],
              config: DenseConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(2, n, A, H, W) classes and (2, n, A, H, W, 4) boxes: each image as it is [0] and mirrored [1]."""
@@ -71,23 +97,35 @@ def _targets(truth: Sequence[DetectionTruth], where: dict[str, int], anchors: np
     return torch.from_numpy(np.stack(classes)), torch.from_numpy(np.stack(boxes))
 
 
-def train_dense(config) -> "TrainReport":  # noqa: F821 - train.TrainConfig / TrainReport: imported late, no cycle
-    """Train the dense head on every non-difficult box of the known classes; save it as the index's head."""
+@dataclass
+class DenseFit:
+    """A trained dense head, its spec, and how training went: what `train.train` saves and reports."""
+
+    head: DenseHead
+    spec: HeadSpec
+    history: list[dict]
+    best_epoch: int  # 1-based
+    best_val_loss: float
+    val_accuracy: float  # best detection's class against the largest object's
+    val_corloc: float
+    val_map: float
+
+
+def fit_dense(config, chosen, truth: Sequence[DetectionTruth], maps: torch.Tensor, embedder) -> DenseFit:
+    """Train the dense head on every non-difficult box of the known classes of the training images.
+
+    `config` is a `train.TrainConfig`, `chosen` its `train.Split`, `truth` every
+    box of `chosen.every`'s images, `maps` their stored maps (in that order).
+    """
     from tqdm import tqdm
 
-    from simsearch.localizer.train import TrainReport, load_maps, split
     from simsearch.pipeline.embed import resolve_device
 
     dense: DenseConfig = config.dense
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    with Store(config.index_dir) as store:
-        chosen = split(store, config)
-        every, train_idx, val_idx = chosen.every, chosen.train_idx, chosen.val_idx
-        truth = truths(store, every.ids)
-        embedder = store.spec.embedder
-        maps = torch.from_numpy(load_maps(store, every.ids))  # fp16 in memory, fp32 one batch at a time
+    every, train_idx, val_idx = chosen.every, chosen.train_idx, chosen.val_idx
     excluded = set(config.exclude_classes)
     classes = sorted({c for k in train_idx for c, d in zip(truth[k].labels, truth[k].difficult)
                       if not d and c not in excluded})
@@ -155,6 +193,9 @@ def train_dense(config) -> "TrainReport":  # noqa: F821 - train.TrainConfig / Tr
     head.load_state_dict(best[2])
     _, _, found = _validate(head, maps, val_idx, anchors_t, target_classes, target_boxes, dense, device)
     accuracy, top_corloc = _top_scores(found, [every.labels[k] for k in val_idx], every.boxes[val_idx], classes)
+    threshold, f1 = f1_threshold(found, val_truth, classes)
+    if dense.score_threshold is not None:
+        threshold = dense.score_threshold
     seconds = time.perf_counter() - started
     best_row = {**history[best[1]], "val_accuracy": accuracy, "val_corloc": top_corloc}
     version = head_version(head)
@@ -166,15 +207,12 @@ def train_dense(config) -> "TrainReport":  # noqa: F821 - train.TrainConfig / Tr
          "train_boxes": sum(int(not d and c in where) for k in train_idx
                             for c, d in zip(truth[k].labels, truth[k].difficult)), "best_epoch": best[1] + 1,
          "epochs_run": len(history), "best": best_row, "seconds": round(seconds, 2),
-         "excluded_classes": sorted(excluded)},
-        threshold=dense.score_threshold, anchors=tuple(tuple(float(v) for v in a) for a in anchors),
+         "excluded_classes": sorted(excluded), "threshold": {"score": threshold, "val_f1": f1,
+                                                             "chosen": dense.score_threshold is None}},
+        threshold=threshold, anchors=tuple(tuple(float(v) for v in a) for a in anchors),
         upsample=dense.upsample, nms_iou=dense.nms_iou, max_detections=dense.max_detections,
     )
-    Path(config.head_dir or config.index_dir).mkdir(parents=True, exist_ok=True)
-    Localizer(head.cpu(), spec).save(config.head_dir or config.index_dir)
-    return TrainReport(str(config.index_dir), version, classes, int(len(train_idx)), int(len(val_idx)), len(history),
-                       best[1] + 1, best[0], accuracy, top_corloc, seconds, history, {}, "every",
-                       best_row["val_map"])
+    return DenseFit(head.cpu(), spec, history, best[1] + 1, best[0], accuracy, top_corloc, best_row["val_map"])
 
 
 @torch.no_grad()
