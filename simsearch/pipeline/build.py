@@ -136,8 +136,8 @@ def build_index(config: BuildConfig) -> BuildReport:
                     items.append(NewImage(record, sha, size, mtime, width, height, batch.embedded.vectors[row],
                                           batch.embedded.maps[row] if keep else None, boxes[0] if boxes else None,
                                           pooled[row][:n], pooled[row][n] if boxes else None,
-                                          batch.embedded.tags[row] if batch.embedded.tags is not None else (),
-                                          list(zip(boxes[1:], pooled[row][n + 1:]))))
+                                          tags=batch.embedded.tags[row] if batch.embedded.tags is not None else (),
+                                          detections=list(zip(boxes[1:], pooled[row][n + 1:]))))
                 report.replaced += sum(str(it.record.path) in known for it in items)
                 new_ids += store.add_images(items)
         embedded = len(new_ids)

@@ -162,10 +162,10 @@ class NewImage:
     # Box vectors (pooled from the map, `pipeline.box_vectors`), committed with the record:
     object_vectors: np.ndarray | None = None  # (len(record.objects), D), one per ground-truth box
     prediction_vector: np.ndarray | None = None  # (D,), the predicted box's
+    tags: Sequence[Tag] = ()  # ImageNet tags from the embedding's forward pass, committed with the record
     # A dense head's further detections (scoring under `prediction`), each with its box vector (D,):
     # stored as predicted boxes beside the prediction's own, in the same transaction.
     detections: Sequence[tuple[Prediction, np.ndarray]] = ()
-    tags: Sequence[Tag] = ()  # ImageNet tags from the embedding's forward pass, committed with the record
 
 
 def _now() -> str:
