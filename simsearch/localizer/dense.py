@@ -34,7 +34,7 @@ class DenseConfig:
     dropout: float = 0.3  # spatial dropout after the reduction
     anchor_ratio: float = 4.0  # a box goes to an anchor when neither side is more than this factor off the anchor's
     neighbours: bool = True  # also the two neighbouring cells nearest the box centre: three times the positives
-    obj_weight: float = 1.0  # loss = obj_weight * BCE(objectness) + cls_weight * CE(class) + box_weight * (1 - GIoU)
+    obj_weight: float = 5.0  # loss = obj_weight * BCE(objectness) + cls_weight * CE(class) + box_weight * (1 - GIoU)
     cls_weight: float = 1.0
     box_weight: float = 2.0
     iou_objectness: bool = True  # a positive's objectness target is its box's IoU: scores rank well-placed boxes first
@@ -134,6 +134,11 @@ def decode_boxes(raw: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     bw = anchors[None, :, None, None, 0] * (2 * t[..., 2]) ** 2
     bh = anchors[None, :, None, None, 1] * (2 * t[..., 3]) ** 2
     return torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
+
+
+def mirror(boxes: np.ndarray) -> np.ndarray:
+    """(n, 4) boxes (fractions) mirrored left-right, to go with a mirrored map."""
+    return np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=1) if len(boxes) else boxes
 
 
 # ---------------------------------------------------------------- targets and loss
@@ -243,8 +248,3 @@ def decode(raw: torch.Tensor, anchors: torch.Tensor, min_score: float = 0.0, nms
         out.append(Detections(label[kept].cpu().numpy().astype(np.int64), top[kept].cpu().numpy().astype(np.float32),
                               chosen[kept].cpu().numpy().astype(np.float32)))
     return out
-
-
-def flip_targets(boxes: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each (n, 4) box list mirrored left-right, to go with a mirrored map."""
-    return [np.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], axis=1) if len(b) else b for b in boxes]

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from simsearch.errors import BadInputError
-from simsearch.localizer.dense import DenseConfig, DenseHead, Detections, Targets, assign, decode, dense_loss, fit_anchors
+from simsearch.localizer.dense import (DenseConfig, DenseHead, Detections, Targets, assign, decode, dense_loss,
+                                       fit_anchors, mirror)
 from simsearch.localizer.head import HeadSpec, head_version
 from simsearch.localizer.metrics import DetectionTruth, box_iou, corloc, mean_average_precision
 from simsearch.storage.store import Store
@@ -86,8 +87,8 @@ def _targets(truth: Sequence[DetectionTruth], where: dict[str, int], anchors: np
         for t in truth:
             keep = np.array([not d and c in where for c, d in zip(t.labels, t.difficult)], dtype=bool)
             b = t.boxes[keep] if len(t.boxes) else t.boxes
-            if flip and len(b):
-                b = np.stack([1 - b[:, 2], b[:, 1], 1 - b[:, 0], b[:, 3]], axis=1)
+            if flip:
+                b = mirror(b)
             labels = np.array([where[c] for c, k in zip(t.labels, keep) if k], dtype=np.int64)
             c, x = assign(b, labels, anchors, grid, config.anchor_ratio, config.neighbours)
             per_class.append(c)
