@@ -589,7 +589,7 @@ class Store:
                                            int(image_id)])
             conn.execute("DELETE FROM objects WHERE image_id = ?", [int(image_id)])  # their box rows cascade
             object_ids = self._insert_objects(conn, int(image_id), record.objects)
-            self._insert_boxes(conn, int(image_id), record.objects, object_ids, rows, None, [])
+            self._insert_boxes(conn, int(image_id), record.objects, object_ids, rows, [], [])
             self._commit_rows(conn, "box", rows)
             conn.execute("DELETE FROM skipped WHERE path = ?", [path])
             self._bump(conn, "boxes_generation")
