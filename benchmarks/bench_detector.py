@@ -92,7 +92,8 @@ def run(name: str, index_dir: Path, work: Path, seeds: list[int], epochs: int, v
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean over seeds of each (collection, head), with the min-max of mAP and CorLoc."""
+    """Mean over seeds of each (collection, head), with the min-max of mAP and CorLoc (each seed holds out its own
+    images where the rule is a fraction: their counts are listed)."""
     out = []
     for key in dict.fromkeys((r["collection"], r["head"]) for r in rows):
         mine = [r for r in rows if (r["collection"], r["head"]) == key]
@@ -100,7 +101,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 ("map50", "map50_common", "accuracy", "corloc", "boxes_per_image", "train_s")}
         spread = lambda m: f"{min(r[m] for r in mine):.3f}-{max(r[m] for r in mine):.3f}"  # noqa: E731
         out.append({"collection": key[0], "head": key[1], "seeds": len(mine), "classes": mine[0]["classes"],
-                    "val_images": mine[0]["val_images"], **mean, "map50_range": spread("map50"),
+                    "val_images": "/".join(str(r["val_images"]) for r in mine), **mean, "map50_range": spread("map50"),
                     "corloc_range": spread("corloc")})
     return out
 
