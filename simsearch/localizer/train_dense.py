@@ -21,7 +21,7 @@ from simsearch.errors import BadInputError
 from simsearch.localizer.dense import (DenseConfig, DenseHead, Detections, Targets, assign, decode, dense_loss,
                                        fit_anchors, mirror)
 from simsearch.localizer.head import HeadSpec, head_version
-from simsearch.localizer.metrics import DetectionTruth, box_iou, corloc, mean_average_precision
+from simsearch.localizer.metrics import DetectionTruth, box_iou, corloc, match_detections, mean_average_precision
 from simsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,6 @@ def f1_threshold(detections: Sequence[Detections], truth: Sequence[DetectionTrut
                  floor: float = 0.05) -> tuple[float, float]:
     """(score, F1): the detection score above which the stored boxes are most often right and miss least (max F1
     of right boxes at IoU 0.5 over every class pooled), read off validation images. Never below `floor`."""
-    from simsearch.localizer.metrics import match_detections
-
     scores, right, n_truth = [], [], 0
     for d, t in zip(detections, truth):
         names = np.array([classes[int(k)] for k in d.labels])
