@@ -333,19 +333,35 @@ def check_index(index_dir: str | os.PathLike, expected: set[str] | None = None,
         if need_predictions and set(ids) - predicted:
             problems.append(f"{len(set(ids) - predicted)} of {len(ids)} images have no prediction "
                             "(the index has a localizer head)")
-        # Every ground-truth box and every prediction has exactly one box vector (the objects index).
+        # Every ground-truth box and every stored detection has exactly one box vector (the objects index): each
+        # prediction's own box once among its image's predicted boxes (a dense head stores more), no predicted box
+        # of an image without a prediction, and no two boxes pointing at one vector row.
         box_ids: list[int] = []
+        predicted_boxes = 0
         if conn.execute("SELECT 1 FROM sqlite_master WHERE name='boxes'").fetchone():
             box_ids = sorted(r[0] for r in conn.execute("SELECT id FROM boxes"))
             lacking = conn.execute("SELECT count(*) FROM objects o WHERE (SELECT count(*) FROM boxes b "
                                    "WHERE b.object_id = o.id) != 1").fetchone()[0]
             if lacking:
                 problems.append(f"{lacking} ground-truth boxes lack a box vector (or have several)")
-            unpredicted = conn.execute("SELECT count(*) FROM predictions p WHERE (SELECT count(*) FROM boxes b "
-                                       "WHERE b.image_id = p.image_id AND b.object_id IS NULL) != 1").fetchone()[0]
-            if unpredicted:
-                problems.append(f"{unpredicted} predictions lack a box vector (or have several)")
+            if has_predictions:
+                unpredicted = conn.execute(
+                    "SELECT count(*) FROM predictions p WHERE (SELECT count(*) FROM boxes b WHERE b.image_id = "
+                    "p.image_id AND b.object_id IS NULL AND b.label IS p.label AND b.score = p.score AND b.xmin = p.xmin "
+                    "AND b.ymin = p.ymin AND b.xmax = p.xmax AND b.ymax = p.ymax) != 1").fetchone()[0]
+                if unpredicted:
+                    problems.append(f"{unpredicted} predictions lack a box vector (or have several)")
+                orphans = conn.execute("SELECT count(*) FROM boxes b WHERE b.object_id IS NULL AND NOT EXISTS "
+                                       "(SELECT 1 FROM predictions p WHERE p.image_id = b.image_id)").fetchone()[0]
+                if orphans:
+                    problems.append(f"{orphans} predicted boxes belong to images without a prediction")
+            shared = conn.execute("SELECT count(*) FROM (SELECT 1 FROM boxes GROUP BY shard, row "
+                                  "HAVING count(*) > 1)").fetchone()[0]
+            if shared:
+                problems.append(f"{shared} box vector rows are pointed at by several boxes")
+            predicted_boxes = conn.execute("SELECT count(*) FROM boxes WHERE object_id IS NULL").fetchone()[0]
         out["boxes"] = len(box_ids)
+        out["predicted_boxes"] = predicted_boxes
         boxes_generation = int(meta.get("boxes_generation", "0"))
     finally:
         conn.close()

@@ -82,3 +82,54 @@ def test_expected_calibration_error_hand_computed():
     assert expected_calibration_error([], []) == 0.0
     with pytest.raises(ValueError):
         expected_calibration_error([0.5], [1, 0])
+
+
+# ---------------------------------------------------------------- VOC average precision
+
+
+def test_average_precision_hand_computed():
+    from simsearch.localizer.metrics import average_precision
+
+    # Ranked TP, FP, TP of 2 boxes: precision 1 up to recall 0.5, then 2/3 up to recall 1 -> 0.5 + 0.5 * 2/3.
+    assert average_precision([0.9, 0.8, 0.7], [True, False, True], 2) == pytest.approx(0.5 + 1 / 3)
+    # Order comes from the scores, not the list: the same detections shuffled.
+    assert average_precision([0.7, 0.9, 0.8], [True, True, False], 2) == pytest.approx(0.5 + 1 / 3)
+    # FP first, then TP, of 3 boxes: the interpolated precision at recall 1/3 is 1/2 (the best at any higher recall).
+    assert average_precision([0.9, 0.8], [False, True], 3) == pytest.approx(1 / 3 * 0.5)
+    # All-point interpolation: TP, FP, FP, TP of 2 -> 0.5 * 1 + 0.5 * 0.5 (not the 11-point 0.545...).
+    assert average_precision([4, 3, 2, 1], [True, False, False, True], 2) == pytest.approx(0.75)
+    # A later, higher precision lifts the earlier points: FP, TP, TP of 2 -> precision 2/3 over all recall.
+    assert average_precision([3, 2, 1], [False, True, True], 2) == pytest.approx(2 / 3)
+    assert average_precision([1.0], [True], 1) == 1.0
+    assert average_precision([], [], 4) == 0.0  # nothing found
+    assert average_precision([0.5], [False], 0) == 0.0  # nothing to find
+
+
+def test_match_detections_greedy_by_score_duplicates_and_difficult():
+    from simsearch.localizer.metrics import match_detections
+
+    truth = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=float)
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 10, 10], [20, 20, 30, 31], [50, 50, 60, 60]], dtype=float)
+    matched, counted = match_detections(boxes, np.array([0.5, 0.9, 0.3, 0.8]), truth)
+    # The higher-scoring of the two on the first box takes it; the other is a duplicate (FP); the far one is FP.
+    assert matched.tolist() == [False, True, True, False] and counted.all()
+    # A detection of a difficult box is neither right nor wrong.
+    matched, counted = match_detections(boxes[:1], np.array([0.5]), truth[:1], np.array([True]))
+    assert matched.tolist() == [False] and counted.tolist() == [False]
+
+
+def test_mean_average_precision_per_class_and_mean():
+    from simsearch.localizer.metrics import DetectionTruth, mean_average_precision
+
+    truths = [DetectionTruth(["cup", "book"], np.array([[0, 0, .2, .2], [.5, .5, 1, 1]]), np.array([False, False])),
+              DetectionTruth(["cup"], np.array([[.1, .1, .3, .3]]), np.array([False]))]
+    detections = [(["cup", "book", "cup"], np.array([0.9, 0.6, 0.4]), np.array([[0, 0, .2, .2], [0, 0, .5, .5],
+                                                                               [.6, .6, .7, .7]])),
+                  (["cup"], np.array([0.5]), np.array([[.1, .1, .3, .3]]))]
+    mean, ap, boxes = mean_average_precision(detections, truths, ["cup", "book", "sofa"])
+    # cup: TP 0.9, TP 0.5, FP 0.4 of 2 boxes -> AP 1; book: one FP of 1 box -> 0; sofa: no boxes, left out.
+    assert ap == {"cup": pytest.approx(1.0), "book": 0.0} and boxes == {"cup": 2, "book": 1}
+    assert mean == pytest.approx(0.5)
+    # A detection under the wrong class never matches another class's box.
+    mean, ap, _ = mean_average_precision([(["book"], np.array([1.0]), np.array([[0, 0, .2, .2]]))], truths[:1])
+    assert ap == {"book": 0.0, "cup": 0.0} and mean == 0.0

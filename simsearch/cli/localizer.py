@@ -44,21 +44,38 @@ def train_localizer_command(
     patience: int = typer.Option(8, "--patience", min=1, help="Stop after this many epochs without a better validation loss."),
     val_split: str = typer.Option("val", "--val-split", help="images.split held out for validation; when no image has it, --val-fraction is used."),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share held out (by image hash) when the index has no such split."),
-    batch_size: int = typer.Option(64, "--batch-size", min=2),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Default 64, or 16 with --every."),
     lr: float = typer.Option(1e-3, "--lr"),
     box_weight: float = typer.Option(2.0, "--box-weight", help="loss = cross-entropy + box_weight * (smooth-L1 + GIoU)."),
+    every: bool = typer.Option(False, "--every", help="Train the dense head instead: objectness, class and box for every anchor of every grid cell, learnt from every non-difficult box, so localize stores every object found (per-class NMS, score >= --score-threshold), not only the largest; evaluate then reports mAP@0.5."),
+    anchors: int = typer.Option(3, "--anchors", min=1, help="With --every: anchor shapes per grid cell (k-means of the training boxes)."),
+    score_threshold: Optional[float] = typer.Option(None, "--score-threshold", min=0.0, max=1.0, help="With --every: detections scoring below this are not stored; default the score of best F1 on the validation images."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
     quiet: bool = QUIET_OPTION,
 ) -> None:
-    """Train the localizer head on the index's cached feature maps and save it in the index folder."""
+    """Train the localizer head on the index's cached feature maps and save it in the index folder.
+
+    The default head names the largest object of an image and boxes it; --every trains a dense head that finds every
+    object of its classes.
+    """
+    from simsearch.localizer.dense import DenseConfig
     from simsearch.localizer.train import TrainConfig, train
 
     with reported():
         report = train(TrainConfig(index_dir=index, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
                                    box_weight=box_weight, val_split=val_split, val_fraction=val_fraction, seed=seed,
-                                   device=device, quiet=quiet))
+                                   device=device, quiet=quiet, target="every" if every else "largest",
+                                   dense=DenseConfig(anchors=anchors, score_threshold=score_threshold)))
     echo_json(asdict(report))
+    if every:
+        typer.echo(
+            f"dense head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
+            f"{report.val_images} val images, best epoch {report.best_epoch} of {report.epochs_run}: val mAP@0.5 "
+            f"{report.val_map:.3f}; best detection against the largest object: accuracy {report.val_accuracy:.3f}, "
+            f"CorLoc {report.val_corloc:.3f}; detections scoring below {report.calibration['threshold']:.2f} are not "
+            f"stored; {report.seconds:.1f}s. Next: simsearch localize --index {index}", err=True)
+        return
     typer.echo(
         f"head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
         f"{report.val_images} val images, best epoch {report.best_epoch} of {report.epochs_run}: val accuracy "
@@ -78,7 +95,8 @@ def localize_command(index: Path = INDEX_OPTION, head: Optional[Path] = HEAD_OPT
     with reported():
         report = localize(index, head)
     echo_json(asdict(report))
-    typer.echo(f"{report.predicted} predictions stored (head {report.head_version}) in {report.seconds:.1f}s", err=True)
+    typer.echo(f"{report.predicted} predictions ({report.boxes} predicted boxes) stored (head {report.head_version}) "
+               f"in {report.seconds:.1f}s", err=True)
 
 
 @app.command("evaluate")
@@ -93,7 +111,7 @@ def evaluate_command(
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="Share held out for validation by the --open-set head when the index has no val split."),
     fmt: Format = FORMAT_OPTION,
 ) -> None:
-    """Top-1 accuracy, calibration (ECE), "unknown" share, mean IoU, CorLoc (IoU >= 0.5), per class and a confusion matrix."""
+    """Top-1 accuracy, calibration (ECE), "unknown" share, mean IoU, CorLoc (IoU >= 0.5), mAP@0.5 over every box, per class and a confusion matrix."""
     from simsearch.localizer.train import TrainConfig, evaluate, open_set as measure_open_set
 
     if open_set:
@@ -119,14 +137,26 @@ def evaluate_command(
     if fmt is Format.json:
         echo_json(result.to_dict())
         return
+    dense = result.extra["target"] == "every"
+    boxes = sum(row["boxes"] for row in result.detection)
+    typer.echo(f"mAP@0.5 {result.map50:.4f} over {len(result.detection)} classes, {boxes} boxes"
+               + ("" if dense else " (the single-object head: its one box is its only detection)"))
     typer.echo(f"images {result.n}  accuracy {result.accuracy:.4f}  mean IoU {result.mean_iou:.4f}  "
-               f"CorLoc {result.corloc:.4f}  (majority-class accuracy {result.extra['chance_accuracy']:.4f})")
-    typer.echo(f"ECE {result.ece:.4f} (uncalibrated {result.ece_uncalibrated:.4f}, temperature "
-               f"{result.extra['temperature']:.2f})  \"unknown\" {result.unknown_rate:.4f} (score below "
-               f"{result.extra['threshold']:.2f} or familiarity below {result.extra['familiarity_threshold']:.2f})  "
-               f"right and kept {result.accuracy_kept:.4f}")
+               f"CorLoc {result.corloc:.4f}  (majority-class accuracy {result.extra['chance_accuracy']:.4f})"
+               + ("  (best detection against the largest object)" if dense else ""))
+    if result.ece is not None:
+        typer.echo(f"ECE {result.ece:.4f} (uncalibrated {result.ece_uncalibrated:.4f}, temperature "
+                   f"{result.extra['temperature']:.2f})  \"unknown\" {result.unknown_rate:.4f} (score below "
+                   f"{result.extra['threshold']:.2f} or familiarity below {result.extra['familiarity_threshold']:.2f})  "
+                   f"right and kept {result.accuracy_kept:.4f}")
     typer.echo("")
-    echo_table([asdict(c) for c in result.per_class], ["label", "n", "accuracy", "mean_iou", "corloc", "predicted"])
+    ap = {row["label"]: row for row in result.detection}
+    rows = [{**asdict(c), "boxes": ap.get(c.label, {}).get("boxes", 0), "ap": ap.get(c.label, {}).get("ap")}
+            for c in result.per_class]
+    rows += [{"label": c, "n": 0, "boxes": row["boxes"], "ap": row["ap"]} for c, row in ap.items()
+             if c not in {r["label"] for r in rows}]
+    echo_table(sorted(rows, key=lambda r: r["label"]),
+               ["label", "n", "accuracy", "mean_iou", "corloc", "predicted", "boxes", "ap"])
     typer.echo("")
     typer.echo("confusion (rows: actual, columns: predicted)")
     short = [c[:6] for c in result.classes]

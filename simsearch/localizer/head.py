@@ -23,6 +23,7 @@ from torch import nn
 from simsearch.errors import IndexDamagedError, NotFoundError, SpecMismatchError
 from simsearch.localizer.familiarity import References, familiarity
 from simsearch.pipeline.box_vectors import pool_boxes
+from simsearch.localizer.dense import DenseHead, Detections, decode
 from simsearch.records import UNKNOWN
 from simsearch.spec import EmbedderSpec
 from simsearch.storage import layout
@@ -99,9 +100,19 @@ class HeadSpec:
     training: dict = field(default_factory=dict)  # config, epochs, losses, seconds: for the record
     # Heads saved before calibration lack these two: T = 1 and no threshold predict exactly as they did.
     temperature: float = 1.0  # logits are divided by T before the softmax (fitted on validation, calibrate.py)
-    threshold: float = 0.0  # a calibrated score below this is stored as UNKNOWN (0: never)
+    threshold: float = 0.0  # a calibrated score below this is stored as UNKNOWN (0: never); dense: not stored either
     # Heads saved before familiarity lack this: -1 never calls a box unknown on that ground (familiarity.py).
     familiarity_threshold: float = -1.0  # a predicted box less similar than this to its class's training boxes: UNKNOWN
+    # The dense head's (target "every", dense.py); a single-object head leaves them empty.
+    anchors: tuple[tuple[float, float], ...] = ()  # anchor width, height per cell, fractions of the image
+    upsample: int = 1  # its grid is the map's times this
+    nms_iou: float = 0.5  # per-class NMS overlap
+    max_detections: int = 100  # per image, after NMS
+
+    @property
+    def dense(self) -> bool:
+        """A head that finds every object (many detections an image) rather than the largest one."""
+        return self.target == "every"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -111,6 +122,7 @@ class HeadSpec:
         data = json.loads(text)
         data["classes"] = tuple(data["classes"])
         data["feature_shape"] = tuple(data["feature_shape"])
+        data["anchors"] = tuple(tuple(a) for a in data.get("anchors", ()))
         return HeadSpec(**data)
 
     def check(self, embedder: EmbedderSpec, where: str) -> None:
@@ -140,7 +152,7 @@ class HeadOutput:
 class Localizer:
     """A trained head ready to predict from stored feature maps."""
 
-    def __init__(self, head: LocalizerHead, spec: HeadSpec, device: str = "cpu",
+    def __init__(self, head: nn.Module, spec: HeadSpec, device: str = "cpu",
                  references: References | None = None):
         self.spec = spec
         self.device = torch.device(device)
@@ -168,8 +180,7 @@ class Localizer:
                                     f"{retrain}")
         try:
             spec = HeadSpec.from_json(saved["spec"])
-            head = LocalizerHead(spec.feature_shape[0], len(spec.classes), spec.feature_shape[1:], spec.width,
-                                 spec.hidden)
+            head = build_head(spec)
             head.load_state_dict(saved["state"])
             references = References.from_state(saved["references"]) if "references" in saved else None
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
@@ -196,6 +207,12 @@ class Localizer:
 
         Indices are the best class even below the threshold; `label_of` names them.
         """
+        if self.spec.dense:  # its best detection: what the predictions table and Record.prediction hold
+            best = [(d.labels[0], d.scores[0], d.boxes[0]) for d in self.detect_maps(maps, 0.0, batch_size)]
+            if not best:
+                return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
+            labels, scores, boxes = zip(*best)
+            return np.array(labels, np.int64), np.array(scores, np.float32), np.stack(boxes).astype(np.float32)
         labels, scores, boxes = [], [], []
         for start in range(0, len(maps), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(maps[start:start + batch_size])).to(self.device).float()
@@ -224,6 +241,41 @@ class Localizer:
         unknown = (scores < self.spec.threshold) | (familiar < self.spec.familiarity_threshold)
         return HeadOutput(labels, scores, boxes, familiar, unknown)
 
+    @torch.inference_mode()
+    def detect_maps(self, maps: np.ndarray, min_score: float | None = None, batch_size: int = 512
+                    ) -> list[Detections]:
+        """(n, C, H, W) maps -> each image's detections, best first (boxes as fractions of the image).
+
+        A dense head gives every detection scoring at least `min_score` (default
+        its threshold) after per-class NMS, and at least its best one whatever it
+        scores; a single-object head gives its one box.
+        """
+        if not self.spec.dense:
+            labels, scores, boxes = self.predict_maps(maps, batch_size)
+            return [Detections(labels[k:k + 1], scores[k:k + 1], boxes[k:k + 1]) for k in range(len(labels))]
+        floor = self.spec.threshold if min_score is None else min_score
+        anchors = torch.tensor(self.spec.anchors, dtype=torch.float32, device=self.device)
+        out: list[Detections] = []
+        for start in range(0, len(maps), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(maps[start:start + batch_size])).to(self.device).float()
+            raw = self.head(x)
+            everything = decode(raw, anchors, 0.0, self.spec.nms_iou, self.spec.max_detections,
+                                temperature=self.spec.temperature)
+            for d in everything:
+                keep = d.scores >= floor
+                keep[:1] = True  # the best one always: an image's prediction row is never missing
+                out.append(Detections(d.labels[keep], d.scores[keep], d.boxes[keep]))
+        return out
+
+    def judge(self, maps: np.ndarray, found: list[Detections]) -> list[np.ndarray]:
+        """For each map's detections, which ones the head cannot claim: a low score, or a box unlike its class's
+        training boxes (`familiarity`)."""
+        vectors = (pool_boxes(maps, [d.boxes for d in found]) if self.references is not None
+                   else [np.zeros((len(d.labels), 0)) for d in found])
+        return [(d.scores < self.spec.threshold)
+                | (familiarity(self.references, v, d.labels) < self.spec.familiarity_threshold)
+                for d, v in zip(found, vectors)]
+
     def label_of(self, index: int, unknown: bool) -> str:
         """The class name a prediction is stored under: UNKNOWN when the head cannot claim its best class."""
         return UNKNOWN if unknown else self.spec.classes[int(index)]
@@ -234,6 +286,13 @@ class Localizer:
         out = [self.head(torch.from_numpy(np.ascontiguousarray(maps[s:s + batch_size])).to(self.device).float())[0]
                .cpu().numpy() for s in range(0, len(maps), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.spec.classes)), np.float32)
+
+
+def build_head(spec: HeadSpec) -> nn.Module:
+    """The module a spec describes: the dense head for target "every", else the single-object head."""
+    if spec.dense:
+        return DenseHead(spec.feature_shape[0], len(spec.classes), len(spec.anchors), spec.width, spec.upsample)
+    return LocalizerHead(spec.feature_shape[0], len(spec.classes), spec.feature_shape[1:], spec.width, spec.hidden)
 
 
 def head_version(head: nn.Module) -> str:

@@ -111,6 +111,8 @@ class Evaluation:
     ece_uncalibrated: float | None = None  # the same with T = 1: what calibration gained
     unknown_rate: float | None = None  # share predicted "unknown" (score below the head's threshold)
     accuracy_kept: float | None = None  # share right and not "unknown": accuracy once the threshold applies
+    map50: float | None = None  # VOC mAP at IoU 0.5 over every box of the head's classes
+    detection: list[dict] = field(default_factory=list)  # per class with boxes: label, boxes, ap
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,3 +139,105 @@ def evaluate_predictions(actual: Sequence[str], predicted: Sequence[str],
         classes=classes,
         confusion=matrix.tolist(),
     )
+
+
+# ---------------------------------------------------------------- detection: VOC average precision
+
+MAP_IOU = 0.5  # PASCAL VOC's threshold for a detection to count as finding its object
+
+
+def average_precision(scores: np.ndarray | Sequence[float], matched: np.ndarray | Sequence[bool],
+                      n_truth: int) -> float:
+    """All-point interpolated AP (VOC 2010+) of one class: detections ranked by score, `matched` = true positive.
+
+    Precision is made monotone (each point takes the best precision at any higher
+    recall), then integrated over recall wherever recall changes. No ground truth:
+    0.0 (the caller leaves such a class out of the mean).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    matched = np.asarray(matched, dtype=bool)
+    if scores.shape != matched.shape:
+        raise ValueError("scores and matched differ in shape")
+    if n_truth <= 0:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(matched[order])
+    fp = np.cumsum(~matched[order])
+    recall = np.concatenate([[0.0], tp / n_truth, [1.0]])
+    precision = np.concatenate([[0.0], tp / np.maximum(tp + fp, 1), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+    return float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
+
+
+def match_detections(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray, difficult: np.ndarray | None = None,
+                     iou: float = MAP_IOU) -> tuple[np.ndarray, np.ndarray]:
+    """One image, one class: (matched, counted) per detection, greedily by score as VOC does.
+
+    A detection is a true positive when its best-overlapping ground-truth box
+    reaches `iou` and was not taken by a higher-scoring detection; one whose best
+    box is `difficult` is neither right nor wrong (counted False).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    truth = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
+    difficult = np.zeros(len(truth), bool) if difficult is None else np.asarray(difficult, dtype=bool)
+    matched = np.zeros(len(boxes), bool)
+    counted = np.ones(len(boxes), bool)
+    if not len(truth):
+        return matched, counted
+    taken = np.zeros(len(truth), bool)
+    for d in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"):
+        overlaps = box_iou(np.repeat(boxes[d:d + 1], len(truth), axis=0), truth)
+        best = int(overlaps.argmax())
+        if overlaps[best] < iou:
+            continue
+        if difficult[best]:
+            counted[d] = False
+        elif not taken[best]:
+            matched[d] = taken[best] = True
+    return matched, counted
+
+
+@dataclass
+class DetectionTruth:
+    """One image's ground truth for detection scoring: labels, (n, 4) boxes, difficult flags."""
+
+    labels: list[str]
+    boxes: np.ndarray
+    difficult: np.ndarray
+
+
+def mean_average_precision(detections: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray]],
+                           truths: Sequence[DetectionTruth], classes: Sequence[str] | None = None,
+                           iou: float = MAP_IOU) -> tuple[float, dict[str, float], dict[str, int]]:
+    """(mAP, AP per class, non-difficult boxes per class) over images; detections per image: (labels, scores, boxes).
+
+    The mean is over `classes` (default: every class with ground truth) that
+    have at least one non-difficult box: a class nobody drew has no recall to measure.
+    """
+    if len(detections) != len(truths):
+        raise ValueError("detections and truths differ in length")
+    if classes is None:
+        classes = sorted({label for t in truths for label in t.labels})
+    n_truth = {c: 0 for c in classes}
+    hits: dict[str, list[tuple[float, bool]]] = {c: [] for c in classes}
+    for (labels, scores, boxes), truth in zip(detections, truths):
+        labels, scores = list(labels), np.asarray(scores, dtype=np.float64)
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        truth_boxes = np.asarray(truth.boxes, dtype=np.float64).reshape(-1, 4)
+        for c in classes:
+            mine = np.array([label == c for label in labels], dtype=bool)
+            theirs = np.array([label == c for label in truth.labels], dtype=bool)
+            difficult = np.asarray(truth.difficult, dtype=bool)[theirs] if theirs.any() else np.zeros(0, bool)
+            n_truth[c] += int((~difficult).sum())
+            if not mine.any():
+                continue
+            matched, counted = match_detections(boxes[mine], scores[mine], truth_boxes[theirs], difficult, iou)
+            hits[c] += [(s, m) for s, m, k in zip(scores[mine], matched, counted) if k]
+    ap = {}
+    for c in classes:
+        if n_truth[c] == 0:
+            continue
+        scored = np.array([s for s, _ in hits[c]], dtype=np.float64)
+        ap[c] = average_precision(scored, np.array([m for _, m in hits[c]], dtype=bool), n_truth[c])
+    return (float(np.mean(list(ap.values()))) if ap else 0.0), ap, {c: n for c, n in n_truth.items() if n}

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class LocalizeReport:
     index_dir: str
     head_version: str
-    predicted: int
+    predicted: int  # images
     seconds: float
+    boxes: int = 0  # predicted boxes stored: one an image, more with a dense head
 
 
 def open_localizer(store: Store, head_dir: str | os.PathLike | None = None, device: str = "cpu") -> Localizer:
@@ -42,22 +43,38 @@ def open_localizer(store: Store, head_dir: str | os.PathLike | None = None, devi
     return localizer
 
 
+def detections_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequence[tuple[int, int]]
+                         ) -> list[list[Prediction]]:
+    """Each map's boxes to store, best first, in pixels of the original image of the (width, height) given.
+
+    The first is the image's prediction (one a record, what chips and class
+    filters read); a dense head adds every further detection scoring at least its
+    threshold, a single-object head none. A box the head cannot claim (below the
+    score threshold, or unlike its class's training boxes) is labelled UNKNOWN; its
+    score and box are kept.
+    """
+    out = []
+    every = localizer.detect_maps(maps)
+    for found, unknown, (w, h) in zip(every, localizer.judge(maps, every), sizes):
+        out.append([Prediction(localizer.label_of(label, claim), float(score), float(box[0] * w),
+                               float(box[1] * h), float(box[2] * w), float(box[3] * h), localizer.spec.version)
+                    for label, claim, score, box in zip(found.labels, unknown, found.scores, found.boxes)])
+    return out
+
+
 def predictions_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequence[tuple[int, int]]
                           ) -> list[Prediction]:
-    """One prediction per map, its box in pixels of the original image of the (width, height) given.
+    """One prediction per map: its best box (`detections_from_maps`' first)."""
+    return [found[0] for found in detections_from_maps(localizer, maps, sizes)]
 
-    When the head cannot claim its best class (a low score, or a box unlike its
-    training boxes) the label is UNKNOWN; the score and the box are kept.
-    """
-    out = localizer.predict(maps)
-    return [Prediction(localizer.label_of(label, unknown), float(score), float(box[0] * w), float(box[1] * h),
-                       float(box[2] * w), float(box[3] * h), localizer.spec.version)
-            for label, unknown, score, box, (w, h) in zip(out.classes, out.unknown, out.scores, out.boxes, sizes)]
+
+Detected = dict[int, list[tuple[Prediction, np.ndarray]]]  # image id -> further detections, each with its box vector
 
 
 def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chunk: int = 2048
-                    ) -> tuple[dict[int, Prediction], dict[int, np.ndarray]]:
-    """Predictions for records `ids` (boxes in pixels of each original image), and each predicted box's vector.
+                    ) -> tuple[dict[int, Prediction], dict[int, np.ndarray], Detected]:
+    """Predictions for records `ids` (boxes in pixels of each original image), each predicted box's vector, and a
+    dense head's further detections with theirs: the arguments of `Store.write_predictions`.
 
     The maps come from the store where kept, else from the backbone again
     (`stored_maps.iter_maps`); the box vectors are pooled from the same maps, so a
@@ -65,25 +82,29 @@ def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chun
     """
     predictions: dict[int, Prediction] = {}
     vectors: dict[int, np.ndarray] = {}
+    detections: Detected = {}
     for part, maps, sizes in iter_maps(store, ids, chunk):
-        found = predictions_from_maps(localizer, maps, sizes)
-        pooled = pool_boxes(maps, [record_boxes([], p, w, h) for p, (w, h) in zip(found, sizes)])
-        predictions.update(zip(part, found))
-        vectors.update((i, v[0]) for i, v in zip(part, pooled))
-    return predictions, vectors
+        found = detections_from_maps(localizer, maps, sizes)
+        pooled = pool_boxes(maps, [record_boxes([], boxes, w, h) for boxes, (w, h) in zip(found, sizes)])
+        for i, boxes, v in zip(part, found, pooled):
+            predictions[i], vectors[i] = boxes[0], v[0]
+            if len(boxes) > 1:
+                detections[i] = list(zip(boxes[1:], v[1:]))
+    return predictions, vectors, detections
 
 
 def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = None,
              ids: Sequence[int] | None = None) -> LocalizeReport:
-    """Predict class, score and box for every record (or `ids`) and store them."""
+    """Predict class, score and box for every record (or `ids`) and store them; a dense head's every detection too."""
     started = time.perf_counter()
     with writer_lock(index_dir, "localize"), Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
-        predictions, vectors = predict_records(store, localizer, store.ids() if ids is None else ids)
-        store.write_predictions(predictions, vectors)
+        predictions, vectors, detections = predict_records(store, localizer, store.ids() if ids is None else ids)
+        store.write_predictions(predictions, vectors, detections)
         layout.sync_objects(store, store.spec.embedder)
         ensure_boxes_calibrated(store)
-    return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started)
+    return LocalizeReport(str(index_dir), localizer.spec.version, len(predictions), time.perf_counter() - started,
+                          len(predictions) + sum(len(d) for d in detections.values()))
 
 
 def predict_missing(store: Store) -> int:

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.localizer.head import (HeadSpec, Localizer, LocalizerHead, cxcywh_to_xyxy, giou_loss, head_version,
                                       xyxy_to_cxcywh)
+from simsearch.localizer.dense import DenseConfig
 from simsearch.localizer.calibrate import (KEEP_CORRECT, KEEP_CORRECT_SCORE, fit_temperature, nll, softmax,
                                            unknown_threshold)
 from simsearch.localizer.familiarity import References, choose
@@ -36,7 +37,7 @@ from simsearch.storage.layout import writer_lock
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("largest",)  # how one image's objects become its training target(s)
+TARGETS = ("largest", "every")  # the single-object head learns the largest object; the dense head every one
 
 
 # ---------------------------------------------------------------- data
@@ -48,13 +49,13 @@ class TrainConfig:
     index_dir: Path
     epochs: int = 40  # upper bound: early stopping usually ends sooner
     patience: int = 8  # epochs without a better validation loss before stopping
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 64 for the single-object head, DenseConfig.batch_size for the dense one
     lr: float = 1e-3  # AdamW, cosine-decayed to zero over `epochs`
     weight_decay: float = 1e-2
     box_weight: float = 2.0  # loss = cross-entropy + box_weight * (smooth-L1 + GIoU)
     val_split: str | None = "val"  # images.split value held out; when no image has it, use val_fraction
     val_fraction: float = 0.2  # share held out (chosen by each image's sha256) when there is no split
-    target: str = "largest"  # which object of an image is its target: the largest non-difficult one
+    target: str = "largest"  # "largest": the single-object head; "every": the dense head (every non-difficult box)
     flip: bool = True  # also train on mirrored maps (box mirrored too): cheap augmentation
     width: int = 256  # channels after the 1x1 reduction
     hidden: int = 512  # MLP width
@@ -64,6 +65,7 @@ class TrainConfig:
     keep_correct: float = KEEP_CORRECT  # the "unknown" threshold keeps this share of correct val predictions
     exclude_classes: tuple[str, ...] = ()  # images whose target has these classes are left out (open-set tests)
     head_dir: Path | None = None  # where the head is saved; default the index folder
+    dense: DenseConfig = field(default_factory=DenseConfig)  # the dense head's shape and loss (target "every")
 
 
 @dataclass
@@ -77,7 +79,12 @@ class Examples:
 
 
 def pick_target(objects: Sequence[GroundTruthObject], policy: str = "largest") -> GroundTruthObject | None:
-    """The object an image is trained and scored on (None: nothing usable)."""
+    """The object an image is trained and scored on (None: nothing usable).
+
+    The dense head ("every") learns all of them, but the largest is still the one
+    its best detection is scored against (accuracy, CorLoc), and an image has one
+    exactly when it has any usable box, so both heads hold out the same images.
+    """
     if policy not in TARGETS:
         raise BadInputError(f"unknown target policy {policy!r}; use one of {', '.join(TARGETS)}")
     usable = [o for o in objects if not o.difficult and o.area > 0]
@@ -148,11 +155,13 @@ class TrainReport:
     epochs_run: int
     best_epoch: int
     best_val_loss: float
-    val_accuracy: float
+    val_accuracy: float  # dense head: its best detection's class against the largest object's
     val_corloc: float
     seconds: float
     history: list[dict] = field(default_factory=list)  # per epoch: train/val cross-entropy and box loss
     calibration: dict = field(default_factory=dict)  # temperature, threshold, val NLL and ECE before/after
+    target: str = "largest"
+    val_map: float | None = None  # mAP@0.5 on the validation images (every box, VOC AP)
 
 
 def _losses(head: LocalizerHead, x: torch.Tensor, y: torch.Tensor, b: torch.Tensor, box_weight: float):
@@ -171,7 +180,71 @@ def train(config: TrainConfig) -> TrainReport:
     once rather than minutes of training being thrown away at save time.
     """
     with writer_lock(config.index_dir, "train-localizer"):
+        if config.target == "every":
+            return _train_every(config)
+        if config.target not in TARGETS:
+            raise BadInputError(f"unknown target {config.target!r}; use one of {', '.join(TARGETS)}")
         return _train(config)
+
+
+@dataclass
+class Split:
+    """Which images a head trains on and which it is validated on (positions in `every`)."""
+
+    every: Examples  # every image with a usable box, its largest object as target
+    validation: dict  # the rule, recorded in the head's spec
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+def split(store: Store, config: TrainConfig) -> Split:
+    """Hold out the validation images by the recorded rule; a VOC test split is never trained on."""
+    spec = store.spec
+    if spec is None or not store.finished:
+        raise NotFoundError(f"{config.index_dir}: the index was never finished; run simsearch build-index again")
+    every = examples(store, policy=config.target)
+    if not every.ids:
+        raise BadInputError(
+            f"{config.index_dir}: no image has ground-truth boxes to learn from. Index a VOC folder or a "
+            "box-list dataset (or composites from `simsearch synth`)")
+    validation = choose_validation(store, every.ids, config)
+    val_ids = held_out(store, every.ids, validation)
+    rows = store.images(every.ids)
+    # "unknown" is what a prediction says when it names no class: a class of that name would read as one.
+    excluded = set(config.exclude_classes) | {UNKNOWN}
+    if UNKNOWN in every.labels:
+        log.warning("images whose largest box is labelled %r are left out of training: simsearch reserves that "
+                    "name for predictions that name no class", UNKNOWN)
+    is_train = [i not in val_ids and rows[i]["split"] != "test" and label not in excluded
+                for i, label in zip(every.ids, every.labels)]
+    is_val = [i in val_ids and label not in excluded for i, label in zip(every.ids, every.labels)]
+    train_idx = np.flatnonzero(is_train)
+    val_idx = np.flatnonzero(is_val)
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise BadInputError(
+            f"{len(train_idx)} training and {len(val_idx)} validation images: both are needed. "
+            "Change --val-split or --val-fraction")
+    return Split(every, validation, train_idx, val_idx)
+
+
+def _train_every(config: TrainConfig) -> TrainReport:
+    """The dense head (`train_dense.fit_dense`) on the same split as the single-object head's, saved the same way."""
+    from simsearch.localizer.train_dense import fit_dense, truths
+
+    started = time.perf_counter()
+    with Store(config.index_dir) as store:
+        chosen = split(store, config)
+        truth = truths(store, chosen.every.ids)
+        embedder = store.spec.embedder
+        maps = torch.from_numpy(load_maps(store, chosen.every.ids))  # fp16 in memory, fp32 one batch at a time
+    fit = fit_dense(config, chosen, truth, maps, embedder)
+    folder = config.head_dir or config.index_dir
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Localizer(fit.head, fit.spec).save(folder)
+    return TrainReport(str(config.index_dir), fit.spec.version, list(fit.spec.classes), len(chosen.train_idx),
+                       len(chosen.val_idx), len(fit.history), fit.best_epoch, fit.best_val_loss, fit.val_accuracy,
+                       fit.val_corloc, time.perf_counter() - started, fit.history,
+                       {"threshold": fit.spec.threshold, **fit.spec.training["threshold"]}, "every", fit.val_map)
 
 
 def _train(config: TrainConfig) -> TrainReport:
@@ -182,33 +255,13 @@ def _train(config: TrainConfig) -> TrainReport:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
+    batch_size = config.batch_size or 64
     with Store(config.index_dir) as store:
         spec = store.spec
-        if spec is None or not store.finished:
-            raise NotFoundError(f"{config.index_dir}: the index was never finished; run simsearch build-index again")
-        every = examples(store, policy=config.target)
-        if not every.ids:
-            raise BadInputError(
-                f"{config.index_dir}: no image has ground-truth boxes to learn from. Index a VOC folder or a "
-                "box-list dataset (or composites from `simsearch synth`)")
-        validation = choose_validation(store, every.ids, config)
-        val_ids = held_out(store, every.ids, validation)
-        rows = store.images(every.ids)
-        # A VOC test split is never trained on: it stays clean for a final measurement.
-        # "unknown" is what a prediction says when it names no class: a class of that name would read as one.
+        chosen = split(store, config)
+        every, validation, train_idx, val_idx = chosen.every, chosen.validation, chosen.train_idx, chosen.val_idx
         excluded = set(config.exclude_classes) | {UNKNOWN}
-        if UNKNOWN in every.labels:
-            log.warning("images whose largest box is labelled %r are left out of training: simsearch reserves that "
-                        "name for predictions that name no class", UNKNOWN)
-        is_train = [i not in val_ids and rows[i]["split"] != "test" and label not in excluded
-                    for i, label in zip(every.ids, every.labels)]
-        is_val = [i in val_ids and label not in excluded for i, label in zip(every.ids, every.labels)]
-        train_idx = np.flatnonzero(is_train)
-        val_idx = np.flatnonzero(is_val)
-        if len(train_idx) == 0 or len(val_idx) == 0:
-            raise BadInputError(
-                f"{len(train_idx)} training and {len(val_idx)} validation images: both are needed. "
-                "Change --val-split or --val-fraction")
+        rows = store.images(every.ids)
         classes = sorted({every.labels[i] for i in train_idx})
         where = {c: k for k, c in enumerate(classes)}
         maps = torch.from_numpy(load_maps(store, every.ids))  # fp16 in memory, fp32 one batch at a time
@@ -221,7 +274,7 @@ def _train(config: TrainConfig) -> TrainReport:
     head = LocalizerHead(embedder.feature_shape[0], len(classes), embedder.feature_shape[1:],
                          config.width, config.hidden).to(device)
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, -(-len(train_idx) // config.batch_size))
+    steps_per_epoch = max(1, -(-len(train_idx) // batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * steps_per_epoch,
                                                    pct_start=0.1)
     best = (float("inf"), -1, None)
@@ -231,8 +284,8 @@ def _train(config: TrainConfig) -> TrainReport:
         head.train()
         order = rng.permutation(train_idx)
         sums = np.zeros(3)
-        for start in range(0, len(order), config.batch_size):
-            batch = torch.from_numpy(order[start:start + config.batch_size])
+        for start in range(0, len(order), batch_size):
+            batch = torch.from_numpy(order[start:start + batch_size])
             if len(batch) < 2:
                 continue  # BatchNorm needs two samples
             x, yb, bb = maps[batch].to(device).float(), y[batch].to(device), b[batch].to(device)
@@ -408,13 +461,21 @@ def evaluation_ids(store: Store, spec: HeadSpec, split: str) -> list[int]:
 
 
 def evaluate(index_dir: str | os.PathLike, split: str = "val", head_dir: str | os.PathLike | None = None) -> Evaluation:
-    """Score the head on images with ground truth: top-1 accuracy, mean IoU, CorLoc, per class, confusion."""
+    """Score the head on images with ground truth: top-1 accuracy, mean IoU, CorLoc, per class, confusion, and mAP@0.5
+    over every box (a single-object head's one box being its only detection).
+
+    A dense head's accuracy and CorLoc are those of its best detection against
+    the largest object; its scores are not calibrated, so it has no ECE.
+    """
+    from simsearch.localizer.train_dense import detection_scores, truths
+
     with Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
         ids = evaluation_ids(store, localizer.spec, split)
         if not ids:
             raise BadInputError(f"no images with ground truth in split {split!r} of {index_dir}")
         truth = examples(store, ids, localizer.spec.target)
+        every_box = truths(store, truth.ids)
         maps = load_maps(store, truth.ids)
     out = localizer.predict(maps)
     scores = out.scores
@@ -424,13 +485,20 @@ def evaluate(index_dir: str | os.PathLike, split: str = "val", head_dir: str | o
     correct = np.array([a == p for a, p in zip(truth.labels, predicted)])
     unknown = out.unknown
     seen = np.array([label in known for label in truth.labels])
-    raw = softmax(localizer.logits(maps)).max(1) if len(maps) else np.zeros(0)
-    result.ece = expected_calibration_error(scores[seen], correct[seen])
-    result.ece_uncalibrated = expected_calibration_error(raw[seen], correct[seen])
+    if not localizer.spec.dense:
+        raw = softmax(localizer.logits(maps)).max(1) if len(maps) else np.zeros(0)
+        result.ece = expected_calibration_error(scores[seen], correct[seen])
+        result.ece_uncalibrated = expected_calibration_error(raw[seen], correct[seen])
     result.unknown_rate = float(unknown.mean())
     result.accuracy_kept = float((correct & ~unknown).mean())
-    result.extra = {"split": split, "head_version": localizer.spec.version,
+    # Every detection, however low it scores: AP integrates over the whole ranking.
+    result.map50, ap, n_boxes = detection_scores(localizer.detect_maps(maps, min_score=0.0), every_box,
+                                                 localizer.spec.classes)
+    result.detection = [{"label": c, "boxes": n_boxes[c], "ap": ap[c]} for c in sorted(ap)]
+    result.extra = {"split": split, "head_version": localizer.spec.version, "target": localizer.spec.target,
                     "unseen_class_images": int((~seen).sum()),
+                    "unseen_class_boxes": sum(int(not d and c not in known) for t in every_box
+                                              for c, d in zip(t.labels, t.difficult)),
                     "chance_accuracy": _majority_share(truth.labels),
                     "temperature": localizer.spec.temperature, "threshold": localizer.spec.threshold,
                     "familiarity_threshold": localizer.spec.familiarity_threshold}

@@ -59,9 +59,11 @@ def pool_one(feature_map: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return pool_boxes(np.asarray(feature_map)[None], [boxes])[0]
 
 
-def record_boxes(objects: Sequence, prediction, width: int, height: int) -> np.ndarray:
-    """(n, 4) fractions of an image's boxes as the store keeps their vectors: ground truth in order, then the prediction."""
+def record_boxes(objects: Sequence, predicted, width: int, height: int) -> np.ndarray:
+    """(n, 4) fractions of an image's boxes as the store keeps their vectors: ground truth in order, then the
+    predicted ones (`predicted`: one prediction, a list of them best first, or None)."""
     boxes = [(o.xmin, o.ymin, o.xmax, o.ymax) for o in objects]
-    if prediction is not None:
-        boxes.append((prediction.xmin, prediction.ymin, prediction.xmax, prediction.ymax))
+    if predicted is not None:
+        for p in (predicted if isinstance(predicted, (list, tuple)) else [predicted]):
+            boxes.append((p.xmin, p.ymin, p.xmax, p.ymax))
     return fractions(boxes, width, height) if boxes else np.zeros((0, 4))

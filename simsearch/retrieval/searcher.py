@@ -485,17 +485,19 @@ class Searcher:
 
     def _own_objects(self, record: Record | None, described: dict, fmap: np.ndarray | None,
                      size: tuple[int, int]) -> list[QueryPart]:
-        """The query's own objects as search parts: its stored boxes when it is indexed, else the localizer's box."""
+        """The query's own objects as search parts: its stored boxes when it is indexed, else the localizer's boxes
+        (a dense head's every detection, as `localize` would store them)."""
         stored = self._stored_parts(record) if record is not None else []
         if stored:
             return stored
         localizer = self.localizer() if fmap is not None else None
         if localizer is not None:
-            from simsearch.localizer.predict import predictions_from_maps
+            from simsearch.localizer.predict import detections_from_maps
 
-            prediction = predictions_from_maps(localizer, fmap[None], [size])[0]
-            box = (prediction.xmin, prediction.ymin, prediction.xmax, prediction.ymax)
-            return [QueryPart(pool_one(fmap, fractions([box], *size))[0], prediction.label, box, "predicted")]
+            found = detections_from_maps(localizer, fmap[None], [size])[0]
+            boxes = [(p.xmin, p.ymin, p.xmax, p.ymax) for p in found]
+            vectors = pool_one(fmap, fractions(boxes, *size))
+            return [QueryPart(v, p.label, box, "predicted") for v, p, box in zip(vectors, found, boxes)]
         where = described.get("id", described["path"])
         raise BadInputError(f"{where} has no objects to search with (no boxes, and no localizer in this index): "
                             "draw one with --box XMIN,YMIN,XMAX,YMAX (pixels)")

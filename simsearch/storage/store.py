@@ -163,6 +163,9 @@ class NewImage:
     object_vectors: np.ndarray | None = None  # (len(record.objects), D), one per ground-truth box
     prediction_vector: np.ndarray | None = None  # (D,), the predicted box's
     tags: Sequence[Tag] = ()  # ImageNet tags from the embedding's forward pass, committed with the record
+    # A dense head's further detections (scoring under `prediction`), each with its box vector (D,):
+    # stored as predicted boxes beside the prediction's own, in the same transaction.
+    detections: Sequence[tuple[Prediction, np.ndarray]] = ()
 
 
 def _now() -> str:
@@ -391,8 +394,9 @@ class Store:
                     conn.execute("INSERT INTO predictions(image_id, label, score, xmin, ymin, xmax, ymax, "
                                  "head_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                  [image_id, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, p.head_version])
+                predicted = [item.prediction, *(p for p, _ in item.detections)] if item.prediction else []
                 self._insert_boxes(conn, image_id, item.record.objects, object_ids, box_rows[k][0],
-                                   item.prediction, box_rows[k][1])
+                                   predicted, box_rows[k][1])
                 conn.executemany("INSERT INTO tags(image_id, label, score) VALUES (?, ?, ?)",
                                  [(image_id, t.label, float(t.score)) for t in item.tags])
                 conn.execute("DELETE FROM skipped WHERE path = ?", [path])
@@ -407,22 +411,24 @@ class Store:
 
     @staticmethod
     def _box_vectors_of(item: NewImage) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(object vectors, predicted boxes' vectors: the prediction's, then each further detection's)."""
         objects = item.object_vectors
         if objects is not None and len(objects) != len(item.record.objects):
             raise ValueError(f"{item.record.path}: {len(objects)} object vectors for {len(item.record.objects)} boxes")
-        prediction = item.prediction_vector if item.prediction is not None else None
-        return objects, prediction
+        if item.prediction is None or item.prediction_vector is None:
+            return objects, None
+        return objects, np.stack([np.asarray(item.prediction_vector), *(np.asarray(v) for _, v in item.detections)])
 
     def _append_box_vectors(self, per_image: Sequence[tuple[np.ndarray | None, np.ndarray | None]]
                             ) -> list[tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
-        """Write each image's (object vectors, prediction vector) to box shards: (object rows, prediction rows)."""
+        """Write each image's (object vectors, predicted boxes' vectors) to box shards: (object rows, predicted rows)."""
         flat = [np.asarray(v, dtype=np.float32).reshape(-1, np.asarray(v).shape[-1])
                 for pair in per_image for v in pair if v is not None and len(np.atleast_1d(v))]
         placed = self._append("box", np.concatenate(flat)) if flat else []
         out, at = [], 0
         for objects, prediction in per_image:
             n_obj = 0 if objects is None else len(objects)
-            n_pred = 0 if prediction is None else 1
+            n_pred = 0 if prediction is None else len(prediction)
             out.append((placed[at:at + n_obj], placed[at + n_obj:at + n_obj + n_pred]))
             at += n_obj + n_pred
         return out
@@ -430,13 +436,12 @@ class Store:
     @staticmethod
     def _insert_boxes(conn: sqlite3.Connection, image_id: int, objects: Sequence[GroundTruthObject],
                       object_ids: Sequence[int], object_rows: Sequence[tuple[int, int]],
-                      prediction: Prediction | None, prediction_rows: Sequence[tuple[int, int]]) -> None:
-        """Point box rows at their vectors: ground-truth boxes (score 1) and the prediction, where vectors came."""
+                      predicted: Sequence[Prediction], predicted_rows: Sequence[tuple[int, int]]) -> None:
+        """Point box rows at their vectors: ground-truth boxes (score 1), then the predicted ones, where vectors came."""
         rows = [(image_id, oid, o.label, 1.0, o.xmin, o.ymin, o.xmax, o.ymax, shard, row)
                 for o, oid, (shard, row) in zip(objects, object_ids, object_rows)]
-        if prediction is not None and prediction_rows:
-            p, (shard, row) = prediction, prediction_rows[0]
-            rows.append((image_id, None, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, shard, row))
+        rows += [(image_id, None, p.label, p.score, p.xmin, p.ymin, p.xmax, p.ymax, shard, row)
+                 for p, (shard, row) in zip(predicted, predicted_rows)]
         conn.executemany("INSERT INTO boxes(image_id, object_id, label, score, xmin, ymin, xmax, ymax, shard, row)"
                          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
@@ -584,7 +589,7 @@ class Store:
                                            int(image_id)])
             conn.execute("DELETE FROM objects WHERE image_id = ?", [int(image_id)])  # their box rows cascade
             object_ids = self._insert_objects(conn, int(image_id), record.objects)
-            self._insert_boxes(conn, int(image_id), record.objects, object_ids, rows, None, [])
+            self._insert_boxes(conn, int(image_id), record.objects, object_ids, rows, [], [])
             self._commit_rows(conn, "box", rows)
             conn.execute("DELETE FROM skipped WHERE path = ?", [path])
             self._bump(conn, "boxes_generation")
@@ -770,15 +775,26 @@ class Store:
             "SELECT label, count(*) FROM predictions WHERE label != ? GROUP BY label ORDER BY label", (UNKNOWN,))}
 
     def write_predictions(self, predictions: dict[int, Prediction],
-                          vectors: dict[int, np.ndarray] | None = None) -> None:
+                          vectors: dict[int, np.ndarray] | None = None,
+                          detections: dict[int, Sequence[tuple[Prediction, np.ndarray]]] | None = None) -> None:
         """Insert or replace predictions, with their box vectors where given, all in one transaction.
 
-        A replaced prediction's old box vector goes with it.
+        `predictions` is one row per image (a dense head's best detection);
+        `detections` adds an image's further detections, each with its box vector,
+        as predicted boxes beside it (only where the prediction's vector is given).
+        An image's old predicted boxes, all of them, go with the replaced prediction.
         """
         vectors = vectors if vectors and not self.legacy else {}  # an old layout gets box vectors once upgraded
+        detections = detections or {}
         order = [i for i in predictions if i in vectors]
-        placed = self._append("box", np.stack([vectors[i] for i in order])) if order else []
-        row_of = dict(zip(order, placed))
+        boxes_of = {i: [predictions[i], *(p for p, _ in detections.get(i, ()))] for i in order}
+        stacked = [np.stack([np.asarray(vectors[i]), *(np.asarray(v) for _, v in detections.get(i, ()))])
+                   for i in order]
+        placed = self._append("box", np.concatenate(stacked)) if stacked else []
+        row_of, at = {}, 0
+        for i in order:
+            row_of[i] = placed[at:at + len(boxes_of[i])]
+            at += len(boxes_of[i])
         with self.transaction() as conn:
             conn.executemany(
                 "INSERT OR REPLACE INTO predictions(image_id, label, score, xmin, ymin, xmax, ymax, head_version)"
@@ -787,9 +803,8 @@ class Store:
                  for i, p in predictions.items()])
             conn.executemany("DELETE FROM boxes WHERE image_id = ? AND object_id IS NULL",
                              [(int(i),) for i in predictions])
-            for i, p in predictions.items():
-                if i in row_of:
-                    self._insert_boxes(conn, int(i), [], [], [], p, [row_of[i]])
+            for i in order:
+                self._insert_boxes(conn, int(i), [], [], [], boxes_of[i], row_of[i])
             self._commit_rows(conn, "box", placed)
             self._bump(conn, "boxes_generation")
 
@@ -834,7 +849,7 @@ class Store:
         return {r[0]: self._box(r) for r in rows}
 
     def boxes_of_images(self, image_ids: Sequence[int]) -> dict[int, list[ObjectMatch]]:
-        """Image id -> its boxes with vectors (ground truth first, then the prediction)."""
+        """Image id -> its boxes with vectors (ground truth first, then the predicted ones, best first)."""
         found: dict[int, list[ObjectMatch]] = {int(i): [] for i in image_ids}
         if not self._has_boxes:
             return found
