@@ -62,6 +62,9 @@ def test_dense_head_is_saved_as_the_index_head_and_reloads_as_dense(dense, tmp_p
     assert len(loaded.spec.anchors) == 3 and loaded.spec.version == report.head_version
     assert report.val_map is not None and 0 <= report.val_map <= 1
     assert 0 < loaded.spec.threshold < 1  # the val-F1 threshold was chosen
+    # Its training boxes travel with it, so a detection unlike them is "unknown", and searches know its training data.
+    assert len(loaded.references) > report.train_images and loaded.spec.familiarity_threshold > -1
+    assert loaded.spec.training["datasets"] == ["indoor-boxes"]
     with Store(index) as store:
         maps = load_maps(store, store.ids()[:4])
     first = loaded.detect_maps(maps)

@@ -27,7 +27,7 @@ from simsearch.localizer.head import (HeadSpec, Localizer, LocalizerHead, cxcywh
 from simsearch.localizer.dense import DenseConfig
 from simsearch.localizer.calibrate import (KEEP_CORRECT, KEEP_CORRECT_SCORE, fit_temperature, nll, softmax,
                                            unknown_threshold)
-from simsearch.localizer.familiarity import References, choose
+from simsearch.localizer.familiarity import References, choose, familiarity
 from simsearch.localizer.metrics import Evaluation, evaluate_predictions, expected_calibration_error
 from simsearch.localizer.predict import open_localizer
 from simsearch.pipeline.box_vectors import fractions, pool_boxes
@@ -237,14 +237,46 @@ def _train_every(config: TrainConfig) -> TrainReport:
         truth = truths(store, chosen.every.ids)
         embedder = store.spec.embedder
         maps = torch.from_numpy(load_maps(store, chosen.every.ids))  # fp16 in memory, fp32 one batch at a time
+        train_ids = [chosen.every.ids[j] for j in chosen.train_idx]
+        train_objects = store.objects(train_ids)
+        datasets = sorted({row["dataset"] for row in store.images(train_ids).values()} - {None})
     fit = fit_dense(config, chosen, truth, maps, embedder)
+    where = {c: k for k, c in enumerate(fit.spec.classes)}
+    references = training_references(maps, chosen.every, chosen.train_idx, train_objects, where, config.seed)
+    familiar = Localizer(fit.head, fit.spec, references=references)
+    threshold = _dense_familiarity_threshold(familiar, maps, chosen.val_idx, truth, config.keep_correct)
+    spec = replace(fit.spec, familiarity_threshold=threshold,
+                   training={**fit.spec.training, "datasets": datasets, "familiarity_threshold": threshold})
     folder = config.head_dir or config.index_dir
     Path(folder).mkdir(parents=True, exist_ok=True)
-    Localizer(fit.head, fit.spec).save(folder)
-    return TrainReport(str(config.index_dir), fit.spec.version, list(fit.spec.classes), len(chosen.train_idx),
+    Localizer(fit.head, spec, references=references).save(folder)
+    return TrainReport(str(config.index_dir), spec.version, list(spec.classes), len(chosen.train_idx),
                        len(chosen.val_idx), len(fit.history), fit.best_epoch, fit.best_val_loss, fit.val_accuracy,
                        fit.val_corloc, time.perf_counter() - started, fit.history,
-                       {"threshold": fit.spec.threshold, **fit.spec.training["threshold"]}, "every", fit.val_map)
+                       {"threshold": spec.threshold, "familiarity_threshold": threshold,
+                        **spec.training["threshold"]}, "every", fit.val_map)
+
+
+def _dense_familiarity_threshold(localizer: Localizer, maps: torch.Tensor, val_idx: np.ndarray,
+                                 truth: Sequence, keep_correct: float) -> float:
+    """The familiarity that keeps `keep_correct` of the right validation detections (IoU >= 0.5 with a box of
+    their class) at or above it; -1 (no test) when none is right."""
+    from simsearch.localizer.metrics import CORLOC_IOU, box_iou
+
+    val_maps = maps[torch.from_numpy(val_idx)].float().numpy()
+    found = localizer.detect_maps(val_maps)
+    vectors = pool_boxes(val_maps, [d.boxes for d in found])
+    right = []
+    for d, v, j in zip(found, vectors, val_idx):
+        t = truth[j]
+        familiar = familiarity(localizer.references, v, d.labels)
+        for label, box, f in zip(d.labels, d.boxes, familiar):
+            same = [b for name, b in zip(t.labels, t.boxes) if name == localizer.spec.classes[int(label)]]
+            if same and box_iou(np.repeat(box[None], len(same), 0), np.asarray(same)).max() >= CORLOC_IOU:
+                right.append(f)
+    if not right:
+        return -1.0
+    return unknown_threshold(np.asarray(right), np.ones(len(right), dtype=bool), keep_correct)
 
 
 def _train(config: TrainConfig) -> TrainReport:
