@@ -14,14 +14,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError, SimsearchError, SpecMismatchError
-from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
-from simsearch.pipeline.box_vectors import fractions, pool_one
 from simsearch.records import ObjectMatch, Record, Tag
 from simsearch.retrieval.contents import QueryContents
 from simsearch.retrieval.filters import Filters
@@ -32,6 +31,9 @@ from simsearch.storage.calibration import Calibration
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
+
+if TYPE_CHECKING:  # torch loads only when a query is embedded: `query --id` and stored-record searches never need it
+    from simsearch.pipeline.embed import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ class Searcher:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
+            from simsearch.pipeline.embed import Embedder, load_backbone_for
+
             backbone = load_backbone_for(self.spec.embedder, self.weights, self.store.get_meta("weights_path"))
             self._embedder = Embedder(backbone, self.device, self.precision)
         return self._embedder
@@ -458,6 +462,8 @@ class Searcher:
         """
         if box is None:
             return self._own_objects(record, described, fmap, size)
+        from simsearch.pipeline.box_vectors import fractions, pool_one
+
         checked = _checked_box(box, size)
         described["box"] = list(checked)
         vector = pool_one(fmap, fractions([checked], *size))[0]
@@ -492,6 +498,7 @@ class Searcher:
         localizer = self.localizer() if fmap is not None else None
         if localizer is not None:
             from simsearch.localizer.predict import predictions_from_maps
+            from simsearch.pipeline.box_vectors import fractions, pool_one
 
             prediction = predictions_from_maps(localizer, fmap[None], [size])[0]
             box = (prediction.xmin, prediction.ymin, prediction.xmax, prediction.ymax)
