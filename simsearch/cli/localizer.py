@@ -50,15 +50,20 @@ def train_localizer_command(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
     quiet: bool = QUIET_OPTION,
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table: one summary line (for people); json: the full report with every epoch's losses (for scripts)."),
 ) -> None:
-    """Train the localizer head on the index's cached feature maps and save it in the index folder."""
+    """Train the localizer head on the index's cached feature maps and save it in the index folder.
+
+    stdout is one summary line; --format json prints the full report instead (the line then goes to stderr).
+    """
     from simsearch.localizer.train import TrainConfig, train
 
     with reported():
         report = train(TrainConfig(index_dir=index, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
                                    box_weight=box_weight, val_split=val_split, val_fraction=val_fraction, seed=seed,
                                    device=device, quiet=quiet))
-    echo_json(asdict(report))
+    if fmt is Format.json:  # ~10 KB: every epoch's losses, for scripts, never by default
+        echo_json(asdict(report))
     typer.echo(
         f"head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
         f"{report.val_images} val images, best epoch {report.best_epoch} of {report.epochs_run}: val accuracy "
@@ -67,7 +72,7 @@ def train_localizer_command(
         f"{report.calibration['ece_after']:.3f}, \"unknown\" below score {report.calibration['threshold']:.2f} "
         f"or familiarity {report.calibration['familiarity_threshold']:.2f}; "
         f"{report.seconds:.1f}s. "
-        f"Next: simsearch localize --index {index}", err=True)
+        f"Next: simsearch localize --index {index}", err=fmt is Format.json)
 
 
 @app.command("localize")

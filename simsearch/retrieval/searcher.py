@@ -308,9 +308,7 @@ class Searcher:
             xq = self.store.vectors([record.id])[1]
             described = {"id": record.id, "path": record.path, "sha256": record.sha256}
         else:
-            path = Path(query)
-            if not path.is_file():
-                raise NotFoundError(f"{path}: no such image file")
+            path = _query_file(query)
             xq, fmap, size, tags = self.embed_file_tagged(path)
             described = {"path": str(path), "sha256": file_sha256(path)}
             seen = (fmap, size, tags)
@@ -441,9 +439,7 @@ class Searcher:
                                             "map was not kept; query with the image file instead")
                     whole, fmap, _ = self.embed_file(record.path)
             return described, record, whole, fmap, (record.width, record.height), QueryContents.of_record(record)
-        path = Path(query)
-        if not path.is_file():
-            raise NotFoundError(f"{path}: no such image file")
+        path = _query_file(query)
         whole, fmap, size, tags = self.embed_file_tagged(path)
         sha = file_sha256(path)
         copies = sorted(self.copies_of(sha))
@@ -554,8 +550,20 @@ class Searcher:
     def record(self, image_id: int) -> Record:
         found = self.store.records([int(image_id)])
         if not found:
-            self.store.image(image_id)  # raises NotFoundError with its hint
+            from simsearch.storage.info import unknown_id
+
+            raise unknown_id(self.store, image_id)
         return found[int(image_id)]
+
+
+def _query_file(query: str | os.PathLike) -> Path:
+    """The query's path, or a one-line error saying what it is instead: a folder is a build's input, not a query."""
+    path = Path(query)
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a folder; give one image file (build-index indexes a folder)")
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such image file")
+    return path
 
 
 def _box_draft(box: tuple[float, float, float, float], size: tuple[int, int], stored: tuple[int, int],
