@@ -58,6 +58,20 @@ def test_query_by_id_imports_no_backbone_and_verbose_hides_faiss_loader_attempts
     assert "ModuleNotFoundError" not in ran.stderr and "Could not load library" not in ran.stderr, ran.stderr
 
 
+def test_query_by_id_reads_no_head_when_nothing_could_be_left_out(tiny, tmp_path):
+    """A head file (a torch checkpoint) is read for the datasets it trained on only when the index holds several."""
+    import shutil
+
+    from simsearch.storage.layout import HEAD
+
+    copy = tmp_path / "index"
+    shutil.copytree(tiny, copy)
+    (copy / HEAD).write_bytes(b"a head this test never lets anyone read")
+    ran = _cli("query", "--id", "1", "--index", str(copy), "-k", "2")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.rstrip().endswith("no torch") and "head" not in ran.stderr, ran.stderr
+
+
 def test_imagenet_names_are_read_without_importing_torchvision():
     code = ("import sys\nfrom simsearch.pipeline.embed import imagenet_labels\nnames = imagenet_labels()\n"
             "assert len(names) == 1000 and names[0] == 'tench' and names[-1] == 'toilet tissue', names[:3]\n"

@@ -255,14 +255,16 @@ class Searcher:
 
     def scope(self, filters: Filters | None, include_training: bool = False) -> tuple[Filters | None, LeftOut | None]:
         """`filters` as a search applies them: the head's training datasets left out unless `include_training`."""
-        if include_training:
-            return filters, None
-        trained = self.training_datasets()
-        if not trained:
+        if include_training or (filters is not None and filters.dataset) or not (self.dir / layout.HEAD).exists():
             return filters, None
         generation = self.store.generation
         if self._datasets[0] != generation:
             self._datasets = (generation, self.store.datasets())
+        if len(self._datasets[1]) <= 1:  # one dataset is never left out: spare reading the head (a torch checkpoint)
+            return filters, None
+        trained = self.training_datasets()
+        if not trained:
+            return filters, None
         return leave_out_training(filters, trained, self._datasets[1])
 
     # ------------------------------------------------------------ searching
