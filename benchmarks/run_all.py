@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_embed", "bench_gpu", "bench_compare", "bench_query", "bench_faiss_update", "bench_scale", "bench_map",
            "bench_faults", "bench_engines", "bench_objects",
-           "bench_filters", "bench_open_set", "bench_detector")
+           "bench_filters", "bench_open_set", "bench_detector", "bench_cold_query")
 
 
 def main() -> int:

@@ -22,12 +22,25 @@ app = typer.Typer(
 
 
 @app.callback()
-def _configure(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log stage timings to stderr.")) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                           help="Log stage timings to stderr; -vv also logs debug detail.")) -> None:
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    faiss_loader = logging.getLogger("faiss.loader")
+    for old in [f for f in faiss_loader.filters if isinstance(f, FaissLoaderAttempts)]:
+        faiss_loader.removeFilter(old)  # one filter, however many times the app runs in a process
+    if level > logging.DEBUG:
+        faiss_loader.addFilter(FaissLoaderAttempts())
+
+
+class FaissLoaderAttempts(logging.Filter):
+    """Drops faiss's loader trying AVX512/AVX2 builds that are not installed: INFO lines quoting a
+    ModuleNotFoundError read like a failure on every -v run, yet the plain build then loads fine.
+    Its 'Successfully loaded' line and anything at WARNING or above still pass; -vv shows them all.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.getMessage().startswith("Successfully loaded")
 
 
 @contextmanager

@@ -100,8 +100,10 @@ def query_command(
     from simsearch.retrieval.searcher import Searcher
 
     with reported():
-        if (image is None) == (record_id is None):
-            raise BadInputError("give either an image file or --id ID (not both)")
+        if image is None and record_id is None:
+            raise BadInputError("give an image file or --id ID")
+        if image is not None and record_id is not None:
+            raise BadInputError("give an image file or --id ID, not both")
         if box is not None and objects:
             raise BadInputError("give --box or --objects, not both (--box searches with the drawn box alone)")
         filters = Filters(label=label, min_box_area=min_box_area, min_score=min_score, under=tuple(under or ()),
@@ -118,19 +120,26 @@ def query_command(
             from simsearch.views.page import write_query_page
 
             typer.echo(f"page: {write_query_page(index, result, html)}", err=True)
-    rows = [n.to_json() for n in result.neighbours]
     if result.no_good_match:  # stderr: stdout stays the data, whatever the format
         typer.echo(f"no good match in this index (best score {result.neighbours[0].score:.2f}, "
                    f"cutoff {result.cutoff:.2f})", err=True)
     if fmt is Format.json:
         echo_json({"query": result.query_to_json()})
-        for row in rows:
-            echo_json(row)
+        for n in result.neighbours:
+            echo_json(n.to_json())
         return
     if result.left_out is not None:
         typer.echo(result.left_out.text(), err=True)
     typer.echo(query_line(result))
-    for row, n in zip(rows, result.neighbours):
+    columns = ["rank", "id", "score", "match", "object", "classes", "predicted", "tags", "why", "path"]
+    echo_table(table_rows(result), columns if result.parts else [c for c in columns if c != "object"])
+
+
+def table_rows(result) -> list[dict]:
+    """The neighbours as table cells: every prediction, tag and matched object with its score, as JSON has them."""
+    rows = []
+    for n in result.neighbours:
+        row = n.to_json()
         row["classes"] = ",".join(n.record.classes)
         row["tags"] = ",".join(f"{t.label} {t.score:.2f}" for t in n.record.tags)
         p = n.record.prediction
@@ -140,8 +149,8 @@ def query_command(
                           if m is not None else None)
         row["why"] = n.why.text if n.why is not None else None
         row["match"] = "weak" if n.weak else "good" if result.cutoff is not None else ""
-    columns = ["rank", "id", "score", "match", "object", "classes", "predicted", "tags", "why", "path"]
-    echo_table(rows, columns if result.parts else [c for c in columns if c != "object"])
+        rows.append(row)
+    return rows
 
 
 def query_line(result) -> str:
@@ -179,7 +188,7 @@ def info_command(
     with reported():
         info = describe_index(index)
     if fmt is Format.table:
-        for key in ("index", "images", "objects", "object_vectors", "index_type", "backbone", "weights", "dim", "skipped",
+        for key in ("index", "images", "ids", "objects", "object_vectors", "index_type", "backbone", "weights", "dim", "skipped",
                     "writer"):
             typer.echo(f"{key:<14} {info[key]}")
         calibration = info["calibration"]

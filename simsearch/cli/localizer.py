@@ -53,11 +53,13 @@ def train_localizer_command(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("cpu", "--device", help="auto, cpu or cuda."),
     quiet: bool = QUIET_OPTION,
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="table: one summary line (for people); json: the full report with every epoch's losses (for scripts)."),
 ) -> None:
     """Train the localizer head on the index's cached feature maps and save it in the index folder.
 
     The default head names the largest object of an image and boxes it; --every trains a dense head that finds every
-    object of its classes.
+    object of its classes. stdout is one summary line; --format json prints the full report instead (the line then
+    goes to stderr).
     """
     from simsearch.localizer.dense import DenseConfig
     from simsearch.localizer.train import TrainConfig, train
@@ -67,14 +69,15 @@ def train_localizer_command(
                                    box_weight=box_weight, val_split=val_split, val_fraction=val_fraction, seed=seed,
                                    device=device, quiet=quiet, target="every" if every else "largest",
                                    dense=DenseConfig(anchors=anchors, score_threshold=score_threshold)))
-    echo_json(asdict(report))
+    if fmt is Format.json:  # ~10 KB: every epoch's losses, for scripts, never by default
+        echo_json(asdict(report))
     if every:
         typer.echo(
             f"dense head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
             f"{report.val_images} val images, best epoch {report.best_epoch} of {report.epochs_run}: val mAP@0.5 "
             f"{report.val_map:.3f}; best detection against the largest object: accuracy {report.val_accuracy:.3f}, "
             f"CorLoc {report.val_corloc:.3f}; detections scoring below {report.calibration['threshold']:.2f} are not "
-            f"stored; {report.seconds:.1f}s. Next: simsearch localize --index {index}", err=True)
+            f"stored; {report.seconds:.1f}s. Next: simsearch localize --index {index}", err=fmt is Format.json)
         return
     typer.echo(
         f"head {report.head_version}: {len(report.classes)} classes, {report.train_images} train / "
@@ -84,7 +87,7 @@ def train_localizer_command(
         f"{report.calibration['ece_after']:.3f}, \"unknown\" below score {report.calibration['threshold']:.2f} "
         f"or familiarity {report.calibration['familiarity_threshold']:.2f}; "
         f"{report.seconds:.1f}s. "
-        f"Next: simsearch localize --index {index}", err=True)
+        f"Next: simsearch localize --index {index}", err=fmt is Format.json)
 
 
 @app.command("localize")

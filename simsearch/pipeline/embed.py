@@ -68,8 +68,24 @@ class Backbone:
 
 @functools.cache
 def imagenet_labels() -> tuple[str, ...]:
-    """The 1000 ImageNet-1k class names in the order both backbones' classifiers use (offline)."""
-    from torchvision.models import ResNet50_Weights
+    """The 1000 ImageNet-1k class names in the order both backbones' classifiers use (offline).
+
+    Read from torchvision's own list without importing torchvision: its import (torch._dynamo
+    through torchvision.ops) costs ~2 s, more than the EfficientNet query that needs only the names.
+    """
+    import ast
+    import importlib.util
+
+    found = importlib.util.find_spec("torchvision")
+    source = Path(next(iter(found.submodule_search_locations or ())), "models", "_meta.py") if found else None
+    if source is not None and source.is_file():
+        for node in ast.parse(source.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                    and getattr(node.targets[0], "id", None) == "_IMAGENET_CATEGORIES"):
+                labels = tuple(ast.literal_eval(node.value))
+                if len(labels) == 1000:
+                    return labels
+    from torchvision.models import ResNet50_Weights  # the file moved: the public (slow) way
 
     return tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 

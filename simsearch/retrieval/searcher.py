@@ -14,14 +14,13 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError, SimsearchError, SpecMismatchError
-from simsearch.pipeline.embed import Embedder, load_backbone_for
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
-from simsearch.pipeline.box_vectors import fractions, pool_one
 from simsearch.records import ObjectMatch, Record, Tag
 from simsearch.retrieval.contents import QueryContents
 from simsearch.retrieval.filters import Filters
@@ -32,6 +31,9 @@ from simsearch.storage.calibration import Calibration
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
+
+if TYPE_CHECKING:  # torch loads only when a query is embedded: `query --id` and stored-record searches never need it
+    from simsearch.pipeline.embed import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ class Searcher:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:
+            from simsearch.pipeline.embed import Embedder, load_backbone_for
+
             backbone = load_backbone_for(self.spec.embedder, self.weights, self.store.get_meta("weights_path"))
             self._embedder = Embedder(backbone, self.device, self.precision)
         return self._embedder
@@ -251,14 +255,16 @@ class Searcher:
 
     def scope(self, filters: Filters | None, include_training: bool = False) -> tuple[Filters | None, LeftOut | None]:
         """`filters` as a search applies them: the head's training datasets left out unless `include_training`."""
-        if include_training:
-            return filters, None
-        trained = self.training_datasets()
-        if not trained:
+        if include_training or (filters is not None and filters.dataset) or not (self.dir / layout.HEAD).exists():
             return filters, None
         generation = self.store.generation
         if self._datasets[0] != generation:
             self._datasets = (generation, self.store.datasets())
+        if len(self._datasets[1]) <= 1:  # one dataset is never left out: spare reading the head (a torch checkpoint)
+            return filters, None
+        trained = self.training_datasets()
+        if not trained:
+            return filters, None
         return leave_out_training(filters, trained, self._datasets[1])
 
     # ------------------------------------------------------------ searching
@@ -304,9 +310,7 @@ class Searcher:
             xq = self.store.vectors([record.id])[1]
             described = {"id": record.id, "path": record.path, "sha256": record.sha256}
         else:
-            path = Path(query)
-            if not path.is_file():
-                raise NotFoundError(f"{path}: no such image file")
+            path = _query_file(query)
             xq, fmap, size, tags = self.embed_file_tagged(path)
             described = {"path": str(path), "sha256": file_sha256(path)}
             seen = (fmap, size, tags)
@@ -437,9 +441,7 @@ class Searcher:
                                             "map was not kept; query with the image file instead")
                     whole, fmap, _ = self.embed_file(record.path)
             return described, record, whole, fmap, (record.width, record.height), QueryContents.of_record(record)
-        path = Path(query)
-        if not path.is_file():
-            raise NotFoundError(f"{path}: no such image file")
+        path = _query_file(query)
         whole, fmap, size, tags = self.embed_file_tagged(path)
         sha = file_sha256(path)
         copies = sorted(self.copies_of(sha))
@@ -458,6 +460,8 @@ class Searcher:
         """
         if box is None:
             return self._own_objects(record, described, fmap, size)
+        from simsearch.pipeline.box_vectors import fractions, pool_one
+
         checked = _checked_box(box, size)
         described["box"] = list(checked)
         vector = pool_one(fmap, fractions([checked], *size))[0]
@@ -493,6 +497,7 @@ class Searcher:
         localizer = self.localizer() if fmap is not None else None
         if localizer is not None:
             from simsearch.localizer.predict import detections_from_maps
+            from simsearch.pipeline.box_vectors import fractions, pool_one
 
             found = detections_from_maps(localizer, fmap[None], [size])[0]
             boxes = [(p.xmin, p.ymin, p.xmax, p.ymax) for p in found]
@@ -549,8 +554,20 @@ class Searcher:
     def record(self, image_id: int) -> Record:
         found = self.store.records([int(image_id)])
         if not found:
-            self.store.image(image_id)  # raises NotFoundError with its hint
+            from simsearch.storage.info import unknown_id
+
+            raise unknown_id(self.store, image_id)
         return found[int(image_id)]
+
+
+def _query_file(query: str | os.PathLike) -> Path:
+    """The query's path, or a one-line error saying what it is instead: a folder is a build's input, not a query."""
+    path = Path(query)
+    if path.is_dir():
+        raise BadInputError(f"{path}: is a folder; give one image file (build-index indexes a folder)")
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such image file")
+    return path
 
 
 def _box_draft(box: tuple[float, float, float, float], size: tuple[int, int], stored: tuple[int, int],

@@ -5,6 +5,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from simsearch.errors import NotFoundError
 from simsearch.storage.calibration import load as load_calibration, load_boxes as load_boxes_calibration
 from simsearch.storage import layout
 from simsearch.storage.store import Store
@@ -21,6 +22,7 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
         return {
             "index": str(index_dir),
             **summary,
+            "ids": id_range(store),  # "1..1234": what `query --id` accepts (gaps where records were removed)
             "index_type": spec.index_type if spec else None,
             "backbone": emb.backbone if emb else None,
             "weights": emb.weights if emb else None,
@@ -37,6 +39,19 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "disk": _disk(Path(index_dir), summary["images"]),
             "skipped_files": store.skipped(),
         }
+
+
+def id_range(store: Store) -> str | None:
+    """'FIRST..LAST' of the record ids, or None when the index is empty: the ids a user can pass to --id."""
+    ids = store.id_snapshot()[1]
+    return f"{ids[0]}..{ids[-1]}" if len(ids) else None
+
+
+def unknown_id(store: Store, image_id: int) -> NotFoundError:
+    """The error for an id the index lacks, saying which ids it has (ids are not shown anywhere else before a query)."""
+    found = id_range(store)
+    held = f"its ids run {found} (simsearch info shows the range)" if found else "it holds no images yet"
+    return NotFoundError(f"no record with id {image_id} in {store.dir}: {held}")
 
 
 def _disk(index_dir: Path, images: int) -> dict:
