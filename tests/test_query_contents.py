@@ -179,3 +179,32 @@ def test_a_damaged_head_does_not_stop_plain_searches(mixed, tmp_path):
         assert result.contents.predictions == [] and result.contents.tags  # tags come from the backbone, not the head
         with pytest.raises(IndexDamagedError):
             searcher.search_objects(outside, 3)
+
+
+def test_a_head_applied_from_another_index_is_kept_for_new_images_and_queries(mixed, tmp_path, shared_data):
+    """localize --head copies the head in: a later build predicts the new photos, and an outside query gets its prediction."""
+    from simsearch.localizer.head import Localizer
+    from simsearch.localizer.predict import localize
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+    from simsearch.retrieval.searcher import Searcher
+    from simsearch.storage.store import Store
+
+    labelled, outside = mixed
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("coffee.png", "rocket.jpg"):
+        shutil.copy(shared_data / "photos" / name, photos / name)
+    index = tmp_path / "index"
+    config = BuildConfig(photos, index, EmbedConfig("efficientnet-lite0", device="cpu", quiet=True))
+    build_index(config)
+    assert not Localizer.exists(index)
+    localize(index, head_dir=labelled)
+    assert Localizer.load(index).spec.version == Localizer.load(labelled).spec.version
+    shutil.copy(shared_data / "photos" / "flower.jpg", photos / "flower.jpg")
+    build_index(config)
+    with Store(index) as store:
+        assert store.ids_without_prediction() == [] and store.count() == 3
+    with Searcher(index, device="cpu") as searcher:
+        result = searcher.search(outside, 2)
+    assert len(result.contents.predictions) == 1

@@ -91,7 +91,10 @@ def train_localizer_command(
 
 
 @app.command("localize")
-def localize_command(index: Path = INDEX_OPTION, head: Optional[Path] = HEAD_OPTION) -> None:
+def localize_command(
+    index: Path = INDEX_OPTION,
+    head: Optional[Path] = typer.Option(None, "--head", help="Folder holding localizer.pt, e.g. an index of labelled data it was trained on; it is copied into --index, which then uses it for new images and queries. Default: the index's own head."),
+) -> None:
     """Predict class, score and box for every record and store them (query results then show them)."""
     from simsearch.localizer.predict import localize
 

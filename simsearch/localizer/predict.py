@@ -95,10 +95,17 @@ def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chun
 
 def localize(index_dir: str | os.PathLike, head_dir: str | os.PathLike | None = None,
              ids: Sequence[int] | None = None) -> LocalizeReport:
-    """Predict class, score and box for every record (or `ids`) and store them; a dense head's every detection too."""
+    """Predict class, score and box for every record (or `ids`) and store them; a dense head's every detection too.
+
+    A head from another folder is copied into the index first: the index then
+    predicts its new images at build time and tells what is in a query with the
+    same head that made its stored predictions.
+    """
     started = time.perf_counter()
     with writer_lock(index_dir, "localize"), Store(index_dir) as store:
         localizer = open_localizer(store, head_dir)
+        if head_dir is not None and Path(head_dir).resolve() != Path(index_dir).resolve():
+            localizer.save(index_dir)  # atomic; before the predictions, so a kill leaves the next build to finish them
         predictions, vectors, detections = predict_records(store, localizer, store.ids() if ids is None else ids)
         store.write_predictions(predictions, vectors, detections)
         layout.sync_objects(store, store.spec.embedder)
