@@ -157,11 +157,17 @@ def test_cli_train_localizer_every(dense, tmp_path):
     index = tmp_path / "index"
     shutil.copytree(dense[0], index)
     result = CliRunner().invoke(app, ["train-localizer", "--index", str(index), "--every", "--epochs", "2",
-                                      "--val-fraction", "0.25", "--quiet", "--score-threshold", "0.3"])
+                                      "--val-fraction", "0.25", "--quiet", "--score-threshold", "0.3",
+                                      "--format", "json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["target"] == "every" and data["calibration"]["threshold"] == 0.3
     assert "mAP@0.5" in result.stderr
+    # By default stdout is the one summary line, for people.
+    result = CliRunner().invoke(app, ["train-localizer", "--index", str(index), "--every", "--epochs", "2",
+                                      "--val-fraction", "0.25", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1 and "mAP@0.5" in result.stdout
 
 
 # ---------------------------------------------------------------- units: no ../shared
