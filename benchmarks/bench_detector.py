@@ -40,7 +40,7 @@ INDOOR_VAL_FRACTION = 0.25
 
 def measure(index_dir: Path, head_dir: Path) -> dict:
     """Score the head saved in `head_dir` on its own held-out images of `index_dir`."""
-    from simsearch.localizer.train import evaluate
+    from simsearch.localizer.evaluate import evaluate
 
     result = evaluate(index_dir, "val", head_dir)
     return {"map50": result.map50, "accuracy": result.accuracy, "corloc": result.corloc, "mean_iou": result.mean_iou,
@@ -50,7 +50,8 @@ def measure(index_dir: Path, head_dir: Path) -> dict:
 def common_map(index_dir: Path, head_dir: Path, classes: list[str]) -> tuple[float, float]:
     """(mAP@0.5 over `classes`, boxes stored per image) of the head in `head_dir` on its held-out images."""
     from simsearch.localizer.predict import open_localizer
-    from simsearch.localizer.train import evaluation_ids, load_maps
+    from simsearch.localizer.evaluate import evaluation_ids
+    from simsearch.localizer.train import load_maps
     from simsearch.localizer.metrics import mean_average_precision
     from simsearch.localizer.train_dense import truths
     from simsearch.storage.store import Store

@@ -66,7 +66,8 @@ def main() -> None:
     if not indoor.is_dir():
         raise SystemExit(f"skipped: {indoor} is absent (set SIMSEARCH_SHARED_DATA to the shared data folder)")
     from simsearch.datasets.synth import SynthConfig, generate
-    from simsearch.localizer.train import TrainConfig, open_set, train
+    from simsearch.localizer.evaluate import open_set
+    from simsearch.localizer.train import TrainConfig, train
 
     n_comp = args.composites or (120 if args.quick else 300)
     epochs = 15 if args.quick else 30

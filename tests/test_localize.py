@@ -40,7 +40,8 @@ def test_head_learns_far_above_chance(trained):
     majority-class share of 0.33, mean IoU 0.62, CorLoc 0.77; on 360 composites with
     seeds 0 and 1: accuracy 0.76 / 0.76, CorLoc 0.72 / 0.85. Thresholds leave a wide margin.
     """
-    from simsearch.localizer.train import evaluate, examples
+    from simsearch.localizer.evaluate import evaluate
+    from simsearch.localizer.train import examples
     from simsearch.localizer.metrics import box_iou, corloc
     from simsearch.storage.store import Store
 
@@ -294,7 +295,7 @@ def test_calibration_is_recorded_and_low_scores_are_stored_as_unknown(trained, t
 
     from simsearch.localizer.head import Localizer
     from simsearch.localizer.predict import localize
-    from simsearch.localizer.train import evaluate
+    from simsearch.localizer.evaluate import evaluate
     from simsearch.records import UNKNOWN
     from simsearch.storage.store import Store
 
@@ -331,7 +332,8 @@ def test_calibration_is_recorded_and_low_scores_are_stored_as_unknown(trained, t
 @pytest.mark.slow
 def test_open_set_held_out_classes_come_out_unknown(trained):
     """Two classes held out of a short run: a rate in [0, 1] for them, and what the threshold costs the others."""
-    from simsearch.localizer.train import TrainConfig, open_set
+    from simsearch.localizer.evaluate import open_set
+    from simsearch.localizer.train import TrainConfig
 
     index, _ = trained
     report = open_set(TrainConfig(index, epochs=30, quiet=True))

@@ -118,7 +118,8 @@ def evaluate_command(
     fmt: Format = FORMAT_OPTION,
 ) -> None:
     """Top-1 accuracy, calibration (ECE), "unknown" share, mean IoU, CorLoc (IoU >= 0.5), mAP@0.5 over every box, per class and a confusion matrix."""
-    from simsearch.localizer.train import TrainConfig, evaluate, open_set as measure_open_set
+    from simsearch.localizer.evaluate import evaluate, open_set as measure_open_set
+    from simsearch.localizer.train import TrainConfig
 
     if open_set:
         with reported():

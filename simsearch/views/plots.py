@@ -38,7 +38,8 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
                head_dir: str | os.PathLike | None = None) -> PlotReport:
     """Write boxes.png: `n` images of `split` (chosen by `seed`), each captioned actual vs predicted."""
     from simsearch.localizer.predict import open_localizer
-    from simsearch.localizer.train import evaluation_ids, examples, load_maps
+    from simsearch.localizer.evaluate import evaluation_ids
+    from simsearch.localizer.train import examples, load_maps
 
     if n < 1:
         raise BadInputError("--n must be at least 1")
