@@ -81,6 +81,15 @@ def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return generalized_box_iou_loss(pred, target, reduction="mean")
 
 
+def one_cycle(head: nn.Module, lr: float, weight_decay: float, epochs: int, steps_per_epoch: int):
+    """AdamW under a one-cycle schedule over the whole run: how both heads train (measured on composites and
+    indoor-boxes: warm-up a tenth of the steps, then cosine to zero)."""
+    optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, lr, total_steps=epochs * max(1, steps_per_epoch),
+                                                   pct_start=0.1)
+    return optimiser, schedule
+
+
 # ---------------------------------------------------------------- spec and files
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.localizer.head import (HeadSpec, Localizer, LocalizerHead, cxcywh_to_xyxy, giou_loss, head_version,
-                                      xyxy_to_cxcywh)
+                                      one_cycle, xyxy_to_cxcywh)
 from simsearch.localizer.dense import DenseConfig
 from simsearch.localizer.calibrate import (KEEP_CORRECT, KEEP_CORRECT_SCORE, fit_temperature, nll, softmax,
                                            unknown_threshold)
@@ -303,10 +303,7 @@ def _train(config: TrainConfig) -> TrainReport:
     device = resolve_device(config.device)
     head = LocalizerHead(embedder.feature_shape[0], len(classes), embedder.feature_shape[1:],
                          config.width, config.hidden).to(device)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, -(-len(train_idx) // batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                   pct_start=0.1)
+    optimiser, schedule = one_cycle(head, config.lr, config.weight_decay, config.epochs, -(-len(train_idx) // batch_size))
     best = (float("inf"), -1, None)
     history: list[dict] = []
     bar = tqdm(range(config.epochs), desc="training", unit="epoch", disable=config.quiet, dynamic_ncols=True)

@@ -20,7 +20,7 @@ import torch
 from simsearch.errors import BadInputError
 from simsearch.localizer.dense import (DenseConfig, DenseHead, Detections, Targets, assign, decode, dense_loss,
                                        fit_anchors, mirror)
-from simsearch.localizer.head import HeadSpec, head_version
+from simsearch.localizer.head import HeadSpec, head_version, one_cycle
 from simsearch.localizer.metrics import DetectionTruth, box_iou, corloc, match_detections, mean_average_precision
 from simsearch.storage.store import Store
 
@@ -141,10 +141,7 @@ def fit_dense(config, chosen, truth: Sequence[DetectionTruth], maps: torch.Tenso
                      dense.dropout).to(device)
     anchors_t = anchors_t.to(device)
     batch_size = config.batch_size or dense.batch_size
-    optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, -(-len(train_idx) // batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                   pct_start=0.1)
+    optimiser, schedule = one_cycle(head, config.lr, config.weight_decay, config.epochs, -(-len(train_idx) // batch_size))
     best = (float("inf"), -1, None)
     history: list[dict] = []
     val_truth = [truth[k] for k in val_idx]
