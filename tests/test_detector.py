@@ -96,10 +96,19 @@ def test_localize_stores_several_boxes_an_image_each_with_a_vector_and_a_rerun_r
         first_ids = {b.id for found in boxes.values() for b in found if b.source == "predicted"}
     several = [i for i in ids if sum(b.source == "predicted" for b in boxes[i]) > 1]
     assert len(several) >= len(ids) // 2, f"only {len(several)} of {len(ids)} images have more than one box"
-    for i in ids:  # the predictions row (chips, class filters) is the image's best detection
+    for i in ids:  # the predictions row (chips) is the image's best detection
         predicted = [b for b in boxes[i] if b.source == "predicted"]
         assert records[i].prediction.score == max(b.score for b in predicted)
         assert predicted[0].score == records[i].prediction.score  # stored best first
+    # Class filters see every detection, not only the best: (image, class) pairs found only by a further detection.
+    from simsearch.retrieval.filters import Filters
+
+    further = {(i, b.label) for i in ids for b in boxes[i][1:] if b.source == "predicted"
+               if b.label != records[i].prediction.label and b.label not in records[i].classes}
+    assert further, "no image has a further detection of a class it has no other box of"
+    with Store(index) as store:
+        for i, label in sorted(further)[:10]:
+            assert i in store.ids_matching(Filters(label=label)).tolist()
 
     # A second localize with a stricter copy of the head: old detections replaced, none left over.
     strict = tmp_path / "strict"

@@ -830,8 +830,10 @@ class Store:
 
     # (image_id, label, score, xmin, ymin, xmax, ymax) of every box an image has.
     _GROUND_TRUTH_BOXES = "SELECT image_id, label, 1.0 AS score, xmin, ymin, xmax, ymax FROM objects"
+    # The prediction row, and every predicted box (a dense head stores many an image; older layouts kept none there).
     _IMAGE_BOXES = (_GROUND_TRUTH_BOXES + " UNION ALL SELECT image_id, label, score, xmin, ymin, xmax, ymax "
-                    "FROM predictions WHERE label IS NOT NULL")
+                    "FROM predictions WHERE label IS NOT NULL UNION ALL SELECT image_id, label, score, xmin, ymin, "
+                    "xmax, ymax FROM boxes WHERE object_id IS NULL AND label IS NOT NULL")
 
     # ------------------------------------------------------------ boxes (the objects index)
 
