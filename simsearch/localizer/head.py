@@ -247,8 +247,11 @@ class Localizer:
             familiar = familiarity(self.references, vectors, labels)
         else:
             familiar = familiarity(None, np.zeros((len(labels), 0)), labels)
-        unknown = (scores < self.spec.threshold) | (familiar < self.spec.familiarity_threshold)
-        return HeadOutput(labels, scores, boxes, familiar, unknown)
+        return HeadOutput(labels, scores, boxes, familiar, self._unknown(scores, familiar))
+
+    def _unknown(self, scores: np.ndarray, familiar: np.ndarray) -> np.ndarray:
+        """The one rule: a score below the head's threshold, or a box less familiar than its familiarity threshold."""
+        return (scores < self.spec.threshold) | (familiar < self.spec.familiarity_threshold)
 
     @torch.inference_mode()
     def detect_maps(self, maps: np.ndarray, min_score: float | None = None, batch_size: int = 512
@@ -276,14 +279,18 @@ class Localizer:
                 out.append(Detections(d.labels[keep], d.scores[keep], d.boxes[keep]))
         return out
 
-    def judge(self, maps: np.ndarray, found: list[Detections]) -> list[np.ndarray]:
-        """For each map's detections, which ones the head cannot claim: a low score, or a box unlike its class's
-        training boxes (`familiarity`)."""
-        vectors = (pool_boxes(maps, [d.boxes for d in found]) if self.references is not None
-                   else [np.zeros((len(d.labels), 0)) for d in found])
-        return [(d.scores < self.spec.threshold)
-                | (familiarity(self.references, v, d.labels) < self.spec.familiarity_threshold)
-                for d, v in zip(found, vectors)]
+    def judge(self, found: list[Detections], vectors: list[np.ndarray]) -> list[np.ndarray]:
+        """For each map's detections, given their pooled box vectors, which ones the head cannot claim.
+
+        One familiarity search for all of them: a build judges a batch of images at once.
+        """
+        counts = [len(d.labels) for d in found]
+        if not sum(counts):
+            return [np.zeros(0, dtype=bool) for _ in found]
+        labels = np.concatenate([d.labels for d in found])
+        scores = np.concatenate([d.scores for d in found])
+        familiar = familiarity(self.references, np.concatenate(vectors), labels)
+        return np.split(self._unknown(scores, familiar), np.cumsum(counts)[:-1])
 
     def label_of(self, index: int, unknown: bool) -> str:
         """The class name a prediction is stored under: UNKNOWN when the head cannot claim its best class."""

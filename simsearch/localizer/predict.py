@@ -12,7 +12,7 @@ import numpy as np
 
 from simsearch.errors import NotFoundError
 from simsearch.localizer.head import Localizer
-from simsearch.pipeline.box_vectors import pool_boxes, record_boxes
+from simsearch.pipeline.box_vectors import pool_boxes
 from simsearch.pipeline.stored_maps import iter_maps
 from simsearch.records import Prediction
 from simsearch.storage.store import Store
@@ -43,29 +43,31 @@ def open_localizer(store: Store, head_dir: str | os.PathLike | None = None, devi
     return localizer
 
 
-def detections_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequence[tuple[int, int]]
-                         ) -> list[list[Prediction]]:
-    """Each map's boxes to store, best first, in pixels of the original image of the (width, height) given.
+def detect(localizer: Localizer, maps: np.ndarray, sizes: Sequence[tuple[int, int]]
+           ) -> tuple[list[list[Prediction]], list[np.ndarray]]:
+    """Each map's boxes to store, best first, in pixels of the original image of the (width, height) given, and
+    their pooled box vectors (n_i, C): pooled once, for judging them and for storing them.
 
-    The first is the image's prediction (one a record, what chips and class
-    filters read); a dense head adds every further detection scoring at least its
-    threshold, a single-object head none. A box the head cannot claim (below the
-    score threshold, or unlike its class's training boxes) is labelled UNKNOWN; its
+    The first is the image's prediction (one a record, what chips read); a dense
+    head adds every further detection scoring at least its threshold, a
+    single-object head none. A box the head cannot claim (below the score
+    threshold, or unlike its class's training boxes) is labelled UNKNOWN; its
     score and box are kept.
     """
-    out = []
     every = localizer.detect_maps(maps)
-    for found, unknown, (w, h) in zip(every, localizer.judge(maps, every), sizes):
+    vectors = pool_boxes(maps, [d.boxes for d in every])
+    out = []
+    for found, unknown, (w, h) in zip(every, localizer.judge(every, vectors), sizes):
         out.append([Prediction(localizer.label_of(label, claim), float(score), float(box[0] * w),
                                float(box[1] * h), float(box[2] * w), float(box[3] * h), localizer.spec.version)
                     for label, claim, score, box in zip(found.labels, unknown, found.scores, found.boxes)])
-    return out
+    return out, vectors
 
 
 def predictions_from_maps(localizer: Localizer, maps: np.ndarray, sizes: Sequence[tuple[int, int]]
                           ) -> list[Prediction]:
-    """One prediction per map: its best box (`detections_from_maps`' first)."""
-    return [found[0] for found in detections_from_maps(localizer, maps, sizes)]
+    """One prediction per map: its best box (`detect`'s first)."""
+    return [found[0] for found in detect(localizer, maps, sizes)[0]]
 
 
 Detected = dict[int, list[tuple[Prediction, np.ndarray]]]  # image id -> further detections, each with its box vector
@@ -84,8 +86,7 @@ def predict_records(store: Store, localizer: Localizer, ids: Sequence[int], chun
     vectors: dict[int, np.ndarray] = {}
     detections: Detected = {}
     for part, maps, sizes in iter_maps(store, ids, chunk):
-        found = detections_from_maps(localizer, maps, sizes)
-        pooled = pool_boxes(maps, [record_boxes([], boxes, w, h) for boxes, (w, h) in zip(found, sizes)])
+        found, pooled = detect(localizer, maps, sizes)
         for i, boxes, v in zip(part, found, pooled):
             predictions[i], vectors[i] = boxes[0], v[0]
             if len(boxes) > 1:

@@ -20,7 +20,7 @@ from simsearch.pipeline.embed import EmbedConfig, FileBatch, embedder_from_confi
 from simsearch.errors import BadInputError, NotFoundError
 from simsearch.pipeline.read import file_sha256, fit_objects, scan
 from simsearch.localizer.head import Localizer
-from simsearch.localizer.predict import detections_from_maps, open_localizer, predict_missing
+from simsearch.localizer.predict import detect, open_localizer, predict_missing
 from simsearch.pipeline.box_vectors import pool_boxes, pool_one, record_boxes
 from simsearch.pipeline.stored_maps import iter_maps
 from simsearch.records import ImageRecord, Skipped
@@ -116,28 +116,29 @@ def build_index(config: BuildConfig) -> BuildReport:
                 if batch.embedded is None:
                     continue
                 # Each image's predicted boxes, best first (a dense head's every detection, else one).
-                detected = (detections_from_maps(localizer, batch.embedded.maps, batch.sizes) if localizer
-                            else [[] for _ in batch.indices])
+                detected, detected_vectors = (detect(localizer, batch.embedded.maps, batch.sizes) if localizer
+                                              else ([[] for _ in batch.indices], [None for _ in batch.indices]))
                 records = []
                 for row, i in enumerate(batch.indices):
                     record, problems = _fitted(todo[i][0], *batch.sizes[row])
                     skipped += problems
                     records.append(record)
-                # Every box gets its own vector from the map in hand: ground truth, then the predicted ones.
-                pooled = pool_boxes(batch.embedded.maps, [record_boxes(r.objects, p, *size) for r, p, size
-                                                          in zip(records, detected, batch.sizes)])
+                # Every box gets its own vector from the map in hand: the ground truth's here, the predicted
+                # ones' came with the detections.
+                pooled = pool_boxes(batch.embedded.maps, [record_boxes(r.objects, None, *size) for r, size
+                                                          in zip(records, batch.sizes)])
                 items = []
                 for row, (i, record) in enumerate(zip(batch.indices, records)):
                     _, (sha, size, mtime) = todo[i]
                     width, height = batch.sizes[row]
                     keep = config.keep_maps or bool(record.objects)
-                    n = len(record.objects)
                     boxes = detected[row]
+                    found = detected_vectors[row]
                     items.append(NewImage(record, sha, size, mtime, width, height, batch.embedded.vectors[row],
                                           batch.embedded.maps[row] if keep else None, boxes[0] if boxes else None,
-                                          pooled[row][:n], pooled[row][n] if boxes else None,
+                                          pooled[row], found[0] if boxes else None,
                                           tags=batch.embedded.tags[row] if batch.embedded.tags is not None else (),
-                                          detections=list(zip(boxes[1:], pooled[row][n + 1:]))))
+                                          detections=list(zip(boxes[1:], found[1:])) if boxes else []))
                 report.replaced += sum(str(it.record.path) in known for it in items)
                 new_ids += store.add_images(items)
         embedded = len(new_ids)

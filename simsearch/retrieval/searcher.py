@@ -496,13 +496,11 @@ class Searcher:
             return stored
         localizer = self.localizer() if fmap is not None else None
         if localizer is not None:
-            from simsearch.localizer.predict import detections_from_maps
-            from simsearch.pipeline.box_vectors import fractions, pool_one
+            from simsearch.localizer.predict import detect
 
-            found = detections_from_maps(localizer, fmap[None], [size])[0]
-            boxes = [(p.xmin, p.ymin, p.xmax, p.ymax) for p in found]
-            vectors = pool_one(fmap, fractions(boxes, *size))
-            return [QueryPart(v, p.label, box, "predicted") for v, p, box in zip(vectors, found, boxes)]
+            found, vectors = detect(localizer, fmap[None], [size])
+            return [QueryPart(v, p.label, (p.xmin, p.ymin, p.xmax, p.ymax), "predicted")
+                    for v, p in zip(vectors[0], found[0])]
         where = described.get("id", described["path"])
         raise BadInputError(f"{where} has no objects to search with (no boxes, and no localizer in this index): "
                             "draw one with --box XMIN,YMIN,XMAX,YMAX (pixels)")
