@@ -1,0 +1,124 @@
+"""Which cosine score says "near-duplicate": Copydays edits of real photos against distinct images.
+
+Builds one EfficientNet-Lite0 index over ../shared/data (photos, voc-mini,
+indoor-boxes), embeds the 10 Copydays edits of every image (`pipeline/edits.COPYDAYS`,
+seeded: crops to 50% and 75% of the area, 40% of a side cut, rotation, JPEG q10-50,
+scale to 25% and back, mirror, colour, caption), then measures:
+
+  (a) each edit's cosine to its original (quantiles per edit);
+  (b) distinct images: every pair of stored records with different bytes, and each
+      record's best distinct neighbour (what a duplicates report would claim);
+
+and, for candidate thresholds, the share of edited copies at or above it (recall)
+against the distinct pairs and records at or above it (false near-duplicates), for
+all of the data and for indoor-boxes alone (sequences of one room: the hard case).
+
+    python benchmarks/bench_duplicates.py            # all 114 images
+    python benchmarks/bench_duplicates.py --quick    # the 13 photos only
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import SHARED_DATA, print_table, progress, write_result
+
+THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.95)
+PARTS = ("photos", "voc-mini", "indoor-boxes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the 13 photos only (a smoke run)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes every edit's strength")
+    args = parser.parse_args()
+
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.edits import COPYDAYS, edit_rng
+    from simsearch.pipeline.embed import EmbedConfig, Embedder, load_backbone
+    from simsearch.pipeline.read import open_image
+    from simsearch.storage import calibration as cal
+    from simsearch.storage.store import Store
+
+    parts = PARTS[:1] if args.quick else PARTS
+    work = Path(tempfile.mkdtemp(prefix="bench-duplicates-"))
+    try:
+        data = work / "data"
+        for part in parts:
+            shutil.copytree(SHARED_DATA / part, data / part)
+        progress("building the index (efficientnet-lite0, cpu)")
+        build_index(BuildConfig(data, work / "index", EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)))
+        embedder = Embedder(load_backbone("efficientnet-lite0"), device="cpu")
+        with Store(work / "index") as store:
+            ids, xb = store.vectors()
+            records = store.records([int(i) for i in ids])
+        names = [n for n in COPYDAYS if n != "none"]
+        progress(f"embedding {len(names)} edits of {len(ids)} images")
+        started = time.perf_counter()
+        scores = np.zeros((len(ids), len(names)), dtype=np.float32)
+        for row, image_id in enumerate(ids.tolist()):
+            image = open_image(records[image_id].path, draft=lambda w, h: (1024, 1024))
+            image.thumbnail((1024, 1024))
+            edited = [COPYDAYS[n](image, edit_rng(args.seed, image_id, n)) for n in names]
+            scores[row] = embedder.embed_images(edited).vectors @ xb[row]
+        seconds = time.perf_counter() - started
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    part_of = np.array([next(p for p in PARTS if f"/{p}/" in records[int(i)].path) for i in ids])
+    sha = np.array([records[int(i)].sha256 for i in ids])
+    collections = {"all shared data": np.ones(len(ids), bool)}
+    if not args.quick:
+        collections["indoor-boxes only"] = part_of == "indoor-boxes"
+    rows, sweep, payload = [], [], {"images": len(ids), "edits": names, "seed": args.seed,
+                                    "edit_seconds_per_image": round(seconds / len(ids), 3), "collections": {}}
+    for cname, members in collections.items():
+        x, s, sc = xb[members], sha[members], scores[members]
+        gram = x @ x.T
+        distinct = s[:, None] != s[None, :]
+        upper = np.triu(np.ones_like(distinct), k=1)
+        pairs = gram[distinct & upper]
+        best = np.where(distinct, gram, -np.inf).max(axis=1)
+        measured = {f"edit: {n}": sc[:, e] for e, n in enumerate(names)}
+        measured["all edits"] = sc.ravel()
+        measured["distinct pairs"] = pairs
+        measured["best distinct neighbour"] = best
+        for what, v in measured.items():
+            rows.append({"collection": cname, "scores": what, "n": len(v),
+                         **cal.quantiles(v, (0.01, 0.05, 0.5, 0.95, 0.99)), "max": round(float(v.max()), 4)})
+        entry = {"quantiles": {k: cal.quantiles(v) | {"n": len(v), "max": round(float(v.max()), 4)}
+                               for k, v in measured.items()}, "thresholds": {}}
+        order = np.argsort(-pairs)
+        i_idx, j_idx = np.nonzero(distinct & upper)
+        member_ids = ids[members]
+        entry["top distinct pairs"] = [
+            {"score": round(float(pairs[k]), 4), "a": Path(records[int(member_ids[i_idx[k]])].path).name,
+             "b": Path(records[int(member_ids[j_idx[k]])].path).name} for k in order[:8]]
+        for t in THRESHOLDS:
+            row = {"collection": cname, "threshold": t, "copies found": round(float((sc >= t).mean()), 3)}
+            for e, n in enumerate(names):
+                row[n] = round(float((sc[:, e] >= t).mean()), 2)
+            row["distinct pairs >= t"] = int((pairs >= t).sum())
+            row["records with one"] = round(float((best >= t).mean()), 3)
+            sweep.append(row)
+            entry["thresholds"][str(t)] = row
+        payload["collections"][cname] = entry
+    print_table("cosine quantiles (efficientnet-lite0)", rows,
+                ["collection", "scores", "n", "q01", "q05", "q50", "q95", "q99", "max"])
+    print_table("at each threshold: edited copies found, distinct images claimed", sweep,
+                ["collection", "threshold", "copies found", *names, "distinct pairs >= t", "records with one"],
+                [f"{seconds / len(ids):.2f} s an image for its {len(names)} edits"])
+    for cname, entry in payload["collections"].items():
+        print(f"\n{cname}: the most similar distinct pairs")
+        for p in entry["top distinct pairs"]:
+            print(f"  {p['score']:.4f}  {p['a']}  {p['b']}")
+    write_result("duplicates", payload)
+
+
+if __name__ == "__main__":
+    main()
