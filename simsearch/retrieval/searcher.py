@@ -22,7 +22,7 @@ from PIL import Image
 from simsearch.errors import BadInputError, IndexDamagedError, NotFoundError, SimsearchError, SpecMismatchError
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.records import ObjectMatch, Record, Tag
-from simsearch.retrieval.contents import QueryContents
+from simsearch.retrieval.contents import NEAR_DUPLICATE, Copies, QueryContents
 from simsearch.retrieval.filters import Filters
 from simsearch.retrieval.objects import QueryPart, Why, best_per_image, explain
 from simsearch.retrieval.scope import LeftOut, leave_out_training
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # 0.49 composites / 0.80 indoor; 1.0: 0.56 / 0.81; 1.5: 0.58 / 0.80; 3.0: 0.61 / 0.74; crop alone among
 # whole images 0.56 / 0.53. 1.5 is the largest weight that keeps the real photos' precision.
 CROP_WEIGHT = 1.5
+# Near-duplicates a query names at most ("near-duplicate of id 12 (0.97), ..."): the best few, not a list to read.
+NEAR_SHOWN = 5
 
 @dataclass
 class Neighbour:
@@ -321,6 +323,7 @@ class Searcher:
         indexed = record if record is not None else (self.record(min(excluded)) if excluded else None)
         self.explain_neighbours(neighbours, self.query_parts(indexed, xq))
         contents = QueryContents.of_record(indexed) if indexed is not None else self.contents_seen(*seen)
+        contents.copies = self.known_copies(excluded, xq, record.id if record is not None else None)
         return QueryResult(described, neighbours, indexed, cutoff=self.cutoff, contents=contents, left_out=left_out)
 
     # ------------------------------------------------------------ objects
@@ -362,6 +365,7 @@ class Searcher:
         described, record, whole, fmap, size, contents = self._query_input(query, need_map=box is not None)
         parts = self._parts(box, record, described, fmap, size, described["path"])
         excluded = self.copies_of(described["sha256"])
+        contents.copies = self.known_copies(excluded, whole, int(query) if isinstance(query, (int, np.integer)) else None)
         scoped, left_out = self.scope(filters, include_training)
         return QueryResult(described, self.search_parts(parts, k, excluded, scoped), record, parts,
                            cutoff=self.objects_cutoff, contents=contents, left_out=left_out)
@@ -385,6 +389,7 @@ class Searcher:
         parts = self._parts(box, record, described, fmap, size, image)
         contents = (QueryContents.of_record(record) if record is not None
                     else self.contents_seen(fmap, size, embedded.tags[0] if embedded.tags is not None else []))
+        contents.copies = self.known_copies(set(exclude), embedded.vectors[:1])
         scoped, left_out = self.scope(filters, include_training)
         return QueryResult(described, self.search_parts(parts, k, exclude, scoped), record, parts,
                            cutoff=self.objects_cutoff, contents=contents, left_out=left_out)
@@ -531,8 +536,25 @@ class Searcher:
         return [QueryPart(v, b.label, tuple(b.box), b.source) for b, v in zip(boxes, xb)]
 
     def copies_of(self, sha256: str) -> set[int]:
-        """Records holding these very bytes: no answer to a query made of them."""
+        """Records holding these very bytes: no answer to a query made of them (`known_copies` names them)."""
         return self.store.ids_with_sha256(sha256)
+
+    def known_copies(self, exact: set[int] | frozenset[int], xq: np.ndarray, queried: int | None = None,
+                     threshold: float = NEAR_DUPLICATE) -> Copies:
+        """What the index already holds of a query: `exact` (records with its bytes) and files scoring >= threshold.
+
+        The exact copies are left out of the neighbours, so the query says so instead.
+        Near-duplicates come from one unfiltered search NEAR_SHOWN deep past the exact
+        copies: a filter narrows the answers, never what the index holds. `queried` is
+        the record searched by id, which is no copy of itself.
+        """
+        depth = min(self.index.ntotal, len(exact) + NEAR_SHOWN + 1)
+        near: list[tuple[int, float]] = []
+        if depth:
+            scores, ids = self.knn(np.asarray(xq, dtype=np.float32).reshape(1, -1), depth)
+            near = [(int(i), round(float(sc), 6)) for i, sc in zip(ids[0], scores[0])
+                    if i >= 0 and sc >= threshold and int(i) not in exact and int(i) != queried]
+        return Copies(sorted(set(exact) - {queried}), near[:NEAR_SHOWN], threshold, queried is not None)
 
     @property
     def cutoff(self) -> float | None:

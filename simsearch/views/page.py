@@ -43,6 +43,7 @@ h1 { font-size: 20px; margin: 0 0 4px; }
 .no-match { color: #a33; margin: 0 0 12px; }
 .contents { margin: 4px 0; }
 .left-out { color: #666; margin: 0 0 12px; font-size: 12px; }
+.copies { color: #7a4b00; font-weight: 600; margin: 2px 0; }
 """
 
 
@@ -153,7 +154,10 @@ def _contents_html(contents: QueryContents | None) -> str:
     seen = "stored in the index" if contents.seen == "stored" else "seen in this image"
     chips = classes + _prediction_chips(contents.predictions) or '<span class="muted">no localizer prediction</span>'
     tags = _tag_chips(contents.tags) or '<span class="muted">no ImageNet tags</span>'
-    return (f'<div class="contents" id="query-contents" data-seen="{contents.seen}" title="{seen}">'
+    copies = (f'<div class="copies" id="query-copies" title="the index holds these very bytes (left out of the '
+              f'neighbours below), or files scoring at least {contents.copies.threshold:.2f}">'
+              f'{html.escape(contents.copies.text())}</div>' if contents.copies else "")
+    return (f'<div class="contents" id="query-contents" data-seen="{contents.seen}" title="{seen}">{copies}'
             f'<div>{chips}</div><div class="imagenet-tags">{tags}</div></div>')
 
 
