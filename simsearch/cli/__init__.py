@@ -8,7 +8,7 @@ from __future__ import annotations
 from simsearch.cli.app import app, main
 from simsearch.cli import core  # noqa: F401  (registers its commands on `app`)
 
-for _module in ("localizer", "browse", "maps", "retrieval"):  # command groups that exist in this install
+for _module in ("localizer", "browse", "maps", "retrieval", "duplicates"):  # command groups that exist in this install
     try:
         __import__(f"simsearch.cli.{_module}")
     except ModuleNotFoundError as _e:

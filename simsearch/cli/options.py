@@ -12,6 +12,7 @@ class Format(str, Enum):
 
     json = "json"  # JSON (lines): for scripts
     table = "table"  # an aligned table: for people
+    csv = "csv"  # comma-separated rows with a header: for spreadsheets (commands that say so)
 
 
 INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
