@@ -47,7 +47,7 @@ def pairs_command(
     n: int = typer.Option(10, "--n", min=1, help="Number of pairs."),
     out: Path = typer.Option(Path("pairs"), "--out", "-o", help="Folder for pairs.png."),
 ) -> None:
-    """The most similar pairs of distinct images (identical files skipped): JSON lines and a PNG."""
+    """The most similar pairs of images (identical files included, marked "identical"): JSON lines and a PNG of whole photos."""
     from simsearch.views.pairs import most_similar_pairs, pairs_figure
 
     with reported():

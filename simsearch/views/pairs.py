@@ -1,10 +1,13 @@
-"""The most similar pairs of distinct images in an index (the seed's Figure 5).
+"""The most similar pairs of records in an index (the seed's Figure 5).
 
-Byte-identical files (same sha256) are not a finding, so they are skipped. The
-global top-n pairs come from each record's top neighbours as the index finds
-them: if (a, b) is among the n best pairs, b is among a's n best distinct
-neighbours, so the result is exact wherever the index's search is (Flat, up to
-50k records) and as good as its tuned recall above that (HNSW, IVF).
+Byte-identical files (same sha256) are kept and marked `identical`: two copies of
+one file are exactly what a user looking at the closest pairs wants to learn of
+(`simsearch duplicates` groups them all). The figure shows whole photos, since a
+pair is two pictures, not two predicted boxes. The global top-n pairs come from
+each record's top neighbours as the index finds them: if (a, b) is among the n best
+pairs, b is among a's n best neighbours, so the result is exact wherever the
+index's search is (Flat, up to 50k records) and as good as its tuned recall above
+that (HNSW, IVF).
 """
 from __future__ import annotations
 
@@ -33,13 +36,18 @@ class Pair:
     a: Record
     b: Record
 
+    @property
+    def identical(self) -> bool:
+        """Two records of the very same bytes (sha256)."""
+        return self.a.sha256 == self.b.sha256
+
     def to_json(self) -> dict:
-        return {"rank": self.rank, "score": self.score, "a_id": self.a.id, "a_path": self.a.path,
-                "b_id": self.b.id, "b_path": self.b.path}
+        return {"rank": self.rank, "score": self.score, "identical": self.identical, "a_id": self.a.id,
+                "a_path": self.a.path, "b_id": self.b.id, "b_path": self.b.path}
 
 
 def most_similar_pairs(index_dir: str | os.PathLike, n: int = 10, batch: int = 4096) -> list[Pair]:
-    """The `n` highest-scoring pairs of records whose files differ, best first."""
+    """The `n` highest-scoring pairs of records, best first (identical files included, marked so)."""
     if n < 1:
         raise BadInputError("--n must be at least 1")
     started = time.perf_counter()
@@ -47,9 +55,8 @@ def most_similar_pairs(index_dir: str | os.PathLike, n: int = 10, batch: int = 4
         ids, xb = searcher.store.vectors()
         if len(ids) < 2:
             raise BadInputError(f"{index_dir} holds {len(ids)} image(s); pairs need at least 2")
-        sha = searcher.store.sha256_by_id()
-        # Enough neighbours per record that n distinct-file ones survive dropping duplicates.
-        k = int(min(len(ids), n + searcher.store.largest_duplicate_group()))
+        # n neighbours besides the record itself (which identical copies may outrank on a tie).
+        k = int(min(len(ids), n + 1))
         # A min-heap of the n best pairs so far: memory stays O(n) however large the index,
         # and a row stops at its first neighbour that cannot beat the n-th best.
         heap: list[tuple[float, tuple[int, int]]] = []
@@ -63,7 +70,7 @@ def most_similar_pairs(index_dir: str | os.PathLike, n: int = 10, batch: int = 4
                         break
                     b = int(b)
                     key = (min(a, b), max(a, b))
-                    if b < 0 or b == a or sha.get(a) == sha.get(b) or key in kept:
+                    if b < 0 or b == a or key in kept:
                         continue
                     kept.add(key)
                     if len(heap) < n:
@@ -78,7 +85,7 @@ def most_similar_pairs(index_dir: str | os.PathLike, n: int = 10, batch: int = 4
 
 def pairs_figure(index_dir: str | os.PathLike, pairs: list[Pair], out: str | os.PathLike,
                  cell: int = 220, columns: int = 2) -> Path:
-    """A PNG grid: each pair side by side (box crops), with its rank, score and file names."""
+    """A PNG grid: each pair side by side (whole photos), with its rank, score and file names."""
     if not pairs:
         raise BadInputError("no pairs to draw")
     renderer = Renderer(index_dir, size=cell)
@@ -91,13 +98,15 @@ def pairs_figure(index_dir: str | os.PathLike, pairs: list[Pair], out: str | os.
     for i, p in enumerate(pairs):
         x0, y0 = (i % columns) * pair_w, (i // columns) * pair_h
         for j, record in enumerate((p.a, p.b)):
-            tile = Image.open(io.BytesIO(renderer.crop(record)))
+            tile = Image.open(io.BytesIO(renderer.thumb(record)))
             tx = x0 + pad + j * (cell + pad) + (cell - tile.width) // 2
             ty = y0 + pad + (cell - tile.height) // 2
             sheet.paste(tile, (tx, ty))
             draw.text((x0 + pad + j * (cell + pad), y0 + pad + cell + 20), Path(record.path).name[:30],
                       fill=(80, 80, 80), font=caption_font)
-        draw.text((x0 + pad, y0 + pad + cell + 3), f"#{p.rank}  score {p.score:.3f}", fill=(0, 0, 0), font=caption_font)
+        same = "  identical files" if p.identical else ""
+        draw.text((x0 + pad, y0 + pad + cell + 3), f"#{p.rank}  score {p.score:.3f}{same}", fill=(0, 0, 0),
+                  font=caption_font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
