@@ -70,7 +70,7 @@ def test_map_of_a_real_index(demo_index: Path, tmp_path: Path):
     assert again.points == report.points
 
 
-def test_pairs_skip_identical_files_and_find_the_motorcycles(demo_index: Path, tmp_path: Path):
+def test_pairs_find_the_motorcycles(demo_index: Path, tmp_path: Path):
     from simsearch.cli import app
 
     run = CliRunner().invoke(app, ["pairs", "--index", str(demo_index), "--n", "4", "--out", str(tmp_path)])
@@ -86,7 +86,7 @@ def test_pairs_skip_identical_files_and_find_the_motorcycles(demo_index: Path, t
         assert im.height > 200
 
 
-def test_pairs_never_pair_a_file_with_its_copy(tmp_path: Path, photos_dir: Path):
+def test_pairs_keep_a_file_and_its_copy_marked_identical(tmp_path: Path, photos_dir: Path):
     import shutil
 
     from simsearch.pipeline.build import BuildConfig, build_index
@@ -101,8 +101,9 @@ def test_pairs_never_pair_a_file_with_its_copy(tmp_path: Path, photos_dir: Path)
     build_index(BuildConfig(data, tmp_path / "idx", EmbedConfig("resnet50", weights="random", device="cpu", quiet=True)))
     pairs = most_similar_pairs(tmp_path / "idx", n=10)
     names = [{Path(p.a.path).name, Path(p.b.path).name} for p in pairs]
-    assert {"coffee.png", "coffee-copy.png"} not in names
-    assert len(pairs) == 5  # 4 files, 6 pairs, minus the identical one
+    assert names[0] == {"coffee.png", "coffee-copy.png"} and pairs[0].identical  # the closest pair of all
+    assert [p.identical for p in pairs].count(True) == 1
+    assert len(pairs) == 6  # 4 files, 6 pairs, the identical one included
 
 
 def test_map_cli_errors_are_one_line(tmp_path: Path):

@@ -5,6 +5,7 @@ head is trained on) and the 13 shared photos (no boxes; their dataset is the sca
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -82,7 +83,10 @@ def test_an_indexed_query_shows_what_the_index_stored(mixed):
         assert contents.seen == "stored" and contents.predictions == [indoor.prediction]
         assert contents.objects == indoor.objects and contents.tags == indoor.tags
         by_file = searcher.search(indoor.path, 3)  # the same bytes as a file: the same record
-        assert by_file.record.id == indoor.id and by_file.contents == contents
+        assert by_file.record.id == indoor.id
+        assert dataclasses.replace(by_file.contents, copies=None) == dataclasses.replace(contents, copies=None)
+        # ... which the file query names, and the query by id does not (a record is no copy of itself).
+        assert by_file.contents.copies.exact == [indoor.id] and contents.copies.exact == []
 
 
 def test_training_images_are_left_out_by_default_inside_the_search(mixed):
@@ -123,7 +127,9 @@ def test_cli_table_and_json_start_with_the_query_and_say_what_was_left_out(mixed
                                 "--device", "cpu", "--html", str(tmp_path / "q.html")])
     assert table.exit_code == 0, table.output
     above, header = table.stdout.splitlines()[:2]
-    assert above.startswith(f"query: {outside}  predicted: ") and "  tags: Egyptian cat 0." in above, above
+    # A JPEG of an indexed photo: named as its near-duplicate first, then what its own pass saw.
+    assert above.startswith(f"query: {outside}  near-duplicate of id ") and "  predicted: " in above, above
+    assert "  tags: Egyptian cat 0." in above, above
     assert header.split()[:3] == ["rank", "id", "score"]
     assert table.stderr.count(f"left out 85 training images of {TRAINED}; --include-training to see them") == 1
     page = (tmp_path / "q.html").read_text()
@@ -135,6 +141,7 @@ def test_cli_table_and_json_start_with_the_query_and_say_what_was_left_out(mixed
     assert shown["path"] == str(outside) and shown["id"] is None and shown["seen"] == "embedded"
     assert shown["prediction"] == shown["predictions"][0] and set(shown["prediction"]) == {"label", "score", "box"}
     assert shown["tags"][0]["label"] == "Egyptian cat" and shown["left_out"] == {"datasets": [TRAINED], "images": 85}
+    assert shown["duplicates"]["exact"] == [] and shown["duplicates"]["near"][0]["score"] >= 0.9
     assert len(rows) == 3 and all(r["dataset"] != TRAINED for r in rows)
     every = runner.invoke(app, ["query", "--id", "1", "--index", str(index), "-k", "3", "--include-training"])
     assert every.exit_code == 0 and "left out" not in every.stderr
