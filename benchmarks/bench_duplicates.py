@@ -15,6 +15,8 @@ all of the data and for indoor-boxes alone (sequences of one room: the hard case
 
     python benchmarks/bench_duplicates.py            # all 114 images
     python benchmarks/bench_duplicates.py --quick    # the 13 photos only
+    python benchmarks/bench_duplicates.py --scale 20000   # instead: `duplicates` on 20,000 synthetic
+                                                          # 1280-d vectors, Flat and IVF-PQ indexes
 """
 from __future__ import annotations
 
@@ -36,7 +38,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 13 photos only (a smoke run)")
     parser.add_argument("--seed", type=int, default=0, help="fixes every edit's strength")
+    parser.add_argument("--scale", type=int, default=0,
+                        help="instead, time `duplicates` on this many synthetic vectors (1%% with planted copies)")
     args = parser.parse_args()
+    if args.scale:
+        return scale(args.scale, args.seed)
 
     from simsearch.pipeline.build import BuildConfig, build_index
     from simsearch.pipeline.edits import COPYDAYS, edit_rng
@@ -118,6 +124,48 @@ def main() -> None:
         for p in entry["top distinct pairs"]:
             print(f"  {p['score']:.4f}  {p['a']}  {p['b']}")
     write_result("duplicates", payload)
+
+
+def scale(n: int, seed: int) -> None:
+    """Time find_duplicates on n synthetic 1280-d vectors through the real store, Flat then IVF-PQ (same vectors)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from vectors import add_synthetic, clustered_vectors
+
+    from simsearch.retrieval.duplicates import find_duplicates
+    from simsearch.spec import EmbedderSpec
+    from simsearch.storage import faiss_index, layout
+    from simsearch.storage.store import Store
+
+    dim = 1280
+    spec = EmbedderSpec("synthetic", "none", "0" * 64, dim, (1, 1, 1))
+    rng = np.random.default_rng(seed)
+    xb = clustered_vectors(n, dim, seed=seed + 1, clusters=200)
+    planted = 0
+    for i in range(0, n - 4, 100):  # every 100th vector gets 1-3 near copies
+        for j in range(1, 1 + int(rng.integers(1, 4))):
+            v = xb[i] + 0.01 * rng.standard_normal(dim).astype(np.float32)
+            xb[i + j] = v / np.linalg.norm(v)
+            planted += 1
+    rows = []
+    for factory in ("Flat", f"IVF{faiss_index.ivf_lists(n)},PQ320x4fs"):  # the lists a build would choose
+        work = Path(tempfile.mkdtemp(prefix="bench-duplicates-scale-"))
+        try:
+            with Store(work / "idx", create=True) as store:
+                for start in range(0, n, 5000):
+                    add_synthetic(store, xb[start:start + 5000], start, spec)
+                built = layout.sync_faiss(store, spec, factory)
+            progress(f"{built.spec.index_type}: searching for duplicates")
+            started = time.perf_counter()
+            report = find_duplicates(work / "idx")
+            rows.append({"index": built.spec.index_type, "records": n, "planted copies": planted,
+                         "copies found": report.redundant, "groups": len(report.groups),
+                         "deepest k": report.searched_depth, "seconds": round(time.perf_counter() - started, 1)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table("duplicates on synthetic vectors", rows, list(rows[0]))
+    write_result("duplicates_scale", {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ class Copies:
         """'already indexed as id 12; near-duplicate of id 40 (0.97)', or '' when the index holds no copy."""
         shown = []
         if self.exact:
-            ids = ", ".join(str(i) for i in self.exact)
-            shown.append(f"{'same file as' if self.by_id else 'already indexed as'} id{'s' if len(self.exact) > 1 else ''} {ids}")
+            ids = ("ids " if len(self.exact) > 1 else "id ") + ", ".join(str(i) for i in self.exact)
+            shown.append(f"{'same file as' if self.by_id else 'already indexed as'} {ids}")
         if self.near:
             shown.append("near-duplicate of " + ", ".join(f"id {i} ({s:.2f})" for i, s in self.near))
         return "; ".join(shown)

@@ -365,7 +365,8 @@ class Searcher:
         described, record, whole, fmap, size, contents = self._query_input(query, need_map=box is not None)
         parts = self._parts(box, record, described, fmap, size, described["path"])
         excluded = self.copies_of(described["sha256"])
-        contents.copies = self.known_copies(excluded, whole, int(query) if isinstance(query, (int, np.integer)) else None)
+        by_id = int(query) if isinstance(query, (int, np.integer)) else None
+        contents.copies = self.known_copies(excluded, whole, by_id)
         scoped, left_out = self.scope(filters, include_training)
         return QueryResult(described, self.search_parts(parts, k, excluded, scoped), record, parts,
                            cutoff=self.objects_cutoff, contents=contents, left_out=left_out)
