@@ -31,7 +31,7 @@ def duplicates_command(
     line per group {group, kind, keep, reclaimable_bytes, copies: [{role, id, path, score, width,
     height, bytes, modified, sha256}]}; table and csv: one row per file. A summary goes to stderr.
     Found with FAISS: each stored vector's nearest neighbours, searched deeper only where they
-    still clear the threshold (no all-pairs loop). Nothing is written to the index.
+    still clear the threshold (no all-pairs loop). The index is only read (--html caches thumbnails in it).
     """
     from simsearch.retrieval.duplicates import DuplicatesConfig, find_duplicates
     from simsearch.views.duplicates import CSV_COLUMNS, csv_rows, to_csv
