@@ -193,12 +193,11 @@ def near_edges(searcher: "Searcher", ids: np.ndarray, threshold: float, k: int, 
         while len(rows):
             scores, hits = searcher.knn(xq[rows], depth)
             deepest = max(deepest, depth)
-            for a, row_scores, row_hits in zip(found[rows], scores, hits):
-                for s, b in zip(row_scores, row_hits):
-                    if b < 0 or s < threshold:
-                        break  # best first: nothing further clears it
-                    if int(b) != int(a):
-                        edges[int(a)][int(b)] = edges[int(b)][int(a)] = max(float(s), edges[int(a)].get(int(b), -1.0))
+            # Only the pairs that clear the threshold reach Python: O(pairs found), not O(rows x depth).
+            queried = found[rows][:, None]
+            for r, c in zip(*np.nonzero((hits >= 0) & (scores >= threshold) & (hits != queried))):
+                a, b, s = int(queried[r, 0]), int(hits[r, c]), float(scores[r, c])
+                edges[a][b] = edges[b][a] = max(s, edges[a].get(b, -1.0))
             if depth >= ntotal:
                 break
             rows = rows[scores[:, -1] >= threshold]  # their list may go on past depth: look deeper
