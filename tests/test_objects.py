@@ -153,7 +153,9 @@ def test_object_queries_by_cli_show_the_matched_box(boxed):
                                 "-k", "3"])
     assert table.exit_code == 0, table.output
     above, header = table.stdout.splitlines()[0], table.stdout.splitlines()[1].split()
-    assert above.startswith("query: ") and f"{src} box [10,10,120,120]  objects: " in above, above  # the query first
+    # The query first, saying it is indexed (its own record is no answer to itself), then what it holds.
+    assert above.startswith("query: ") and f"{src} box [10,10,120,120]  already indexed as id " in above, above
+    assert "  objects: " in above, above
     assert header[:5] == ["rank", "id", "score", "match", "object"] and "why" in header
     lines = runner.invoke(app, ["query", "--id", "1", "--index", str(index), "--objects", "-k", "3"]).stdout
     import json
