@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from simsearch.cli.app import app, echo_json, echo_table, reported
-from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, MAX_PIXELS_OPTION, QUIET_OPTION, Format
+from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, MAX_PIXELS_OPTION, QUIET_OPTION, Format, QueryFormat
 
 
 class Engine(str, Enum):
@@ -65,7 +65,7 @@ def query_command(
     record_id: Optional[int] = typer.Option(None, "--id", help="Query by record id instead of a file."),
     index: Path = INDEX_OPTION,
     k: int = typer.Option(10, "-k", min=1, help="Number of neighbours."),
-    fmt: Format = FORMAT_OPTION,
+    fmt: QueryFormat = typer.Option(QueryFormat.json, "--format", "-f", help="json (for scripts), table (for people) or csv (one row per neighbour, for spreadsheets)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding the query image)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="The weights file the index was built with, if not the default."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page of the result (thumbnails and box crops) to this file."),
@@ -87,7 +87,8 @@ def query_command(
     Output starts with the query itself: in --format json a first line {"query": {path, id,
     indexed, prediction, predictions, tags, objects, left_out}}, then one line per neighbour
     (rank, id, path, score, ...); in --format table a line `query: PATH  predicted: chair 0.81
-    [12,30,200,220]  tags: espresso 0.96` above the table. An indexed query shows what the
+    [12,30,200,220]  tags: espresso 0.96` above the table; in --format csv that line goes to
+    stderr and stdout holds a header and one row per neighbour. An indexed query shows what the
     index stored for it; an outside file what its own embedding pass saw.
 
     Filters (--class, --min-box-area, --min-score, --under, --not-under, --dataset,
@@ -123,10 +124,18 @@ def query_command(
     if result.no_good_match:  # stderr: stdout stays the data, whatever the format
         typer.echo(f"no good match in this index (best score {result.neighbours[0].score:.2f}, "
                    f"cutoff {result.cutoff:.2f})", err=True)
-    if fmt is Format.json:
+    if fmt is QueryFormat.json:
         echo_json({"query": result.query_to_json()})
         for n in result.neighbours:
             echo_json(n.to_json())
+        return
+    if fmt is QueryFormat.csv:
+        from simsearch.views.results_csv import csv_row, csv_text
+
+        typer.echo(query_line(result), err=True)  # stdout stays one table a spreadsheet can open
+        if result.left_out is not None:
+            typer.echo(result.left_out.text(), err=True)
+        typer.echo(csv_text(csv_row(n.to_json(), n.record.path) for n in result.neighbours), nl=False)
         return
     if result.left_out is not None:
         typer.echo(result.left_out.text(), err=True)

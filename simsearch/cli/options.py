@@ -14,6 +14,14 @@ class Format(str, Enum):
     table = "table"  # an aligned table: for people
 
 
+class QueryFormat(str, Enum):
+    """How `query` prints its neighbours: Format's choices and CSV, which only a list of results fits."""
+
+    json = "json"  # JSON lines: the query first, then one line per neighbour
+    table = "table"  # an aligned table under a `query:` line
+    csv = "csv"  # one row per neighbour with a header: for spreadsheets and pandas
+
+
 INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")
 HEAD_OPTION = typer.Option(None, "--head", help="Folder holding localizer.pt (a trained head); default: the index folder.")
 FORMAT_OPTION = typer.Option(Format.json, "--format", "-f", help="json (for scripts) or table (for people).")
