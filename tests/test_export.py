@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simsearch.cli import app
+from simsearch.errors import ExportTooLargeError
 from simsearch.storage.store import Store
 from simsearch.views.results_csv import COLUMNS
 
@@ -58,6 +59,36 @@ def test_query_csv_with_objects_names_the_matched_box(demo_index: Path):
     rows = _csv(result.stdout)
     assert len(rows) == 3 and all(r["matched_box"] and r["matched_score"] for r in rows)
     assert all(r["why"] for r in rows)
+
+
+def test_query_csv_takes_the_name_and_orientation_filters(demo_index: Path):
+    record = _id_of(demo_index, "astronaut.png")
+    result = runner.invoke(app, ["query", "--id", str(record), "--index", str(demo_index), "-k", "20",
+                                 "--orientation", "landscape", "--name", "O", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = _csv(result.stdout)
+    with Store(demo_index) as store:
+        wanted = {r.id for r in store.records(store.ids()).values()
+                  if r.width > r.height and "o" in Path(r.path).name.lower()} - {record}
+    assert rows and {int(r["id"]) for r in rows} == wanted
+    bad = runner.invoke(app, ["query", "--id", str(record), "--index", str(demo_index), "--orientation", "tall"])
+    assert bad.exit_code == 1 and "landscape, portrait, square" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_file_gone_since_the_build_keeps_its_row_with_no_image(tmp_path: Path):
+    from simsearch.views.export import export_items, zip_results
+
+    kept = tmp_path / "kept.jpg"
+    kept.write_bytes(b"\xff\xd8 not really a jpeg, but bytes to copy")
+    neighbours = [{"rank": 1, "id": 7, "name": "kept.jpg", "score": 0.9, "objects": [], "tags": []},
+                  {"rank": 2, "id": 8, "name": "gone.jpg", "score": 0.5, "objects": [], "tags": []}]
+    items = export_items(neighbours, [kept, tmp_path / "gone.jpg"], limit=1000)
+    archive = _unzip(b"".join(zip_results({"query": {"id": 1}}, items)))
+    rows = _csv(archive.read("results.csv").decode())
+    assert [(r["id"], r["path"]) for r in rows] == [("7", "images/1-kept.jpg"), ("8", "")]
+    assert archive.read("images/1-kept.jpg") == kept.read_bytes()
+    with pytest.raises(ExportTooLargeError, match="export limit"):
+        export_items(neighbours, [kept, None], limit=kept.stat().st_size - 1)
 
 
 def test_commands_without_csv_refuse_it_in_one_line(demo_index: Path):

@@ -80,6 +80,8 @@ def query_command(
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Only images of this dataset (repeatable): VOC2007, a box-list dataset's name, or the indexed folder's name, as `info` and the JSON output show."),
     not_dataset: Optional[list[str]] = typer.Option(None, "--not-dataset", help="No images of this dataset (repeatable)."),
     tag: Optional[str] = typer.Option(None, "--tag", help="Only images holding this ImageNet tag (any case), e.g. espresso: the whole-image classes the build's backbone gave, as the tags column shows."),
+    name: Optional[str] = typer.Option(None, "--name", help="Only files whose name (not folder) contains this text, in any case."),
+    orientation: Optional[str] = typer.Option(None, "--orientation", help="Only landscape, portrait or square images."),
     include_training: bool = typer.Option(False, "--include-training", help="Also answer with the images the index's localizer was trained on (its datasets are left out by default when the index holds other images too; --dataset overrides)."),
 ) -> None:
     """Images like this one: first what the engine sees in it, then its neighbours with scores, classes, boxes and why.
@@ -92,7 +94,7 @@ def query_command(
     index stored for it; an outside file what its own embedding pass saw.
 
     Filters (--class, --min-box-area, --min-score, --under, --not-under, --dataset,
-    --not-dataset, --tag) are applied inside the search: -k results come back whenever k images pass
+    --not-dataset, --tag, --name, --orientation) are applied inside the search: -k results come back whenever k images pass
     (with --box/--objects, k images holding a box that passes). The datasets the index's
     localizer was trained on are left out when other images are indexed too (--include-training).
     """
@@ -109,7 +111,7 @@ def query_command(
             raise BadInputError("give --box or --objects, not both (--box searches with the drawn box alone)")
         filters = Filters(label=label, min_box_area=min_box_area, min_score=min_score, under=tuple(under or ()),
                           not_under=tuple(not_under or ()), dataset=tuple(dataset or ()),
-                          not_dataset=tuple(not_dataset or ()), tag=tag)
+                          not_dataset=tuple(not_dataset or ()), tag=tag, name=name, orientation=orientation)
         query = record_id if record_id is not None else image
         with Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000) as searcher:
             if box is not None or objects:
