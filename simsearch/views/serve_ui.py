@@ -130,6 +130,7 @@ async function loadInfo() {
   for (const d of info.datasets || []) { const o = document.createElement("option"); o.value = o.textContent = d; $("dataset").append(o); }
   for (const t of info.tags || []) { const o = document.createElement("option"); o.value = t; $("tags").append(o); }
   for (const f of info.folders || []) { const o = document.createElement("option"); o.value = f.folder; o.textContent = `${f.folder} (${f.images})`; $("pickfolder").append(o); }
+  $("pickfolder").disabled = !(info.folders || []).length;  // every image in one folder: nothing to choose
   for (const w of info.orientations || []) { const o = document.createElement("option"); o.value = o.textContent = w; $("pickorient").append(o); }
   pickLimit = info.picker_page || pickLimit;
   await loadPicker();
