@@ -32,3 +32,7 @@ class IndexDamagedError(SimsearchError):
 
 class IndexBusyError(SimsearchError):
     """Another process is writing to the index (a build, localize or train-localizer run)."""
+
+
+class ExportTooLargeError(BadInputError):
+    """A download of results whose files add up to more than the server allows in one archive."""

@@ -86,3 +86,29 @@ def demo_index(tmp_path_factory, demo_data: Path) -> Path:
     build_index(BuildConfig(data=demo_data, index_dir=index_dir,
                             embed=EmbedConfig(model="efficientnet-lite0", device="cpu", quiet=True)))
     return index_dir
+
+
+# The library fixture's folders: demo photos sorted into folders, one of them nested.
+LIBRARY_FOLDERS = {"animals": ["chelsea.png", "horse.png", "coins.png"],
+                   "people": ["astronaut.png", "grace_hopper.jpg", "china.jpg"],
+                   "things": ["coffee.png"], "things/vehicles": ["motorcycle_left.png", "motorcycle_right.png"]}
+
+
+@pytest.fixture(scope="session")
+def library_index(tmp_path_factory, demo_data: Path) -> Path:
+    """An efficientnet-lite0 index over 9 demo photos in folders (LIBRARY_FOLDERS): for browsing by folder.
+
+    Read-only for tests, like demo_index.
+    """
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+
+    data = tmp_path_factory.mktemp("library") / "library"
+    for folder, names in LIBRARY_FOLDERS.items():
+        (data / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copy(demo_data / "images" / name, data / folder / name)
+    index_dir = tmp_path_factory.mktemp("index") / "library"
+    build_index(BuildConfig(data=data, index_dir=index_dir,
+                            embed=EmbedConfig(model="efficientnet-lite0", device="cpu", quiet=True)))
+    return index_dir

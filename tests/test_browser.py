@@ -9,9 +9,12 @@ import shutil
 import socket
 import threading
 import time
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import LIBRARY_FOLDERS
 
 CHROMIUM = os.environ.get("SIMSEARCH_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -30,8 +33,9 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def server(demo_index: Path):
+@contextmanager
+def _serving(index: Path, **config):
+    """The app over `index` on a free local port, in a thread: yields its base URL."""
     import uvicorn
 
     from simsearch.views.serve import ServeConfig, create_app
@@ -39,7 +43,7 @@ def server(demo_index: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(demo_index, ServeConfig(device="cpu")),
+    srv = uvicorn.Server(uvicorn.Config(create_app(index, ServeConfig(device="cpu", **config)),
                                         host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -47,9 +51,17 @@ def server(demo_index: Path):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(demo_index: Path):
+    with _serving(demo_index) as url:
+        yield url
 
 
 def test_upload_shows_neighbour_cards(browser, server, demo_data: Path, tmp_path: Path):
@@ -134,4 +146,105 @@ def test_map_page_hover_and_click(browser, demo_index: Path, tmp_path: Path):
     if os.environ.get("SIMSEARCH_SCREENSHOTS"):
         page.screenshot(path=str(Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / "map.png"))
     assert not errors, errors
+    page.close()
+
+
+def _zip_rows(download, tmp_path: Path) -> tuple[zipfile.ZipFile, list[dict]]:
+    """The downloaded archive and its results.csv rows."""
+    import csv
+    import io
+
+    target = tmp_path / download.suggested_filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    download.save_as(target)
+    archive = zipfile.ZipFile(target)
+    assert archive.testzip() is None
+    rows = list(csv.DictReader(io.StringIO(archive.read("results.csv").decode())))
+    for row in rows:
+        assert row["path"] in archive.namelist()  # every row's image is in the archive
+    return archive, rows
+
+
+def test_picker_pages_and_filters_the_library_and_results_download_as_a_zip(browser, library_index: Path,
+                                                                               demo_data: Path, tmp_path: Path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    shown = lambda: sorted(i.get_attribute("title").split(": ", 1)[1] for i in page.locator("#picker img").all())
+    settled = lambda text: page.wait_for_function(
+        f"document.getElementById('pickpage').textContent === {text!r}")
+    with _serving(library_index, picker_page=4) as url:
+        page.goto(url + "/")
+        settled("1–4 of 9")  # 9 images, 4 a page: the picker pages through all of them
+        assert page.locator("#picker img").count() == 4 and page.locator("#pickprev").is_disabled()
+        seen = shown()
+        page.click("#picknext")
+        settled("5–8 of 9")
+        seen += shown()
+        page.click("#picknext")
+        settled("9–9 of 9")
+        seen += shown()
+        assert page.locator("#picknext").is_disabled() and not page.locator("#pickprev").is_disabled()
+        assert sorted(seen) == sorted(n for names in LIBRARY_FOLDERS.values() for n in names)
+
+        page.fill("#pickname", "MOTOR")  # by file name, from the first page again
+        settled("1–2 of 2")
+        assert shown() == ["motorcycle_left.png", "motorcycle_right.png"]
+        page.fill("#pickname", "")
+        settled("1–4 of 9")
+        options = page.locator("#pickfolder option").all_inner_texts()
+        assert options == ["all folders", "animals (3)", "people (3)", "things (3)", "things/vehicles (2)"]
+        page.select_option("#pickfolder", "people")
+        settled("1–3 of 3")
+        page.select_option("#pickorient", "portrait")
+        settled("1–1 of 1")
+        assert shown() == ["grace_hopper.jpg"]
+        page.select_option("#pickorient", "")
+        page.select_option("#pickfolder", "things")
+        settled("1–3 of 3")
+
+        # pick one: its neighbours come back, and the ZIP holds them as the cards show them
+        assert not page.locator("#export").is_visible()
+        page.locator("#picker img[title$=': motorcycle_left.png']").click()
+        page.wait_for_function("document.querySelectorAll('.card').length > 0")
+        cards = [c.get_attribute("data-id") for c in page.locator(".card").all()]
+        assert page.locator("#export").is_visible()
+        with page.expect_download() as info:
+            page.click("#export")
+        archive, rows = _zip_rows(info.value, tmp_path)
+        assert [r["id"] for r in rows] == cards
+        assert rows[0]["path"] == "images/1-motorcycle_right.png"
+        assert archive.read(rows[0]["path"]) == (demo_data / "images" / "motorcycle_right.png").read_bytes()
+
+        # an upload's results download too (the form is posted again)
+        page.set_input_files("#file", str(demo_data / "images" / "horse.png"))
+        page.wait_for_function("document.getElementById('status').textContent.includes('neighbour') && "
+                               "!document.getElementById('export').hidden")
+        cards = [c.get_attribute("data-id") for c in page.locator(".card").all()]
+        with page.expect_download() as info:
+            page.click("#export")
+        archive, rows = _zip_rows(info.value, tmp_path / "upload")
+        assert [r["id"] for r in rows] == cards and len(rows) == 8  # 9 indexed, the upload's own copy left out
+    assert not errors, errors
+    page.close()
+
+
+def test_api_docs_show_the_api_with_no_internet(browser, server):
+    page = browser.new_page()
+    outside: list[str] = []
+
+    def local_only(route):
+        if route.request.url.startswith(server):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    page.route("**/*", local_only)
+    page.goto(server + "/docs")
+    page.wait_for_function("[...document.querySelectorAll('.opblock-summary-path')]"
+                           ".some(e => e.textContent.includes('/api/export'))", timeout=20_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert "/api/search" in paths and "/api/records" in paths
+    page.goto(server + "/redoc")
+    page.wait_for_function("document.body.innerText.includes('/api/export')", timeout=20_000)
     page.close()

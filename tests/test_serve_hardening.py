@@ -219,7 +219,7 @@ def test_the_api_schema_states_the_id_range(client: TestClient):
     paths = client.get("/openapi.json").json()["paths"]
     id_params = [p for route in paths.values() for op in route.values() for p in op.get("parameters", [])
                  if p["name"] in ("image_id", "id")]
-    assert len(id_params) == 5  # /api/records/{id}, its image, thumb and crop, and GET /api/search
+    assert len(id_params) == 6  # /api/records/{id}, its image, thumb and crop, GET /api/search and GET /api/export
     assert all((p["schema"]["minimum"], p["schema"]["maximum"]) == (0, 2**63 - 1) for p in id_params)
 
 

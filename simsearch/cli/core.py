@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from simsearch.cli.app import app, echo_json, echo_table, reported
-from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, MAX_PIXELS_OPTION, QUIET_OPTION, Format
+from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, MAX_PIXELS_OPTION, QUIET_OPTION, Format, QueryFormat
 
 
 class Engine(str, Enum):
@@ -65,7 +65,7 @@ def query_command(
     record_id: Optional[int] = typer.Option(None, "--id", help="Query by record id instead of a file."),
     index: Path = INDEX_OPTION,
     k: int = typer.Option(10, "-k", min=1, help="Number of neighbours."),
-    fmt: Format = FORMAT_OPTION,
+    fmt: QueryFormat = typer.Option(QueryFormat.json, "--format", "-f", help="json (for scripts), table (for people) or csv (one row per neighbour, for spreadsheets)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for embedding the query image)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="The weights file the index was built with, if not the default."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML page of the result (thumbnails and box crops) to this file."),
@@ -80,6 +80,8 @@ def query_command(
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Only images of this dataset (repeatable): VOC2007, a box-list dataset's name, or the indexed folder's name, as `info` and the JSON output show."),
     not_dataset: Optional[list[str]] = typer.Option(None, "--not-dataset", help="No images of this dataset (repeatable)."),
     tag: Optional[str] = typer.Option(None, "--tag", help="Only images holding this ImageNet tag (any case), e.g. espresso: the whole-image classes the build's backbone gave, as the tags column shows."),
+    name: Optional[str] = typer.Option(None, "--name", help="Only files whose name (not folder) contains this text, in any case."),
+    orientation: Optional[str] = typer.Option(None, "--orientation", help="Only landscape, portrait or square images."),
     include_training: bool = typer.Option(False, "--include-training", help="Also answer with the images the index's localizer was trained on (its datasets are left out by default when the index holds other images too; --dataset overrides)."),
 ) -> None:
     """Images like this one: first what the engine sees in it, then its neighbours with scores, classes, boxes and why.
@@ -87,11 +89,12 @@ def query_command(
     Output starts with the query itself: in --format json a first line {"query": {path, id,
     indexed, prediction, predictions, tags, objects, left_out}}, then one line per neighbour
     (rank, id, path, score, ...); in --format table a line `query: PATH  predicted: chair 0.81
-    [12,30,200,220]  tags: espresso 0.96` above the table. An indexed query shows what the
+    [12,30,200,220]  tags: espresso 0.96` above the table; in --format csv that line goes to
+    stderr and stdout holds a header and one row per neighbour. An indexed query shows what the
     index stored for it; an outside file what its own embedding pass saw.
 
     Filters (--class, --min-box-area, --min-score, --under, --not-under, --dataset,
-    --not-dataset, --tag) are applied inside the search: -k results come back whenever k images pass
+    --not-dataset, --tag, --name, --orientation) are applied inside the search: -k results come back whenever k images pass
     (with --box/--objects, k images holding a box that passes). The datasets the index's
     localizer was trained on are left out when other images are indexed too (--include-training).
     """
@@ -108,7 +111,7 @@ def query_command(
             raise BadInputError("give --box or --objects, not both (--box searches with the drawn box alone)")
         filters = Filters(label=label, min_box_area=min_box_area, min_score=min_score, under=tuple(under or ()),
                           not_under=tuple(not_under or ()), dataset=tuple(dataset or ()),
-                          not_dataset=tuple(not_dataset or ()), tag=tag)
+                          not_dataset=tuple(not_dataset or ()), tag=tag, name=name, orientation=orientation)
         query = record_id if record_id is not None else image
         with Searcher(index, device=device, weights=weights, max_pixels=max_pixels * 1_000_000) as searcher:
             if box is not None or objects:
@@ -123,10 +126,18 @@ def query_command(
     if result.no_good_match:  # stderr: stdout stays the data, whatever the format
         typer.echo(f"no good match in this index (best score {result.neighbours[0].score:.2f}, "
                    f"cutoff {result.cutoff:.2f})", err=True)
-    if fmt is Format.json:
+    if fmt is QueryFormat.json:
         echo_json({"query": result.query_to_json()})
         for n in result.neighbours:
             echo_json(n.to_json())
+        return
+    if fmt is QueryFormat.csv:
+        from simsearch.views.results_csv import csv_row, csv_text
+
+        typer.echo(query_line(result), err=True)  # stdout stays one table a spreadsheet can open
+        if result.left_out is not None:
+            typer.echo(result.left_out.text(), err=True)
+        typer.echo(csv_text(csv_row(n.to_json(), n.record.path) for n in result.neighbours), nl=False)
         return
     if result.left_out is not None:
         typer.echo(result.left_out.text(), err=True)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from simsearch.cli.app import app, echo_json, echo_table, reported
-from simsearch.cli.options import FORMAT_OPTION, INDEX_OPTION, QUIET_OPTION, Format
+from simsearch.cli.options import INDEX_OPTION, QUIET_OPTION, RowsFormat
 from simsearch.retrieval.contents import NEAR_DUPLICATE
 
 
@@ -19,7 +19,7 @@ def duplicates_command(
                                          f"(default {NEAR_DUPLICATE}: finds mirrored, recoloured, mildly cropped and "
                                          "re-compressed copies; 0.85 finds more edits and more look-alike shots)."),
     exact_only: bool = typer.Option(False, "--exact-only", help="Only identical files (same sha256): no vector search."),
-    fmt: Format = typer.Option(Format.json, "--format", "-f",
+    fmt: RowsFormat = typer.Option(RowsFormat.json, "--format", "-f",
                                help="json (one line per group, for scripts), table (one row per file) or csv."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write a self-contained HTML report (whole-photo thumbnails side by side) to this file."),
     quiet: bool = QUIET_OPTION,
@@ -43,9 +43,9 @@ def duplicates_command(
 
             typer.echo(f"report: {write_duplicates_page(report, html)}", err=True)
     typer.echo(report.text(), err=True)
-    if fmt is Format.csv:
+    if fmt is RowsFormat.csv:
         typer.echo(to_csv(report), nl=False)
-    elif fmt is Format.table:
+    elif fmt is RowsFormat.table:
         echo_table(csv_rows(report), [c for c in CSV_COLUMNS if c != "sha256"])
     else:
         for group in report.groups:

@@ -12,7 +12,22 @@ class Format(str, Enum):
 
     json = "json"  # JSON (lines): for scripts
     table = "table"  # an aligned table: for people
-    csv = "csv"  # comma-separated rows with a header: for spreadsheets (commands that say so)
+
+
+class QueryFormat(str, Enum):
+    """How `query` prints its neighbours: Format's choices and CSV, which only a list of results fits."""
+
+    json = "json"  # JSON lines: the query first, then one line per neighbour
+    table = "table"  # an aligned table under a `query:` line
+    csv = "csv"  # one row per neighbour with a header: for spreadsheets and pandas
+
+
+class RowsFormat(str, Enum):
+    """How a command that lists groups of files prints them (`duplicates`): Format's choices and CSV."""
+
+    json = "json"  # JSON lines: one line per group
+    table = "table"  # an aligned table: one row per file
+    csv = "csv"  # one row per file with a header: for spreadsheets and pandas
 
 
 INDEX_OPTION = typer.Option(Path("indexes/default"), "--index", "-i", help="Index folder (created by build-index).")

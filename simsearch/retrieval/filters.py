@@ -15,6 +15,8 @@ from pathlib import Path
 
 from simsearch.errors import BadInputError
 
+ORIENTATIONS = ("landscape", "portrait", "square")  # by the upright image's width against its height
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -36,12 +38,20 @@ class Filters:
     dataset: tuple[str, ...] = ()  # from one of these datasets (VOC2007, a box-list name, a folder's name)
     not_dataset: tuple[str, ...] = ()  # and from none of these
     tag: str | None = None  # holds this ImageNet tag (any case), as the build's classifier gave it
+    name: str | None = None  # the file's name (not its folders) contains this text, in any case
+    orientation: str | None = None  # landscape (wider than high), portrait (higher than wide) or square
 
     def __post_init__(self) -> None:
         label = self.label.strip() if isinstance(self.label, str) else self.label
         object.__setattr__(self, "label", label or None)  # "" is what a form's "all classes" sends
         tag = self.tag.strip() if isinstance(self.tag, str) else self.tag
         object.__setattr__(self, "tag", tag or None)
+        name = self.name.strip() if isinstance(self.name, str) else self.name
+        object.__setattr__(self, "name", name or None)
+        orientation = self.orientation.strip().lower() if isinstance(self.orientation, str) else self.orientation
+        if orientation and orientation not in ORIENTATIONS:
+            raise BadInputError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}")
+        object.__setattr__(self, "orientation", orientation or None)
         object.__setattr__(self, "min_box_area", _fraction(self.min_box_area, "min_box_area",
                                                            "a fraction of the image area, e.g. 0.1 for a tenth"))
         object.__setattr__(self, "min_score", _fraction(self.min_score, "min_score",

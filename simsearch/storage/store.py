@@ -813,6 +813,11 @@ class Store:
         return {r[0]: r[1] for r in self.db.execute(
             "SELECT dataset, count(*) FROM images WHERE dataset IS NOT NULL GROUP BY dataset ORDER BY dataset")}
 
+    def folders(self) -> dict[str, int]:
+        """folder -> number of records directly in it (the paths build-index stored, cut at their last '/')."""
+        return {r[0].rstrip("/") or "/": r[1] for r in self.db.execute(
+            "SELECT rtrim(path, replace(path, '/', '')) AS folder, count(*) FROM images GROUP BY folder ORDER BY folder")}
+
     def ids_matching(self, filters: "Filters") -> np.ndarray:
         """Sorted int64 ids of the records that pass `filters` (see `retrieval.filters.Filters`).
 
@@ -1106,6 +1111,12 @@ def _filter_conditions(filters: "Filters", with_boxes: bool) -> tuple[str, list]
     if filters.tag is not None:
         clauses.append("i.id IN (SELECT image_id FROM tags WHERE label = ? COLLATE NOCASE)")
         params.append(filters.tag)
+    if filters.name is not None:  # the name after the last '/': instr, so '%' and '_' are plain text
+        clauses.append("instr(lower(substr(i.path, length(rtrim(i.path, replace(i.path, '/', ''))) + 1)), lower(?)) > 0")
+        params.append(filters.name)
+    if filters.orientation is not None:
+        clauses.append({"landscape": "i.width > i.height", "portrait": "i.height > i.width",
+                        "square": "i.width = i.height"}[filters.orientation])
     if with_boxes:
         if filters.label is not None:
             clauses.append("b.label = ?")

@@ -1,7 +1,8 @@
 """A small local web app to browse an index: upload or pick an image, see its neighbours.
 
 `create_app(index_dir)` returns a FastAPI app: one plain HTML+JS page at `/`
-(no build step) over a JSON API under `/api` (documented at `/docs`). Files are
+(no build step) over a JSON API under `/api` (documented at `/docs`, which works
+offline), including `/api/export`, a search's neighbours as a ZIP of their files. Files are
 only ever served by record id (or by the id of a box, which names its record), from
 paths the index itself recorded; nothing the client sends is used as a path. Uploads are capped in bytes and in pixels (413
 above either cap); at most `decode_slots` images decode at once. No response
@@ -21,24 +22,28 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from simsearch.errors import (BadInputError, ImageTooLargeError, IndexBusyError, IndexDamagedError, NotFoundError,
+from simsearch.errors import (BadInputError, ExportTooLargeError, ImageTooLargeError, IndexBusyError, IndexDamagedError,
+                               NotFoundError,
                                SimsearchError)
 from simsearch.retrieval.contents import QueryContents
-from simsearch.retrieval.filters import Filters
+from simsearch.retrieval.filters import ORIENTATIONS, Filters
+from simsearch.retrieval.library import Folders, folders_of
 from simsearch.retrieval.scope import LeftOut
 from simsearch.retrieval.searcher import Neighbour, QueryResult, Searcher
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, open_image
 from simsearch.records import Record
 from simsearch.views.http_guards import TokenGate, UploadCap, bind
+from simsearch.views.export import export_items, zip_results
 from simsearch.views.render import Renderer, jpeg_bytes, match_box, overlay, record_box
 from simsearch.views.serve_ui import PAGE
 
@@ -64,6 +69,10 @@ class ServeConfig:
     # a few-hundred-KB PNG declaring 19000x19000 pixels is refused (413) from its header.
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     decode_slots: int = 2  # images decoded (and embedded) at once, so concurrent big uploads cannot add up
+    # A ZIP of results (their original files and results.csv) larger than this is refused (413) before a
+    # byte is sent: k is capped by max_k, but 200 camera originals could still be gigabytes.
+    max_export_bytes: int = 512 * 1024 * 1024
+    picker_page: int = 60  # records per page of the app's picker (it pages through the whole library)
     # Shared secret required on every request when set (Bearer header, or ?token= on the page URL,
     # which sets a cookie for the page's own requests). The app has no other authentication: set
     # it whenever the app is reachable from other machines (a --host other than loopback).
@@ -119,7 +128,14 @@ class Browser:
                     "index_type": searcher.spec.index_type, "max_upload_bytes": self.config.max_upload_bytes,
                     "max_pixels": self.config.max_pixels, "object_search": searcher.has_objects(),
                     "score_cutoff": searcher.cutoff, "tags": list(searcher.store.tag_labels()),
-                    "training_datasets": list(searcher.training_datasets())}
+                    "training_datasets": list(searcher.training_datasets()),
+                    "folders": self._folders(searcher).listed(), "orientations": list(ORIENTATIONS),
+                    "picker_page": self.config.picker_page}
+
+    @staticmethod
+    def _folders(searcher: Searcher) -> Folders:
+        """The library's folders, relative to the one holding them all (call under `_lock`)."""
+        return folders_of(searcher.store.folders())
 
     def _record(self, image_id: int) -> Record:
         with self._lock:
@@ -128,13 +144,23 @@ class Browser:
     def record(self, image_id: int) -> dict:
         return self._public(Neighbour(1, 1.0, self._record(image_id)))
 
-    def records(self, filters: Filters | None = None, offset: int = 0, limit: int = 60) -> dict:
-        """A page of records (id order), optionally only those passing `filters`."""
+    def records(self, filters: Filters | None = None, offset: int = 0, limit: int = 60,
+                folder: str | None = None) -> dict:
+        """A page of records (id order), optionally only those passing `filters` and in `folder` (or below it).
+
+        `folder` is relative to the library's root, as `info()["folders"]` names it: it
+        narrows whatever `filters.under` allows rather than adding one more folder to it.
+        """
         with self._lock:
             searcher = self._fresh()
-            ids = searcher.store.ids_matching(filters).tolist() if filters and filters.active else searcher.store.ids()
+            store = searcher.store
+            ids = store.ids_matching(filters) if filters and filters.active else np.asarray(store.ids(), dtype=np.int64)
+            if folder:
+                inside = store.ids_matching(Filters(under=(self._folders(searcher).under(folder),)))
+                ids = np.intersect1d(ids, inside)
+            ids = ids.tolist()
             described = searcher.describe([(i, 1.0) for i in ids[offset:offset + limit]])
-        return {"total": len(ids), "offset": offset, "records": [self._public(n) for n in described]}
+        return {"total": len(ids), "offset": offset, "limit": limit, "records": [self._public(n) for n in described]}
 
     def image_file(self, image_id: int) -> Path:
         """The record's own file: the only way a path reaches the client's response."""
@@ -275,6 +301,16 @@ class Browser:
         return {"query": _with_contents(query, contents, left_out), "mode": "crop" if box else "image",
                 "neighbours": neighbours, "cutoff": self._cutoff()}
 
+    def export(self, result: dict) -> Iterator[bytes]:
+        """A search's result (as `search_id` or `search_upload` returned it) as a ZIP: the neighbours' own files,
+        results.csv and query.json, refused (413) before anything is sent when the files exceed max_export_bytes."""
+        with self._lock:
+            records = self._fresh().store.records([n["id"] for n in result["neighbours"]])
+        files = [Path(records[n["id"]].path) if n["id"] in records else None for n in result["neighbours"]]
+        items = export_items(result["neighbours"], files, self.config.max_export_bytes)
+        query = {key: result[key] for key in ("query", "mode", "cutoff") if key in result}
+        return zip_results(query, items)
+
     def _k(self, k: int) -> int:
         return max(1, min(int(k), self.config.max_k))
 
@@ -414,6 +450,8 @@ FILTER_HELP = {
     "dataset": "only images of this dataset (repeatable: any of them)",
     "not_dataset": "no images of this dataset (repeatable)",
     "tag": "only images holding this ImageNet tag (any case), e.g. espresso",
+    "name": "only files whose name (not folder) contains this text, in any case",
+    "orientation": "only landscape, portrait or square images",
 }
 
 
@@ -421,7 +459,8 @@ INCLUDE_TRAINING_HELP = ("also answer with the images the index's localizer trai
                          "the index holds other images too; a dataset filter overrides)")
 
 
-def _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag=None) -> Filters:
+def _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag=None, name=None,
+             orientation=None) -> Filters:
     """The request's filters; empty fields (what a form sends for "any") do not filter.
 
     Folders are only compared with the paths the index recorded, never opened or listed.
@@ -429,7 +468,7 @@ def _filters(label, min_box_area, min_score, under, not_under, dataset, not_data
     return Filters(label=label or None, min_box_area=min_box_area, min_score=min_score,
                    under=tuple(f for f in under if f), not_under=tuple(f for f in not_under if f),
                    dataset=tuple(d for d in dataset if d), not_dataset=tuple(d for d in not_dataset if d),
-                   tag=tag or None)
+                   tag=tag or None, name=name or None, orientation=orientation or None)
 
 
 def _query_filters(label: Optional[str] = Query(None, description=FILTER_HELP["label"]),
@@ -439,14 +478,16 @@ def _query_filters(label: Optional[str] = Query(None, description=FILTER_HELP["l
                    not_under: list[str] = Query([], description=FILTER_HELP["not_under"]),
                    dataset: list[str] = Query([], description=FILTER_HELP["dataset"]),
                    not_dataset: list[str] = Query([], description=FILTER_HELP["not_dataset"]),
-                   tag: Optional[str] = Query(None, description=FILTER_HELP["tag"])) -> Filters:
-    return _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag)
+                   tag: Optional[str] = Query(None, description=FILTER_HELP["tag"]),
+                   name: Optional[str] = Query(None, description=FILTER_HELP["name"]),
+                   orientation: Optional[str] = Query(None, description=FILTER_HELP["orientation"])) -> Filters:
+    return _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag, name, orientation)
 
 
 def _error_status(exc: SimsearchError) -> int:
     if isinstance(exc, NotFoundError):
         return 404
-    if isinstance(exc, (_UploadTooLarge, ImageTooLargeError)):
+    if isinstance(exc, (_UploadTooLarge, ImageTooLargeError, ExportTooLargeError)):
         return 413
     if isinstance(exc, IndexBusyError):
         return 503
@@ -455,10 +496,24 @@ def _error_status(exc: SimsearchError) -> int:
     return 400
 
 
+def _app_with_docs(**kwargs) -> FastAPI:
+    """A FastAPI app whose docs (/docs, /redoc) load Swagger UI and ReDoc from files fastapi-offline ships, not
+    from a CDN: they work with no internet, behind the token like every other page.
+
+    An install that predates the `serve` extra's fastapi-offline still serves, with CDN docs and a warning.
+    """
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:
+        log.warning("the API docs at /docs need the internet here: pip install fastapi-offline to serve them locally")
+        return FastAPI(**kwargs)
+    return FastAPIOffline(**kwargs)
+
+
 def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()):
     """The FastAPI app for one index (raises NotFoundError now if there is no index there)."""
     browser = Browser(index_dir, config)
-    app = FastAPI(
+    app = _app_with_docs(
         title="simsearch",
         summary="Browse an image-similarity index: neighbours with box crops and scores.",
         version=__import__("simsearch").__version__,
@@ -484,8 +539,10 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
 
     @app.get("/api/records", summary="A page of records, optionally only those passing the filters")
     def records(filters: Filters = Depends(_query_filters), offset: int = Query(0, ge=0, le=MAX_ID),
-                limit: int = Query(60, ge=1, le=500)) -> dict:
-        return browser.records(filters, offset, limit)
+                limit: int = Query(60, ge=1, le=500),
+                folder: Optional[str] = Query(None, description="only files in this folder or below it, named as "
+                                              "/api/info's folders name it (relative to the library's root)")) -> dict:
+        return browser.records(filters, offset, limit, folder or None)
 
     @app.get("/api/records/{image_id}", summary="One record: classes, boxes, prediction")
     def record(image_id: int = record_id) -> dict:
@@ -510,36 +567,61 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
     def box_crop(box_id: int = PathParam(..., ge=0, le=MAX_ID, description="box id (a match's object_id)")):
         return Response(browser.box_crop(box_id), **jpeg)
 
-    @app.get("/api/search", summary="Neighbours of a record (or of a region of it)")
-    def search(id: int = Query(..., ge=0, le=MAX_ID, description="record id"),
-               k: int = Query(config.default_k, ge=1, le=config.max_k),
-               filters: Filters = Depends(_query_filters),
-               box: Optional[str] = Query(None, description="xmin,ymin,xmax,ymax in the record's pixels: searches the "
-                                          "objects index when it has objects (mode objects), else the crop (mode crop)"),
-               objects: bool = Query(False, description="search with the record's own objects"),
-               include_training: bool = Query(False, description=INCLUDE_TRAINING_HELP)) -> dict:
+    def searched_by_id(id: int = Query(..., ge=0, le=MAX_ID, description="record id"),
+                       k: int = Query(config.default_k, ge=1, le=config.max_k),
+                       filters: Filters = Depends(_query_filters),
+                       box: Optional[str] = Query(None, description="xmin,ymin,xmax,ymax in the record's pixels: "
+                                                  "searches the objects index when it has objects (mode objects), "
+                                                  "else the crop (mode crop)"),
+                       objects: bool = Query(False, description="search with the record's own objects"),
+                       include_training: bool = Query(False, description=INCLUDE_TRAINING_HELP)) -> dict:
         return browser.search_id(id, k, filters, box or None, objects, include_training)
 
-    @app.post("/api/search", summary="Neighbours of an uploaded image (or of a region of it)")
-    async def search_upload(file: UploadFile = File(..., description="an image file"),
-                            k: int = Form(config.default_k, ge=1, le=config.max_k),
-                            label: Optional[str] = Form(None, description=FILTER_HELP["label"]),
-                            min_box_area: Optional[float] = Form(None, description=FILTER_HELP["min_box_area"]),
-                            min_score: Optional[float] = Form(None, description=FILTER_HELP["min_score"]),
-                            under: list[str] = Form([], description=FILTER_HELP["under"]),
-                            not_under: list[str] = Form([], description=FILTER_HELP["not_under"]),
-                            dataset: list[str] = Form([], description=FILTER_HELP["dataset"]),
-                            not_dataset: list[str] = Form([], description=FILTER_HELP["not_dataset"]),
-                            tag: Optional[str] = Form(None, description=FILTER_HELP["tag"]),
-                            box: Optional[str] = Form(None, description="xmin,ymin,xmax,ymax in the image's pixels"),
-                            objects: bool = Form(False, description="search with the image's own objects"),
-                            include_training: bool = Form(False, description=INCLUDE_TRAINING_HELP)) -> dict:
-        filters = _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag)
+    async def searched_upload(file: UploadFile = File(..., description="an image file"),
+                              k: int = Form(config.default_k, ge=1, le=config.max_k),
+                              label: Optional[str] = Form(None, description=FILTER_HELP["label"]),
+                              min_box_area: Optional[float] = Form(None, description=FILTER_HELP["min_box_area"]),
+                              min_score: Optional[float] = Form(None, description=FILTER_HELP["min_score"]),
+                              under: list[str] = Form([], description=FILTER_HELP["under"]),
+                              not_under: list[str] = Form([], description=FILTER_HELP["not_under"]),
+                              dataset: list[str] = Form([], description=FILTER_HELP["dataset"]),
+                              not_dataset: list[str] = Form([], description=FILTER_HELP["not_dataset"]),
+                              tag: Optional[str] = Form(None, description=FILTER_HELP["tag"]),
+                              name: Optional[str] = Form(None, description=FILTER_HELP["name"]),
+                              orientation: Optional[str] = Form(None, description=FILTER_HELP["orientation"]),
+                              box: Optional[str] = Form(None, description="xmin,ymin,xmax,ymax in the image's pixels"),
+                              objects: bool = Form(False, description="search with the image's own objects"),
+                              include_training: bool = Form(False, description=INCLUDE_TRAINING_HELP)) -> dict:
+        filters = _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag, name,
+                           orientation)
         data = await file.read(config.max_upload_bytes + 1)
         if len(data) > config.max_upload_bytes:
             raise HTTPException(413, f"upload too large: the limit is {config.max_upload_bytes // (1024 * 1024)} MB")
         return await run_in_threadpool(browser.search_upload, data, k, filters, box or None, file.filename, objects,
                                        include_training)
+
+    @app.get("/api/search", summary="Neighbours of a record (or of a region of it)")
+    def search(result: dict = Depends(searched_by_id)) -> dict:
+        return result
+
+    @app.post("/api/search", summary="Neighbours of an uploaded image (or of a region of it)")
+    async def search_upload(result: dict = Depends(searched_upload)) -> dict:
+        return result
+
+    def zipped(result: dict, name: str) -> StreamingResponse:
+        return StreamingResponse(browser.export(result), media_type="application/zip",
+                                 headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                          "Cache-Control": "no-store"})
+
+    @app.get("/api/export", summary="The neighbours of a record as a ZIP: their image files and results.csv",
+             response_class=StreamingResponse)
+    def export(result: dict = Depends(searched_by_id)):
+        return zipped(result, f"simsearch-id{result['query']['id']}.zip")
+
+    @app.post("/api/export", summary="The neighbours of an uploaded image as a ZIP: their image files and results.csv",
+              response_class=StreamingResponse)
+    def export_upload(result: dict = Depends(searched_upload)):
+        return zipped(result, "simsearch-results.zip")
 
     # Oversized bodies are refused before FastAPI parses (and spools) them.
     app.add_middleware(UploadCap, limit=config.max_upload_bytes)

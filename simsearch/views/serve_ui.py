@@ -45,6 +45,10 @@ PAGE = r"""<!doctype html>
   [hidden] { display: none !important; }  /* a hidden row stays hidden whatever its display rule */
   #picker { display: grid; grid-template-columns: repeat(auto-fill, 64px); gap: 4px; max-height: 280px; overflow: auto; margin-top: 6px; }
   #picker img { width: 64px; height: 64px; object-fit: cover; cursor: pointer; border: 1px solid #ddd; }
+  .pager { display: flex; gap: 6px; align-items: center; margin-top: 6px; }
+  .pager span { flex: 1; text-align: center; color: #555; font-size: 12px; }
+  #resultbar { display: flex; gap: 12px; align-items: baseline; }
+  #resultbar #status { flex: 1; }
   h2 { font-size: 15px; margin: 0 0 8px; }
   #qcontents { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 8px; margin-bottom: 8px; }
   #qcontents .label { font-weight: 600; margin-right: 6px; }
@@ -78,11 +82,18 @@ PAGE = r"""<!doctype html>
       <span id="boxhint">(matched against every object in the index)</span>.
       <button id="clearbox" hidden>Whole image</button></div>
     <h2 style="margin-top:14px">Pick from the index <span id="pickcount" class="hint"></span></h2>
+    <input type="search" id="pickname" placeholder="file name contains…" title="only files whose name contains this text (any case)">
+    <div class="row">
+      <div style="flex:2"><label for="pickfolder">Folder</label><select id="pickfolder"><option value="">all folders</option></select></div>
+      <div style="flex:1"><label for="pickorient">Orientation</label><select id="pickorient"><option value="">any</option></select></div>
+    </div>
     <div id="picker"></div>
+    <div class="pager"><button id="pickprev" disabled>‹ Prev</button><span id="pickpage"></span><button id="picknext" disabled>Next ›</button></div>
   </section>
   <section>
     <div id="qcontents" hidden></div>
-    <div id="status">Upload an image or pick one from the index.</div>
+    <div id="resultbar"><div id="status">Upload an image or pick one from the index.</div>
+      <a id="export" href="#" hidden title="the neighbours' original image files and results.csv (scores, classes, tags, boxes)">Download results (ZIP)</a></div>
     <div id="results" class="grid"></div>
   </section>
 </main>
@@ -94,6 +105,10 @@ const $ = (id) => document.getElementById(id);
 if (new URLSearchParams(location.search).has("token")) history.replaceState(null, "", location.pathname + location.hash);
 let query = null;   // {file: File} or {id: number}
 let box = null;     // [xmin, ymin, xmax, ymax] in the query image's pixels
+let pickOffset = 0; // the picker's page: records from this offset, pickLimit at a time
+let pickLimit = 60;
+let pickSeq = 0;    // the picker's latest request: answers to older ones are dropped
+let lastSearch = null;  // how the shown results were asked for: {url} (a record) or {form} (an upload), for the ZIP
 
 function esc(s) { return String(s).replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\"":"&quot;","'":"&#39;"}[c])); }
 function status(text, error) { $("status").textContent = text; $("status").className = error ? "error" : ""; }
@@ -114,6 +129,10 @@ async function loadInfo() {
   for (const l of info.labels) { const o = document.createElement("option"); o.value = o.textContent = l; $("label").append(o); }
   for (const d of info.datasets || []) { const o = document.createElement("option"); o.value = o.textContent = d; $("dataset").append(o); }
   for (const t of info.tags || []) { const o = document.createElement("option"); o.value = t; $("tags").append(o); }
+  for (const f of info.folders || []) { const o = document.createElement("option"); o.value = f.folder; o.textContent = `${f.folder} (${f.images})`; $("pickfolder").append(o); }
+  $("pickfolder").disabled = !(info.folders || []).length;  // every image in one folder: nothing to choose
+  for (const w of info.orientations || []) { const o = document.createElement("option"); o.value = o.textContent = w; $("pickorient").append(o); }
+  pickLimit = info.picker_page || pickLimit;
   await loadPicker();
 }
 
@@ -124,11 +143,20 @@ function filters() {
   return pairs.filter(([, v]) => v !== "");
 }
 
+// The picker pages through the whole library on the server: the search's filters, and its own
+// (file name, folder, orientation), select; offset and limit choose the page.
 async function loadPicker() {
-  const params = new URLSearchParams([["limit", "200"], ...filters()]);
+  const own = [["name", $("pickname").value.trim()], ["folder", $("pickfolder").value], ["orientation", $("pickorient").value]];
+  const params = new URLSearchParams([["offset", pickOffset], ["limit", pickLimit], ...filters(), ...own.filter(([, v]) => v !== "")]);
+  const seq = ++pickSeq;
   const page = await api("/api/records?" + params);
+  if (seq !== pickSeq) return;  // a later request (the next keystroke) has the say
+  if (page.total && pickOffset >= page.total) { pickOffset = Math.floor((page.total - 1) / pickLimit) * pickLimit; return loadPicker(); }
   const tag = $("tag").value.trim();
-  $("pickcount").textContent = tag ? `${page.total} tagged ${tag}` : "";
+  $("pickcount").textContent = `${page.total} image${page.total === 1 ? "" : "s"}` + (tag ? ` tagged ${tag}` : "");
+  $("pickpage").textContent = page.total ? `${pickOffset + 1}–${pickOffset + page.records.length} of ${page.total}` : "none match";
+  $("pickprev").disabled = pickOffset === 0;
+  $("picknext").disabled = pickOffset + page.records.length >= page.total;
   $("picker").replaceChildren(...page.records.map(r => {
     const img = document.createElement("img");
     img.src = r.thumb_url; img.title = `${r.id}: ${r.name}`; img.loading = "lazy";
@@ -158,6 +186,7 @@ async function run() {
   if (!query) return;
   const k = $("k").value || 12;
   status("Searching…");
+  $("export").hidden = true; lastSearch = null;
   try {
     let result;
     if (query.file) {
@@ -168,6 +197,8 @@ async function run() {
       else if ($("objects").checked) form.append("objects", "true");
       if ($("training").checked) form.append("include_training", "true");
       result = await api("/api/search", {method: "POST", body: form});
+      lastSearch = {form};
+      $("export").href = "#"; $("export").removeAttribute("download");
     } else {
       const params = new URLSearchParams({id: query.id, k});
       for (const [name, value] of filters()) params.append(name, value);
@@ -175,9 +206,25 @@ async function run() {
       else if ($("objects").checked) params.set("objects", "true");
       if ($("training").checked) params.set("include_training", "true");
       result = await api("/api/search?" + params);
+      lastSearch = {url: "/api/export?" + params};
+      // the same parameters as the search: the server searches again and streams the ZIP straight to disk
+      $("export").href = lastSearch.url; $("export").download = `simsearch-id${query.id}.zip`;
     }
     render(result);
+    $("export").hidden = !result.neighbours.length;
   } catch (e) { status(e.message, true); $("results").replaceChildren(); $("qcontents").hidden = true; }
+}
+
+// An upload's ZIP: the same form posted again (a link cannot carry a file), saved from the response.
+async function exportUpload(e) {
+  if (!lastSearch || !lastSearch.form) return;
+  e.preventDefault();
+  const r = await fetch("/api/export", {method: "POST", body: lastSearch.form});
+  if (!r.ok) { const body = await r.json().catch(() => ({detail: r.statusText})); status(body.detail, true); return; }
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await r.blob()); a.download = "simsearch-results.zip";
+  document.body.append(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 60000);
 }
 
 function render(result) {
@@ -270,7 +317,13 @@ $("file").onchange = () => {
 };
 $("go").onclick = () => { if ($("rid").value) searchId($("rid").value); };
 $("rid").onkeydown = (e) => { if (e.key === "Enter") $("go").click(); };
-for (const id of ["label", "dataset", "minscore", "under", "tag"]) $(id).onchange = () => { loadPicker().catch(e => status(e.message, true)); run(); };
+const repick = () => { pickOffset = 0; loadPicker().catch(e => status(e.message, true)); };
+for (const id of ["label", "dataset", "minscore", "under", "tag"]) $(id).onchange = () => { repick(); run(); };
+for (const id of ["pickfolder", "pickorient"]) $(id).onchange = repick;
+$("pickname").oninput = repick;
+$("pickprev").onclick = () => { pickOffset = Math.max(0, pickOffset - pickLimit); loadPicker().catch(e => status(e.message, true)); };
+$("picknext").onclick = () => { pickOffset += pickLimit; loadPicker().catch(e => status(e.message, true)); };
+$("export").onclick = (e) => { exportUpload(e).catch(err => status(err.message, true)); };
 $("k").onchange = run;
 $("clearbox").onclick = () => { setBox(null); run(); };
 $("objects").onchange = () => { setBox(null); run(); };
