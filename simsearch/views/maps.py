@@ -1,57 +1,30 @@
-"""Pictures of the embedding space: 2-D t-SNE or UMAP maps of every record (the seed's Figure 4).
+"""Pictures of the embedding space: every record of an index projected to 2-D and drawn (the seed's Figure 4).
 
-Vectors go through PCA to `pca` dimensions first (denoises and makes the
-neighbour search inside t-SNE/UMAP cheap), then t-SNE (openTSNE, measured faster
-here than scikit-learn's) or UMAP (umap-learn). Everything is seeded: the same
-index and seed give the same coordinates. Outputs: coords.csv and coords.parquet,
-scatter.png coloured by class, thumbs.png with thumbnails at their coordinates,
-and map.html, an interactive page (hover: thumbnail; click: neighbours).
+The projection is `views.projection`; this module runs it on an index and writes
+coords.csv and coords.parquet, scatter.png coloured by class, thumbs.png with
+thumbnails at their coordinates, and map.html (`views.map_page`: zoom, pan, find
+by name, colour by class, folder, tag or dataset; hover: thumbnail; click:
+neighbours).
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.errors import BadInputError
-from simsearch.views.render import Renderer, record_class
 from simsearch.records import Record
 from simsearch.storage.store import Store
+from simsearch.views.map_page import PageConfig, class_colours, inline_thumbs, record_fields, spread_rows, write_map_page
+from simsearch.views.projection import METHODS, MIN_POINTS, MapConfig, Projection, project  # noqa: F401 (the API)
+from simsearch.views.render import Renderer, record_class
 
 log = logging.getLogger(__name__)
-
-MIN_POINTS = 3  # below this there is no "shape" to show and t-SNE/UMAP are undefined
-METHODS = ("tsne", "umap")
-
-
-@dataclass(frozen=True)
-class MapConfig:
-    """How to project; every field is seeded or fixed so maps are reproducible."""
-
-    method: str = "tsne"  # "tsne" or "umap"
-    pca: int = 50  # PCA dimensions before projecting (capped by the number of records); 0 = no PCA
-    seed: int = 0  # seeds PCA, t-SNE/UMAP initialisation and their optimisers
-    perplexity: float = 30.0  # t-SNE; lowered to (n - 1) / 3 for small indexes
-    n_neighbors: int = 15  # UMAP; lowered to n - 1 for small indexes
-    min_dist: float = 0.1  # UMAP: how tightly points may pack
-    tsne_backend: str = "opentsne"  # "opentsne" or "sklearn" (both kept: the benchmark compares them)
-    n_jobs: int = 2  # threads for t-SNE (UMAP runs single-threaded when seeded, as umap-learn requires)
-
-
-@dataclass
-class Projection:
-    coords: np.ndarray  # (n, 2) float32
-    pca_dims: int  # 0 when PCA was skipped
-    adjusted: dict = field(default_factory=dict)  # parameters lowered for a small index: name -> value used
-    seconds: dict = field(default_factory=dict)  # stage -> seconds
 
 
 @dataclass
@@ -63,77 +36,6 @@ class MapReport:
     adjusted: dict
     seconds: dict
     files: dict  # kind -> path
-
-
-def project(xb: np.ndarray, config: MapConfig = MapConfig()) -> Projection:
-    """2-D coordinates for the rows of `xb`, reproducible for a given config."""
-    if config.method not in METHODS:
-        raise BadInputError(f"unknown method {config.method!r}; use tsne or umap")
-    n = len(xb)
-    if n < MIN_POINTS:
-        raise BadInputError(f"a map needs at least {MIN_POINTS} images; this one has {n}. Index more images first.")
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    seconds: dict[str, float] = {}
-    adjusted: dict = {}
-    pca_dims = 0
-    started = time.perf_counter()
-    if config.pca and config.pca < xb.shape[1]:
-        from sklearn.decomposition import PCA
-
-        pca_dims = min(config.pca, n, xb.shape[1])
-        if pca_dims != config.pca:
-            adjusted["pca"] = pca_dims
-        xb = PCA(pca_dims, random_state=config.seed).fit_transform(xb).astype(np.float32)
-        seconds["pca"] = time.perf_counter() - started
-    started = time.perf_counter()
-    if config.method == "tsne":
-        perplexity = min(config.perplexity, max(1.0, (n - 1) / 3))
-        if perplexity != config.perplexity:
-            adjusted["perplexity"] = perplexity
-        coords = _tsne(xb, perplexity, config)
-    else:
-        n_neighbors = max(2, min(config.n_neighbors, n - 1))
-        if n_neighbors != config.n_neighbors:
-            adjusted["n_neighbors"] = n_neighbors
-        coords = _umap(xb, n_neighbors, config)
-    seconds[config.method] = time.perf_counter() - started
-    if adjusted:
-        log.info("map of %d points: adjusted %s for the small index", n, adjusted)
-    return Projection(np.asarray(coords, dtype=np.float32), pca_dims, adjusted, seconds)
-
-
-def _tsne(x: np.ndarray, perplexity: float, config: MapConfig) -> np.ndarray:
-    if config.tsne_backend == "sklearn":
-        from sklearn.manifold import TSNE
-
-        return TSNE(2, perplexity=perplexity, init="pca", random_state=config.seed,
-                    n_jobs=config.n_jobs).fit_transform(x)
-    if config.tsne_backend != "opentsne":
-        raise BadInputError(f"unknown t-SNE backend {config.tsne_backend!r}; use opentsne or sklearn")
-    try:
-        import openTSNE
-    except ImportError as e:
-        raise BadInputError("openTSNE is not installed: pip install 'simsearch[maps]'") from e
-    # Exact neighbours below a few thousand points: the approximate search buys nothing there
-    # and its randomness is one less thing to seed.
-    neighbors = "exact" if len(x) < 2000 else "auto"
-    return np.asarray(openTSNE.TSNE(perplexity=perplexity, random_state=config.seed, n_jobs=config.n_jobs,
-                                    neighbors=neighbors, verbose=False).fit(x))
-
-
-def _umap(x: np.ndarray, n_neighbors: int, config: MapConfig) -> np.ndarray:
-    import warnings
-
-    try:
-        import umap
-    except ImportError as e:
-        raise BadInputError("umap-learn is not installed: pip install 'simsearch[maps]'") from e
-    # Spectral initialisation needs a connected graph with more points than dimensions.
-    init = "spectral" if len(x) > 2 * n_neighbors + 2 else "random"
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")  # seeded => single thread
-        reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=config.min_dist, random_state=config.seed, init=init)
-        return reducer.fit_transform(x)
 
 
 # ---------------------------------------------------------------- from an index
@@ -148,7 +50,7 @@ def load_points(index_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, l
 
 
 def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: MapConfig = MapConfig(),
-              serve_url: str | None = "http://127.0.0.1:8000", max_thumbs: int = 5000) -> MapReport:
+              page: PageConfig | None = None) -> MapReport:
     """Project every record of an index and write the CSV, Parquet, PNGs and HTML map into `out_dir`."""
     out = Path(out_dir)
     ids, xb, records = load_points(index_dir)
@@ -167,8 +69,8 @@ def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     files["thumbs"] = str(thumbs_png(records, projection.coords, renderer, out / "thumbs.png"))
     seconds["thumbs"] = time.perf_counter() - started
     started = time.perf_counter()
-    files["html"] = str(map_html(index_dir, ids, xb, records, projection.coords, renderer, out / "map.html",
-                                 serve_url, max_thumbs, f"{config.method} map of {index_dir}"))
+    page = page or PageConfig(title=f"{config.method} map of {index_dir}")
+    files["html"] = str(map_html(records, xb, projection.coords, renderer, out / "map.html", page))
     seconds["html"] = time.perf_counter() - started
     report = MapReport(str(out), config.method, len(records), projection.pca_dims, projection.adjusted,
                        {k: round(v, 3) for k, v in seconds.items()}, files)
@@ -189,21 +91,6 @@ def write_coords(records: list[Record], coords: np.ndarray, out: Path) -> dict:
     frame.to_csv(out / "coords.csv", index=False)
     frame.to_parquet(out / "coords.parquet", index=False)
     return {"csv": str(out / "coords.csv"), "parquet": str(out / "coords.parquet")}
-
-
-def class_colours(classes: list[str], limit: int = 20) -> dict[str, tuple]:
-    """A colour per class (the most frequent `limit`); the rest and '' share grey."""
-    import matplotlib
-
-    counts: dict[str, int] = {}
-    for c in classes:
-        if c:
-            counts[c] = counts.get(c, 0) + 1
-    named = sorted(counts, key=lambda c: (-counts[c], c))[:limit]
-    cmap = matplotlib.colormaps["tab20" if len(named) > 9 else "tab10"]
-    grey = {7} if cmap.N == 10 else {14, 15}  # grey is kept for "no class"
-    palette = [cmap(i) for i in range(cmap.N) if i not in grey]
-    return {c: palette[i % len(palette)] for i, c in enumerate(named)}
 
 
 def scatter_png(records: list[Record], coords: np.ndarray, path: Path, title: str) -> Path:
@@ -273,37 +160,22 @@ def thumbs_png(records: list[Record], coords: np.ndarray, renderer: Renderer, pa
     return path
 
 
-def map_html(index_dir, ids: np.ndarray, xb: np.ndarray, records: list[Record], coords: np.ndarray,
-             renderer: Renderer, path: Path, serve_url: str | None, max_thumbs: int, title: str,
-             k: int = 8) -> Path:
-    """A self-contained interactive map: hover shows the thumbnail, click lists the neighbours."""
-    from PIL import Image
-
-    unit = _unit(coords)
-    with_thumbs = len(records) <= max_thumbs
-    neighbours = _neighbours(xb, k) if with_thumbs else None
-    colours = class_colours([record_class(r) for r in records])
-    points = []
-    for i, (r, (u, v)) in enumerate(zip(records, unit)):
-        point = {"id": r.id, "x": round(float(u), 5), "y": round(float(v), 5), "c": record_class(r),
-                 "name": Path(r.path).name}
-        if with_thumbs:
-            try:
-                im = Image.open(io.BytesIO(renderer.thumb(r)))
-                im.thumbnail((96, 96))
-                buffer = io.BytesIO()
-                im.convert("RGB").save(buffer, "JPEG", quality=75)
-                point["t"] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-            except Exception as e:
-                log.warning("no thumbnail for %s: %s", r.path, e)
-            hits, scores = neighbours
-            point["nn"] = [[int(j), round(float(s), 4)] for j, s in zip(hits[i], scores[i])]
-        points.append(point)
-    palette = {c: "#%02x%02x%02x" % tuple(int(255 * v) for v in colour[:3]) for c, colour in colours.items()}
-    page = _MAP_PAGE.replace("__TITLE__", html.escape(title)).replace(
-        "__DATA__", json.dumps({"points": points, "palette": palette, "serve": serve_url}).replace("</", "<\\/"))
-    path.write_text(page, encoding="utf-8")
-    return path
+def map_html(records: list[Record], xb: np.ndarray, coords: np.ndarray, renderer: Renderer, path: Path,
+             config: PageConfig, k: int = 8) -> Path:
+    """map.html for these records: thumbnails for up to `config.max_thumbs` (spread over the map), and each
+    point's k nearest images when all of them have thumbnails (beyond that, exact neighbours of every point
+    cost more than the map; `serve` finds them on demand)."""
+    rows = spread_rows(coords, config.max_thumbs)
+    thumbs = inline_thumbs(records, rows, renderer.thumb, config.thumb_size)
+    neighbours = None
+    if len(records) <= config.max_thumbs:
+        hits, scores = _neighbours(xb, k)
+        neighbours = [list(zip(h, s)) for h, s in zip(hits, scores)]
+    if len(rows) < len(records):
+        log.info("map.html: %d of %d thumbnails inlined (max_thumbs); the others come from serve when it runs",
+                 len(rows), len(records))
+    return write_map_page(path, [r.id for r in records], [Path(r.path).name for r in records], coords,
+                          record_fields(records), thumbs, neighbours, config)
 
 
 def _neighbours(xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
