@@ -128,27 +128,6 @@ def test_upload_shows_neighbour_cards(browser, server, demo_data: Path, tmp_path
     page.close()
 
 
-def test_map_page_hover_and_click(browser, demo_index: Path, tmp_path: Path):
-    from simsearch.views.maps import MapConfig, build_map
-
-    build_map(demo_index, tmp_path / "map", MapConfig(method="tsne"))
-    page = browser.new_page(viewport={"width": 1100, "height": 800})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto((tmp_path / "map" / "map.html").as_uri())
-    point = page.evaluate("(() => { const p = P[0], [x, y] = xy(p); const b = canvas.getBoundingClientRect();"
-                          " return [b.left + x / devicePixelRatio, b.top + y / devicePixelRatio]; })()")
-    page.mouse.move(*point)
-    page.wait_for_selector("#tip img", state="visible")
-    page.mouse.click(*point)
-    page.wait_for_selector("#side .nn")
-    assert page.locator("#side .nn").count() == 8
-    if os.environ.get("SIMSEARCH_SCREENSHOTS"):
-        page.screenshot(path=str(Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / "map.png"))
-    assert not errors, errors
-    page.close()
-
-
 def _zip_rows(download, tmp_path: Path) -> tuple[zipfile.ZipFile, list[dict]]:
     """The downloaded archive and its results.csv rows."""
     import csv
@@ -247,4 +226,176 @@ def test_api_docs_show_the_api_with_no_internet(browser, server):
     assert "/api/search" in paths and "/api/records" in paths
     page.goto(server + "/redoc")
     page.wait_for_function("document.body.innerText.includes('/api/export')", timeout=20_000)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def demo_map(demo_index: Path, tmp_path_factory) -> Path:
+    """map.html of the demo index (t-SNE), made once for the map tests."""
+    from simsearch.views.maps import MapConfig, build_map
+
+    out = tmp_path_factory.mktemp("map")
+    build_map(demo_index, out, MapConfig(method="tsne"))
+    return out / "map.html"
+
+
+def _open_map(browser, url: str):
+    page = browser.new_page(viewport={"width": 1100, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("window.MAP !== undefined")
+    return page, errors
+
+
+def _on_screen(page, i: int) -> list[float]:
+    """Page coordinates of point i's centre."""
+    return page.evaluate(f"(() => {{ const b = canvas.getBoundingClientRect(); return [b.left + MAP.sx({i}), b.top + MAP.sy({i})]; }})()")
+
+
+def _pixel(page, x: float, y: float) -> list[int]:
+    """RGB of the canvas at CSS pixel (x, y) of the canvas."""
+    return page.evaluate(f"Array.from(ctx.getImageData(Math.round({x} * devicePixelRatio), Math.round({y} * devicePixelRatio), 1, 1).data.slice(0, 3))")
+
+
+def test_map_page_hover_and_click(browser, demo_map: Path):
+    page, errors = _open_map(browser, demo_map.as_uri())
+    page.mouse.move(*_on_screen(page, 0))
+    page.wait_for_selector("#tip img", state="visible")
+    page.mouse.click(*_on_screen(page, 0))
+    page.wait_for_selector("#side .nn")
+    assert page.locator("#side .nn").count() == 8
+    if os.environ.get("SIMSEARCH_SCREENSHOTS"):
+        page.screenshot(path=str(Path(os.environ["SIMSEARCH_SCREENSHOTS"]) / "map.png"))
+    assert not errors, errors
+    page.close()
+
+
+def test_map_page_find_by_name_highlights_and_centres(browser, demo_map: Path):
+    page, errors = _open_map(browser, demo_map.as_uri())
+    page.fill("#find", "MOTORCYCLE")  # any case, part of the name: both motorcycles are marked
+    page.wait_for_function("MAP.state.markCount === 2")
+    assert page.locator("#find-status").inner_text() == "2 matches"
+    assert sorted(page.locator("#hits .hit").all_inner_texts()) == ["motorcycle_left.png", "motorcycle_right.png"]
+    page.fill("#find", "motorcycle_left")
+    page.press("#find", "Enter")
+    page.wait_for_function("MAP.state.selected >= 0")
+    i = page.evaluate("MAP.state.selected")
+    assert page.evaluate(f"MAP.D.names[{i}]") == "motorcycle_left.png"
+    assert page.locator("#side h2").first.inner_text() == "motorcycle_left.png"
+    # the view moved to it (centred, zoomed in) and it is drawn with its rings: yellow outside, black inside
+    page.wait_for_timeout(100)
+    width, height, x, y, r, zoom = page.evaluate("[canvas.clientWidth, canvas.clientHeight, MAP.sx(MAP.state.selected), "
+                                                 "MAP.sy(MAP.state.selected), MAP.radius(), MAP.zoom()]")
+    assert abs(x - width / 2) < 1 and abs(y - height / 2) < 1 and zoom >= 8
+    red, green, blue = _pixel(page, x, y - (r + 9))
+    assert red > 200 and green > 200 and blue < 120, (red, green, blue)  # the yellow ring
+    assert max(_pixel(page, x, y - (r + 5))) < 80  # the black ring
+    # a name that matches nothing says so and marks nothing
+    page.fill("#find", "no-such-photo")
+    page.wait_for_function("MAP.state.markCount === 0")
+    assert page.locator("#find-status").inner_text() == "no image has that in its name"
+    assert not errors, errors
+    page.close()
+
+
+def test_map_page_zoom_pan_and_fit(browser, demo_map: Path):
+    page, errors = _open_map(browser, demo_map.as_uri())
+    box = page.locator("#map").bounding_box()
+    mx, my = (round(v) for v in _on_screen(page, 3))
+    under = "[(%d - canvas.getBoundingClientRect().left - MAP.view.tx) / MAP.view.scale, " \
+            "(%d - canvas.getBoundingClientRect().top - MAP.view.ty) / MAP.view.scale]" % (mx, my)
+    assert abs(page.evaluate("MAP.zoom()") - 1) < 1e-6
+    before = page.evaluate(under)
+    page.mouse.move(mx, my)
+    page.mouse.wheel(0, -1500)  # scroll up: zoom in at the pointer
+    page.wait_for_function("MAP.zoom() > 5")
+    scale = page.evaluate("MAP.view.scale")
+    after_under = page.evaluate(under)
+    # the place under the pointer stays under it (to a pixel at the new scale)
+    assert abs(after_under[0] - before[0]) * scale < 1 and abs(after_under[1] - before[1]) * scale < 1
+    after = _on_screen(page, 3)
+    in_view = page.evaluate("Number(document.getElementById('view-status').textContent.split('·')[1].trim().split(' ')[0])")
+    assert in_view < 17  # zoomed in, some points left the view
+    # drag pans by the distance dragged
+    page.mouse.move(box["x"] + 300, box["y"] + 300)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 400, box["y"] + 350, steps=5)
+    page.mouse.up()
+    moved = _on_screen(page, 3)
+    assert abs(moved[0] - after[0] - 100) < 2 and abs(moved[1] - after[1] - 50) < 2
+    page.click("#fit")
+    page.wait_for_function("Math.abs(MAP.zoom() - 1) < 1e-6")
+    assert "17 of 17 points in view" in page.locator("#view-status").inner_text()
+    page.click("#zoom-in")
+    page.wait_for_function("Math.abs(MAP.zoom() - 2) < 1e-6")
+    assert not errors, errors
+    page.close()
+
+
+def test_map_page_colour_by_switches_colours_and_legend(browser, demo_map: Path):
+    page, errors = _open_map(browser, demo_map.as_uri())
+    options = page.locator("#colour-by option").all_inner_texts()
+    assert [o.split(" ")[0] for o in options][:2] == ["class", "folder"] and any(o.startswith("tag") for o in options)
+    # the point farthest from all others on screen, so nothing covers its centre
+    i = page.evaluate("""(() => { let best = 0, bd = -1; const n = MAP.D.ids.length;
+        for (let i = 0; i < n; i++) { let d = Infinity;
+          for (let j = 0; j < n; j++) if (j !== i) d = Math.min(d, Math.hypot(MAP.sx(i) - MAP.sx(j), MAP.sy(i) - MAP.sy(j)));
+          if (d > bd) { bd = d; best = i; } }
+        return best; })()""")
+    x, y = page.evaluate(f"[MAP.sx({i}), MAP.sy({i})]")
+
+    def expected(field: str) -> list[int]:
+        colour = page.evaluate(f"(() => {{ const f = MAP.D.fields['{field}']; return f.colours[f.of[{i}]] || '#9a9a9a'; }})()")
+        return [int(colour[k:k + 2], 16) for k in (1, 3, 5)]  # the canvas is transparent: getImageData un-blends
+
+    seen_class = _pixel(page, x, y)
+    assert max(abs(a - b) for a, b in zip(seen_class, expected("class"))) <= 3
+    page.select_option("#colour-by", "tag")
+    page.wait_for_function("MAP.state.field === 'tag'")
+    page.wait_for_timeout(100)
+    tag = page.evaluate(f"MAP.D.fields.tag.values[MAP.D.fields.tag.of[{i}]]")
+    assert max(abs(a - b) for a, b in zip(_pixel(page, x, y), expected("tag"))) <= 3
+    assert f"{tag} (" in page.locator("#legend").inner_text()
+    assert "espresso" in page.locator("#legend").inner_text()  # the demo's coffee photo is tagged espresso
+    # a legend entry picks out its points
+    page.locator("#legend span", has_text="espresso").click()
+    page.wait_for_function("MAP.state.markCount === MAP.D.fields.tag.counts[MAP.D.fields.tag.values.indexOf('espresso')]")
+    assert page.evaluate("MAP.state.markCount") >= 1
+    assert not errors, errors
+    page.close()
+
+
+def test_map_page_of_100k_points_stays_responsive(browser, tmp_path: Path):
+    """A 100k-point page (no thumbnails) loads, draws and answers hover within interactive times."""
+    import numpy as np
+
+    from simsearch.views.map_page import PageConfig, write_map_page
+
+    rng = np.random.default_rng(0)
+    n = 100_000
+    coords = np.concatenate([rng.normal(size=(n - 130, 2)), 0.001 * rng.normal(size=(130, 2)) + 3])  # with a tight clump
+    names = [f"img_{i:06d}.jpg" for i in range(n)]
+    fields = {"class": [f"c{i % 30}" for i in range(n)], "folder": [f"f{i % 7}" for i in range(n)],
+              "tag": ["" for _ in range(n)], "dataset": ["d"] * n}
+    path = write_map_page(tmp_path / "map.html", list(range(n)), names, coords, fields, {}, None, PageConfig(max_thumbs=0))
+    page, errors = _open_map(browser, path.as_uri())
+    timing = page.evaluate("""(() => { let t = performance.now(); for (let k = 0; k < 5; k++) MAP.draw();
+        const draw = (performance.now() - t) / 5; t = performance.now();
+        for (let k = 0; k < 1000; k++) MAP.nearest(Math.random() * canvas.clientWidth, Math.random() * canvas.clientHeight);
+        return {draw, hover: (performance.now() - t) / 1000}; })()""")
+    assert timing["draw"] < 400 and timing["hover"] < 2, timing  # ms; measured ~30 ms and ~0.01 ms on a busy 2-core machine
+    # the clump of 130 points is one dot at first and separates when zoomed into
+    page.fill("#find", "img_099999")
+    page.press("#find", "Enter")
+    page.wait_for_function("MAP.state.selected === 99999")
+    distinct = page.evaluate("""(() => { const seen = new Set(); for (let i = 99870; i < 100000; i++)
+        seen.add(Math.round(MAP.sx(i) / 4) + ',' + Math.round(MAP.sy(i) / 4)); return seen.size; })()""")
+    assert distinct < 20  # at zoom 8 the clump is still a few dots ...
+    for _ in range(6):
+        page.locator("#zoom-in").click()
+    distinct = page.evaluate("""(() => { const seen = new Set(); for (let i = 99870; i < 100000; i++)
+        seen.add(Math.round(MAP.sx(i) / 4) + ',' + Math.round(MAP.sy(i) / 4)); return seen.size; })()""")
+    assert distinct > 100  # ... and at zoom 512 nearly every point has its own place
+    assert not errors, errors
     page.close()
