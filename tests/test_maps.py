@@ -15,6 +15,15 @@ from vectors import clustered_labelled  # noqa: E402
 from simsearch.views.maps import MapConfig, build_map, project  # noqa: E402
 
 
+def page_data(path: Path) -> dict:
+    """The JSON map.html carries (between `const D = ` and the end of that line)."""
+    import json
+
+    text = path.read_text()
+    start = text.index("const D = ") + len("const D = ")
+    return json.loads(text[start:text.index(";\n", start)])
+
+
 @pytest.mark.parametrize("method", ["tsne", "umap"])
 def test_same_seed_same_coordinates_and_clusters_stay_apart(method: str):
     if method == "umap":
@@ -63,8 +72,12 @@ def test_map_of_a_real_index(demo_index: Path, tmp_path: Path):
     for name in ("scatter.png", "thumbs.png"):
         with Image.open(tmp_path / "map" / name) as im:
             assert im.width > 500 and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 50  # a real picture, not blank
-    html = (tmp_path / "map" / "map.html").read_text()
-    assert html.count('"nn":') == len(ids) and html.count("data:image/jpeg") == len(ids)
+    data = page_data(tmp_path / "map" / "map.html")
+    assert data["ids"] == [int(r["id"]) for r in rows]  # the page's points are the index's records, in the same order
+    assert len(data["nn"]) == len(ids) and all(len(nn) == 8 for nn in data["nn"])
+    assert len(data["thumbs"]["rows"]) == len(ids) and all(u.startswith("data:image/jpeg") for u in data["thumbs"]["urls"])
+    assert {"class", "folder", "tag"} <= set(data["fields"])
+    assert "http" not in (tmp_path / "map" / "map.html").read_text().replace(data["serve"], "")  # nothing from a network
     again = build_map(demo_index, tmp_path / "again", MapConfig(method="tsne", seed=0))
     assert (tmp_path / "again" / "coords.csv").read_text() == (tmp_path / "map" / "coords.csv").read_text()
     assert again.points == report.points
@@ -112,3 +125,51 @@ def test_map_cli_errors_are_one_line(tmp_path: Path):
     run = CliRunner().invoke(app, ["map", "--index", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
     assert run.exit_code == 1
     assert run.output.strip().startswith("error:") and len(run.output.strip().splitlines()) == 1
+
+
+def test_map_page_caps_inlined_thumbnails_and_spreads_them(demo_index: Path, tmp_path: Path):
+    from simsearch.views.map_page import PageConfig
+    from simsearch.views.maps import load_points, map_html
+    from simsearch.views.render import Renderer
+
+    _, xb, records = load_points(demo_index)
+    coords = np.random.default_rng(0).normal(size=(len(records), 2))
+    path = map_html(records, xb, coords, Renderer(demo_index), tmp_path / "map.html", PageConfig(max_thumbs=5, serve_url=None))
+    data = page_data(path)
+    assert len(data["thumbs"]["rows"]) == 5 and data["thumbs"]["cap"] == 5
+    assert data["nn"] is None and data["serve"] is None  # past the cap no neighbours are computed; no serve: no links
+    assert len(data["ids"]) == len(records) and len(data["x"]) == len(records)
+
+
+def test_spread_rows_reach_every_part_of_the_map():
+    from simsearch.views.map_page import spread_rows
+
+    rng = np.random.default_rng(0)
+    clump = 0.01 * rng.normal(size=(5000, 2))  # most points in one clump ...
+    rest = rng.uniform(-10, 10, size=(200, 2))  # ... and a few spread out
+    rows = spread_rows(np.concatenate([clump, rest]), 100)
+    assert len(rows) == len(set(rows)) == 100
+    assert sum(r >= 5000 for r in rows) > 50  # a sample would put ~4 of 100 outside the clump
+    assert spread_rows(rest, 500) == list(range(200)) and spread_rows(rest, 0) == []
+
+
+def test_record_fields_name_folders_from_their_common_root():
+    from simsearch.records import Record, Tag
+    from simsearch.views.map_page import encode_field, record_fields
+
+    records = [Record(1, "/data/a/x.jpg", "", 1, 1, tags=[Tag("espresso", 0.8), Tag("cup", 0.1)], dataset="a"),
+               Record(2, "/data/b/c/y.jpg", "", 1, 1), Record(3, "/data/a/z.jpg", "", 1, 1)]
+    fields = record_fields(records)
+    assert fields["folder"] == ["a", "b/c", "a"]
+    assert fields["tag"] == ["espresso", "", ""] and fields["dataset"] == ["a", "", ""]
+    tag = encode_field(fields["tag"], 20)
+    assert tag["values"] == ["espresso", "(none)"] and tag["of"] == [0, 1, 1] and tag["counts"] == [1, 2]
+    assert tag["colours"][0].startswith("#") and tag["colours"][1] is None  # none is grey
+
+
+def test_umap_min_dist_above_spread_is_one_line(demo_index: Path, tmp_path: Path):
+    from simsearch.cli import app
+
+    run = CliRunner().invoke(app, ["map", "--index", str(demo_index), "--method", "umap", "--min-dist", "2",
+                                   "--out", str(tmp_path / "m")])
+    assert run.exit_code == 1 and "--min-dist 2.0 must be between 0 and --spread (1.0)" in run.output

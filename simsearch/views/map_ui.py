@@ -240,7 +240,7 @@ function legend() {
 document.addEventListener("keydown", (e) => {
   if (e.key === "Escape") { state.selected = -1; find.value = ""; runFind(false); document.getElementById("side").innerHTML = ""; }
 });
-window.MAP = {view, state, D, sx, sy, zoom, nearest, indexOfId: (id) => D.ids.indexOf(id),
+window.MAP = {view, state, D, sx, sy, zoom, nearest, draw, radius, indexOfId: (id) => D.ids.indexOf(id),
               colourOf: (i) => fieldColour(D.fields[state.field], D.fields[state.field].of[i])};
 buildOrder(); legend();
 new ResizeObserver(resize).observe(canvas);
