@@ -2,9 +2,9 @@
 
 Kept in a Python string (not a package data file), as serve_ui is, so every
 install has it. `map_page` fills in __TITLE__ and __DATA__. Drawing is one pass
-over the points in colour order (fillRect, culled to the view); hover looks up
-a uniform grid of the points, so both stay fast at 100k points. `window.MAP`
-exposes the view and the selection for the browser test.
+over the points in colour order, culled to the view, written straight into the
+canvas's pixels; hover looks up a uniform grid of the points, so both stay fast
+at 100k points. `window.MAP` exposes the view and the selection for the browser test.
 """
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ for (let c = 0; c < G * G; c++) START[c + 1] += START[c];
 const sx = (i) => X[i] * view.scale + view.tx, sy = (i) => (1 - Y[i]) * view.scale + view.ty;
 const zoom = () => view.scale / fitScale;
 function fieldColour(f, v) { return f.colours[v] || GREY; }
+function packedColours(f, alpha) {  // each value's colour as one little-endian RGBA pixel
+  return Uint32Array.from(f.values, (_, v) => { const c = fieldColour(f, v);
+    return ((alpha << 24) | (parseInt(c.slice(5, 7), 16) << 16) | (parseInt(c.slice(3, 5), 16) << 8) | parseInt(c.slice(1, 3), 16)) >>> 0; });
+}
 function buildOrder() {
   const of = D.fields[state.field].of;
   order = Int32Array.from({length: N}, (_, i) => i).sort((a, b) => of[a] - of[b]);
@@ -107,16 +111,22 @@ function draw() {
   ctx.clearRect(0, 0, W, H);
   const f = D.fields[state.field], of = f.of, r = radius(), d = 2 * r, mark = state.mark;
   const dimmed = mark !== null || state.selected >= 0;
-  let current = -1, inView = 0;
-  ctx.globalAlpha = dimmed ? 0.2 : 0.85;
+  // The points are written straight into the pixels (one Uint32 a pixel, no path per point): at 100k points
+  // that is several times faster than a fillRect each. Later points overwrite earlier ones.
+  const dpr = canvas.width / W, cw = canvas.width, ch = canvas.height, image = ctx.createImageData(cw, ch);
+  const pixels = new Uint32Array(image.data.buffer), alpha = dimmed ? 51 : 217, packed = packedColours(f, alpha);
+  const half = Math.max(0.5, r * dpr);
+  let inView = 0;
   for (let k = 0; k < N; k++) {
-    const i = order[k], x = sx(i), y = sy(i);
-    if (x < -r || y < -r || x > W + r || y > H + r) continue;
+    const i = order[k], x = sx(i) * dpr, y = sy(i) * dpr;
+    if (x < -half || y < -half || x >= cw + half || y >= ch + half) continue;
     inView++;
-    if (of[i] !== current) { current = of[i]; ctx.fillStyle = fieldColour(f, current); }
-    ctx.fillRect(x - r, y - r, d, d);
+    const value = packed[of[i]];
+    const x0 = Math.max(0, Math.round(x - half)), x1 = Math.min(cw, Math.round(x + half));
+    const y0 = Math.max(0, Math.round(y - half)), y1 = Math.min(ch, Math.round(y + half));
+    for (let py = y0; py < y1; py++) pixels.fill(value, py * cw + x0, py * cw + x1);
   }
-  ctx.globalAlpha = 1;
+  ctx.putImageData(image, 0, 0);
   const near = state.selected >= 0 && D.nn ? D.nn[state.selected].map(n => n[0]) : [];
   const ring = (i, rr, colour, width) => { ctx.strokeStyle = colour; ctx.lineWidth = width; ctx.beginPath();
     ctx.arc(sx(i), sy(i), rr, 0, 2 * Math.PI); ctx.stroke(); };

@@ -55,27 +55,34 @@ def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     out = Path(out_dir)
     ids, xb, records = load_points(index_dir)
     projection = project(xb, config)
-    seconds = dict(projection.seconds)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    files = write_coords(records, projection.coords, out)
-    seconds["tables"] = time.perf_counter() - started
-    started = time.perf_counter()
-    files["scatter"] = str(scatter_png(records, projection.coords, out / "scatter.png",
-                                       f"{config.method} of {len(records)} images"))
-    seconds["scatter"] = time.perf_counter() - started
-    started = time.perf_counter()
-    renderer = Renderer(index_dir)
-    files["thumbs"] = str(thumbs_png(records, projection.coords, renderer, out / "thumbs.png"))
-    seconds["thumbs"] = time.perf_counter() - started
-    started = time.perf_counter()
     page = page or PageConfig(title=f"{config.method} map of {index_dir}")
-    files["html"] = str(map_html(records, xb, projection.coords, renderer, out / "map.html", page))
-    seconds["html"] = time.perf_counter() - started
+    files, drawn = draw_map(index_dir, records, xb, projection.coords, out, page, f"{config.method} of {len(records)} images")
+    seconds = {**projection.seconds, **drawn}
     report = MapReport(str(out), config.method, len(records), projection.pca_dims, projection.adjusted,
                        {k: round(v, 3) for k, v in seconds.items()}, files)
     (out / "map.json").write_text(json.dumps({**asdict(report), "config": asdict(config)}, indent=2) + "\n")
     return report
+
+
+def draw_map(index_dir: str | os.PathLike, records: list[Record], xb: np.ndarray, coords: np.ndarray, out: Path,
+             page: PageConfig, caption: str) -> tuple[dict, dict]:
+    """Everything after the projection: (files written, seconds per stage). Apart so it can be timed apart."""
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    files = write_coords(records, coords, out)
+    seconds["tables"] = time.perf_counter() - started
+    started = time.perf_counter()
+    files["scatter"] = str(scatter_png(records, coords, out / "scatter.png", caption))
+    seconds["scatter"] = time.perf_counter() - started
+    started = time.perf_counter()
+    renderer = Renderer(index_dir)
+    files["thumbs"] = str(thumbs_png(records, coords, renderer, out / "thumbs.png"))
+    seconds["thumbs"] = time.perf_counter() - started
+    started = time.perf_counter()
+    files["html"] = str(map_html(records, xb, coords, renderer, out / "map.html", page))
+    seconds["html"] = time.perf_counter() - started
+    return files, seconds
 
 
 def write_coords(records: list[Record], coords: np.ndarray, out: Path) -> dict:
