@@ -109,12 +109,12 @@ function redraw() { if (!pending) { pending = true; requestAnimationFrame(() => 
 function radius() { return Math.min(3 * BASE_R + 4, BASE_R * Math.pow(zoom(), 0.35)); }
 function draw() {
   ctx.clearRect(0, 0, W, H);
-  const f = D.fields[state.field], of = f.of, r = radius(), d = 2 * r, mark = state.mark;
+  const f = D.fields[state.field], of = f.of, r = radius(), mark = state.mark;
   const dimmed = mark !== null || state.selected >= 0;
   // The points are written straight into the pixels (one Uint32 a pixel, no path per point): at 100k points
   // that is several times faster than a fillRect each. Later points overwrite earlier ones.
   const dpr = canvas.width / W, cw = canvas.width, ch = canvas.height, image = ctx.createImageData(cw, ch);
-  const pixels = new Uint32Array(image.data.buffer), alpha = dimmed ? 51 : 217, packed = packedColours(f, alpha);
+  const pixels = new Uint32Array(image.data.buffer), alpha = dimmed ? 77 : 217, packed = packedColours(f, alpha);
   const half = Math.max(0.5, r * dpr);
   let inView = 0;
   for (let k = 0; k < N; k++) {
@@ -122,15 +122,18 @@ function draw() {
     if (x < -half || y < -half || x >= cw + half || y >= ch + half) continue;
     inView++;
     const value = packed[of[i]];
-    const x0 = Math.max(0, Math.round(x - half)), x1 = Math.min(cw, Math.round(x + half));
     const y0 = Math.max(0, Math.round(y - half)), y1 = Math.min(ch, Math.round(y + half));
-    for (let py = y0; py < y1; py++) pixels.fill(value, py * cw + x0, py * cw + x1);
+    for (let py = y0; py < y1; py++) {  // a disc: each row as wide as the circle is there
+      const dy = py + 0.5 - y, w = half < 2 ? half : Math.sqrt(Math.max(0, half * half - dy * dy));
+      const x0 = Math.max(0, Math.round(x - w)), x1 = Math.min(cw, Math.round(x + w));
+      if (x1 > x0) pixels.fill(value, py * cw + x0, py * cw + x1);
+    }
   }
   ctx.putImageData(image, 0, 0);
   const near = state.selected >= 0 && D.nn ? D.nn[state.selected].map(n => n[0]) : [];
   const ring = (i, rr, colour, width) => { ctx.strokeStyle = colour; ctx.lineWidth = width; ctx.beginPath();
     ctx.arc(sx(i), sy(i), rr, 0, 2 * Math.PI); ctx.stroke(); };
-  const dot = (i) => { ctx.fillStyle = fieldColour(f, of[i]); ctx.fillRect(sx(i) - r, sy(i) - r, d, d); };
+  const dot = (i) => { ctx.fillStyle = fieldColour(f, of[i]); ctx.beginPath(); ctx.arc(sx(i), sy(i), r, 0, 2 * Math.PI); ctx.fill(); };
   if (mark !== null) for (let i = 0; i < N; i++) if (mark[i]) { dot(i); if (state.markCount <= 2000) ring(i, r + 2, "#222", 1); }
   for (const i of near) { dot(i); ring(i, r + 3, "#1565c0", 2); }
   if (state.selected >= 0) { const i = state.selected; dot(i); ring(i, r + 5, "#000", 3); ring(i, r + 9, "#ffeb3b", 3); }
