@@ -60,7 +60,8 @@ def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
     seconds = {**projection.seconds, **drawn}
     report = MapReport(str(out), config.method, len(records), projection.pca_dims, projection.adjusted,
                        {k: round(v, 3) for k, v in seconds.items()}, files)
-    (out / "map.json").write_text(json.dumps({**asdict(report), "config": asdict(config)}, indent=2) + "\n")
+    (out / "map.json").write_text(json.dumps({**asdict(report), "config": asdict(config), "page": asdict(page)},
+                                            indent=2) + "\n")
     return report
 
 
