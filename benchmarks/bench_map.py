@@ -32,11 +32,11 @@ def bare(method: str, vectors: np.ndarray, pca: int, seed: int) -> np.ndarray:
 
 
 def library_project():
-    """simsearch.views.maps.project, or None with the reason it is missing."""
+    """simsearch.views.projection.project, or None with the reason it is missing."""
     try:
-        from simsearch.views.maps import MapConfig, project
+        from simsearch.views.projection import MapConfig, project
     except ImportError as e:
-        return None, f"skipped: simsearch.views.maps not available ({e})"
+        return None, f"skipped: simsearch.views.projection not available ({e})"
     return (lambda x, method: project(x, MapConfig(method=method, pca=50, seed=0)).coords), None
 
 
@@ -60,7 +60,7 @@ def main() -> None:
         if project is None:
             row["status"] = why
         else:
-            progress(f"{method}: simsearch.views.maps.project on {n} points")
+            progress(f"{method}: simsearch.views.projection.project on {n} points")
             started = time.perf_counter()
             coords = np.asarray(project(vectors, method))
             row["simsearch_s"] = time.perf_counter() - started

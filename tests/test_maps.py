@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 pytest.importorskip("sklearn")
 from simsearch.errors import BadInputError  # noqa: E402
 from vectors import clustered_labelled  # noqa: E402
-from simsearch.views.maps import MapConfig, build_map, project  # noqa: E402
+from simsearch.views.maps import build_map  # noqa: E402
+from simsearch.views.projection import MapConfig, project  # noqa: E402
 
 
 def page_data(path: Path) -> dict:

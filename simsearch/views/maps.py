@@ -21,7 +21,7 @@ import numpy as np
 from simsearch.records import Record
 from simsearch.storage.store import Store
 from simsearch.views.map_page import PageConfig, class_colours, inline_thumbs, record_fields, spread_rows, write_map_page
-from simsearch.views.projection import METHODS, MIN_POINTS, MapConfig, Projection, project  # noqa: F401 (the API)
+from simsearch.views.projection import MapConfig, project
 from simsearch.views.render import Renderer, record_class
 
 log = logging.getLogger(__name__)
