@@ -174,3 +174,22 @@ def test_umap_min_dist_above_spread_is_one_line(demo_index: Path, tmp_path: Path
     run = CliRunner().invoke(app, ["map", "--index", str(demo_index), "--method", "umap", "--min-dist", "2",
                                    "--out", str(tmp_path / "m")])
     assert run.exit_code == 1 and "--min-dist 2.0 must be between 0 and --spread (1.0)" in run.output
+
+
+def test_umap_default_spreads_a_clump_of_near_duplicates():
+    """40 near-identical vectors beside 400 others: the default min_dist keeps them apart on the map (2.6x
+    umap-learn's 0.1 here), so a run of near-identical photos is not one dot (README, Clumps)."""
+    pytest.importorskip("umap")
+    x, _ = clustered_labelled(400, 64, clusters=8, separation=4.0)
+    clump = x[0] + 0.01 * np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32)
+    x = np.concatenate([x, clump / np.linalg.norm(clump, axis=1, keepdims=True)])
+
+    def clump_spacing(config: MapConfig) -> float:
+        c = project(x, config).coords
+        u = (c - c.min(0)) / (c.max(0) - c.min(0)).max()
+        d = np.sqrt(((u[400:, None] - u[None, 400:]) ** 2).sum(-1))
+        np.fill_diagonal(d, np.inf)
+        return float(np.median(d.min(1)))
+
+    assert MapConfig().min_dist == 0.5
+    assert clump_spacing(MapConfig(method="umap")) > 1.8 * clump_spacing(MapConfig(method="umap", min_dist=0.1))
