@@ -271,6 +271,34 @@ def test_map_page_hover_and_click(browser, demo_map: Path):
     page.close()
 
 
+def test_map_page_past_the_thumbnail_cap_shows_thumbnails_from_serve(browser, server, demo_index: Path, tmp_path: Path):
+    """A point whose thumbnail is not inlined gets it from `simsearch serve` on hover; without serve, its name."""
+    import numpy as np
+
+    from simsearch.views.map_page import PageConfig
+    from simsearch.views.maps import load_points, map_html
+    from simsearch.views.render import Renderer
+
+    _, xb, records = load_points(demo_index)
+    coords = np.random.default_rng(0).normal(size=(len(records), 2))
+    for serve_url in (server, None):
+        path = map_html(records, xb, coords, Renderer(demo_index), tmp_path / f"map-{bool(serve_url)}.html",
+                        PageConfig(max_thumbs=0, serve_url=serve_url))
+        page, errors = _open_map(browser, path.as_uri())
+        page.mouse.move(*_on_screen(page, 0))
+        page.wait_for_selector("#tip", state="visible")
+        if serve_url:
+            page.wait_for_function("(() => { const i = document.querySelector('#tip img');"
+                                   " return i && i.complete && i.naturalWidth > 0; })()")
+            assert page.locator("#tip img").get_attribute("src") == f"{server}/api/records/{records[0].id}/thumb"
+        else:
+            assert page.locator("#tip img").count() == 0
+            assert "thumbnail not inlined" in page.locator("#tip").inner_text()
+        assert Path(records[0].path).name in page.locator("#tip").inner_text()
+        assert not errors, errors
+        page.close()
+
+
 def test_map_page_find_by_name_highlights_and_centres(browser, demo_map: Path):
     page, errors = _open_map(browser, demo_map.as_uri())
     page.fill("#find", "MOTORCYCLE")  # any case, part of the name: both motorcycles are marked
