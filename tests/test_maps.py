@@ -162,6 +162,8 @@ def test_record_fields_name_folders_from_their_common_root():
                Record(2, "/data/b/c/y.jpg", "", 1, 1), Record(3, "/data/a/z.jpg", "", 1, 1)]
     fields = record_fields(records)
     assert fields["folder"] == ["a", "b/c", "a"]
+    assert record_fields(records[:1] + [Record(4, "/data/a/w.jpg", "", 1, 1)])["folder"] == ["a", "a"]  # one folder: its name
+    assert record_fields([Record(5, "/data/q.jpg", "", 1, 1), records[0]])["folder"] == ["data", "a"]  # images in the root
     assert fields["tag"] == ["espresso", "", ""] and fields["dataset"] == ["a", "", ""]
     tag = encode_field(fields["tag"], 20)
     assert tag["values"] == ["espresso", "(none)"] and tag["of"] == [0, 1, 1] and tag["counts"] == [1, 2]

@@ -72,7 +72,7 @@ def record_fields(records: Sequence[Record]) -> dict[str, list[str]]:
     folders = [os.path.relpath(p, root) if root else p for p in parents]
     return {
         "class": [record_class(r) for r in records],
-        "folder": ["." if f == "." and len(set(folders)) == 1 else f for f in folders],
+        "folder": [os.path.basename(root) or root if f == "." else f for f in folders],  # the root by its name
         "tag": [r.tags[0].label if r.tags else "" for r in records],
         "dataset": [r.dataset or "" for r in records],
     }
