@@ -108,6 +108,7 @@ function fitRows(rows) {  // zoom to the box around these points
 function redraw() { if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; draw(); }); } }
 function radius() { return Math.min(3 * BASE_R + 4, BASE_R * Math.pow(zoom(), 0.35)); }
 function draw() {
+  if (!W || !H) return;  // not laid out (a hidden tab): nothing to draw into
   ctx.clearRect(0, 0, W, H);
   const f = D.fields[state.field], of = f.of, r = radius(), mark = state.mark;
   const dimmed = mark !== null || state.selected >= 0;
@@ -185,7 +186,7 @@ canvas.addEventListener("mousemove", (e) => {
 canvas.addEventListener("mouseleave", () => tip.style.display = "none");
 canvas.addEventListener("click", (e) => { if (drag && drag.moved) return; const i = nearest(e.offsetX, e.offsetY); if (i >= 0) select(i); });
 canvas.addEventListener("dblclick", (e) => { e.preventDefault(); zoomAt(e.offsetX, e.offsetY, 4); });
-canvas.addEventListener("wheel", (e) => { e.preventDefault(); zoomAt(e.offsetX, e.offsetY, Math.exp(-e.deltaY * 0.002)); }, {passive: false});
+canvas.addEventListener("wheel", (e) => { e.preventDefault(); zoomAt(e.offsetX, e.offsetY, Math.exp(-e.deltaY * (e.deltaMode === 1 ? 33 : 1) * 0.002)); }, {passive: false});
 document.getElementById("zoom-in").onclick = () => zoomAt(W / 2, H / 2, 2);
 document.getElementById("zoom-out").onclick = () => zoomAt(W / 2, H / 2, 0.5);
 document.getElementById("fit").onclick = fit;
