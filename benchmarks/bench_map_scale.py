@@ -10,6 +10,7 @@ the projection when `--methods` ran one, else gaussian points.
 
     nice -n 10 python benchmarks/bench_map_scale.py --n 100000               # both halves, both methods (long)
     python benchmarks/bench_map_scale.py --n 100000 --methods ''             # the drawing half only
+    python benchmarks/bench_map_scale.py --quick                             # 5k points, UMAP: a minute or two
 """
 from __future__ import annotations
 
@@ -50,10 +51,15 @@ def linked_store(index_dir: Path, files_dir: Path, vectors: np.ndarray) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--methods", default="umap,tsne", help="projections to time ('' for the drawing half only)")
-    parser.add_argument("--max-thumbs", type=int, default=3000)
+    parser.add_argument("--quick", action="store_true", help="5,000 points, UMAP only, 500 thumbnails (a minute or two)")
+    parser.add_argument("--n", type=int, help="points (default 100,000; 5,000 with --quick)")
+    parser.add_argument("--methods", help="projections to time, comma-separated ('' for the drawing half only; "
+                                          "default umap,tsne; umap with --quick)")
+    parser.add_argument("--max-thumbs", type=int, help="thumbnails inlined in map.html (default 3,000; 500 with --quick)")
     args = parser.parse_args()
+    args.n = args.n or (5000 if args.quick else 100_000)
+    args.methods = args.methods if args.methods is not None else ("umap" if args.quick else "umap,tsne")
+    args.max_thumbs = args.max_thumbs if args.max_thumbs is not None else (500 if args.quick else 3000)
     from simsearch.views.map_page import PageConfig
     from simsearch.views.maps import draw_map, load_points
     from simsearch.views.projection import MapConfig, project
@@ -88,7 +94,8 @@ def main() -> None:
                 [NOISE_NOTE, "projection: PCA 50 + the method, seeded (umap single-threaded, as seeding requires)",
                  "drawing: thumbnails decoded from links to the real photos; map.html "
                  f"{rows[-1]['map_html_mb']} MB"])
-    write_result("map_scale", {"n": args.n, "rows": rows})
+    # a quick run keeps its own file: map_scale.json holds the 100k run the README quotes
+    write_result("map_scale_quick" if args.quick else "map_scale", {"n": args.n, "rows": rows})
 
 
 if __name__ == "__main__":
