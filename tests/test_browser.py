@@ -79,6 +79,7 @@ def test_upload_shows_neighbour_cards(browser, server, demo_data: Path, tmp_path
     contents = page.locator("#qcontents")
     assert contents.is_visible() and contents.inner_text().startswith("In the query:")
     assert "motorbike" in contents.inner_text() and "moped 0." in contents.inner_text()
+    assert "already indexed as id" in contents.inner_text()  # the demo holds this very file
     assert not page.locator("#training-row").is_visible()  # no localizer here: no training images to include
     # every card's crop and thumbnail really decoded
     page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")

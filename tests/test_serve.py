@@ -39,6 +39,13 @@ def test_upload_finds_the_other_motorcycle_view(client: TestClient, demo_data: P
     assert [n["rank"] for n in neighbours] == [1, 2, 3, 4]
     assert neighbours[0]["name"] == "motorcycle_right.png"
     assert all(n["name"] != "motorcycle_left.png" for n in neighbours)  # the same file is no answer
+    # ... so the query says the index already holds it, as `simsearch query` does
+    assert r.json()["query"]["duplicates"]["exact"] == [_id_of(client, "motorcycle_left.png")]
+    fresh = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("RGB").save(fresh, "JPEG", quality=95)  # new bytes: no exact copy
+    r = client.post("/api/search", files={"file": ("m.jpg", fresh.getvalue(), "image/jpeg")}, data={"k": "4"})
+    copies = r.json()["query"]["duplicates"]
+    assert copies["exact"] == [] and [n["id"] for n in copies["near"]][:1] == [_id_of(client, "motorcycle_left.png")]
     scores = [n["score"] for n in neighbours]
     assert scores == sorted(scores, reverse=True)
     crop = client.get(neighbours[0]["crop_url"])

@@ -297,6 +297,9 @@ class Browser:
             del image  # the decoded pixels go before the slot is given back
         if exclude:  # an indexed file: what the index stored for it, as a query by its id shows
             contents = QueryContents.of_record(self._record(min(exclude)))
+        if not box:  # the upload's own copies in the index, exact and near, as the CLI names them
+            with self._lock:
+                contents.copies = self._fresh().known_copies(exclude, xq)
         neighbours, left_out = self._neighbours(xq, self._k(k), filters, exclude, include_training)
         return {"query": _with_contents(query, contents, left_out), "mode": "crop" if box else "image",
                 "neighbours": neighbours, "cutoff": self._cutoff()}

@@ -253,12 +253,21 @@ function tagChips(tags) {
   return (tags || []).map(t => `<span class="tag imagenet" title="ImageNet tag">${esc(t.label)} ${Number(t.score).toFixed(2)}</span>`).join("");
 }
 
+// What the index already holds of the query (as `simsearch query` says it): exact copies by sha256, near ones by score.
+function copiesNote(d) {
+  if (!d) return "";
+  const shown = [];
+  if (d.exact && d.exact.length) shown.push(`already indexed as id${d.exact.length > 1 ? "s" : ""} ${d.exact.join(", ")}`);
+  if (d.near && d.near.length) shown.push("near-duplicate of " + d.near.map(n => `id ${n.id} (${n.score.toFixed(2)})`).join(", "));
+  return shown.length ? `<span class="name copies">${esc(shown.join("; "))}</span> ` : "";
+}
+
 // What the engine sees in the query itself, above its neighbours: drawn classes, the localizer's prediction(s), ImageNet tags.
 function showContents(q) {
   const classes = [...new Set((q.objects || []).map(o => o.label))].sort().map(c => `<span class="tag">${esc(c)}</span>`).join("");
   const predicted = (q.predictions || []).map(predictionChip).join("");
   const where = q.seen === "stored" ? "stored in the index" : "seen in this image";
-  $("qcontents").innerHTML = `<span class="label" title="${where}">In the query:</span>${classes}${predicted || '<span class="name">no localizer prediction</span>'} ${tagChips(q.tags) || '<span class="name">no ImageNet tags</span>'}`;
+  $("qcontents").innerHTML = `<span class="label" title="${where}">In the query:</span>${copiesNote(q.duplicates)}${classes}${predicted || '<span class="name">no localizer prediction</span>'} ${tagChips(q.tags) || '<span class="name">no ImageNet tags</span>'}`;
   $("qcontents").hidden = false;
 }
 
