@@ -70,6 +70,7 @@ class BuildReport:
     images_per_second: float = 0.0
     precision: str = ""
     device: str = ""
+    backend: str = ""  # what ran the model: torch or openvino
 
 
 def build_index(config: BuildConfig) -> BuildReport:
@@ -85,11 +86,17 @@ def build_index(config: BuildConfig) -> BuildReport:
     Path(config.index_dir).mkdir(parents=True, exist_ok=True)
     with writer_lock(config.index_dir, "build-index"), Store(config.index_dir, create=True) as store:
         report.precision, report.device = embedder.precision_name, str(embedder.device)
+        report.backend = embedder.spec.backend
         if config.engine == "ray":  # the actors pick theirs
             report.precision, report.device = config.embed.precision, f"ray {config.address or 'local'}"
+            report.backend = config.embed.backend
         saved = store.spec
         if saved is not None:
             check_compatible(saved.embedder, embedder.spec, f"index {config.index_dir}")
+            if saved.embedder.backend != embedder.spec.backend:  # close, not identical vectors: noted, not refused
+                log.warning("%s was built with backend %s; this run embeds with %s (vectors agree to mean cosine "
+                            ">= 0.999). Pass --backend %s to match.", config.index_dir, saved.embedder.backend,
+                            embedder.spec.backend, saved.embedder.backend)
         else:  # claim the index for this embedder before the first vector lands
             store.save_spec(IndexSpec(embedder.spec, index_type=None))
         if store.upgrade_layout():
@@ -175,7 +182,7 @@ def _engine(config: BuildConfig) -> Callable[..., Iterator[FileBatch]]:
 def _driver_embed(config: BuildConfig) -> EmbedConfig:
     """What this process loads: with Ray the actors embed, on the cluster's devices, so here the
     backbone only vouches for the spec (on the CPU, whatever --device and --precision ask of the actors)."""
-    return config.embed if config.engine != "ray" else replace(config.embed, device="cpu", precision="fp32")
+    return config.embed if config.engine != "ray" else replace(config.embed, device="cpu", precision="fp32", backend="torch")
 
 
 def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:
