@@ -51,11 +51,11 @@ class EmbedConfig:
     weights: str | None = None  # None: the backbone's pretrained default; a path: a local state_dict
     device: str = "auto"  # auto | cpu | cuda (cuda:N works too)
     precision: str = "auto"  # auto: bf16 on CPUs with bf16 units and on CUDA, else fp32
-    backend: str = "auto"  # auto | torch | openvino: what runs the backbone (auto: OpenVINO on a CPU where installed)
     batch_size: int = 32  # images per forward pass
     workers: int = -1  # DataLoader decode processes; -1: one per spare core (at least 1)
     quiet: bool = False  # no progress bar
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images (after JPEG draft decode) are skipped, not decoded
+    backend: str = "auto"  # auto | torch | openvino: what runs the backbone (auto: OpenVINO on a CPU where installed)
 
 
 @dataclass
