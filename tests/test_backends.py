@@ -5,6 +5,7 @@ The OpenVINO tests skip without the `openvino` extra; the fidelity test also wit
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,32 @@ def test_decode_resizes_in_uint8_like_pillow_and_normalises_like_before():
     assert (got - expected).abs().mean() < 0.01
     floats = torch.randn(1, 3, 8, 8)
     assert normalize(floats, pre) is floats  # already normalised input passes through
+
+
+def test_a_build_records_its_backend_and_another_backend_adds_with_a_warning(tmp_path: Path, monkeypatch, caplog):
+    from PIL import Image
+
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+    from simsearch.storage.store import Store
+
+    data, index = tmp_path / "data", tmp_path / "index"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    embed = EmbedConfig(model="efficientnet-lite0", weights="random", device="cpu", precision="fp32", workers=0,
+                        quiet=True, backend="torch")
+    assert build_index(BuildConfig(data, index, embed)).backend == "torch"
+    with Store(index) as store:
+        assert store.spec.embedder.backend == "torch"
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("SIMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(data / "new.png")
+    with caplog.at_level("WARNING"):
+        report = build_index(BuildConfig(data, index, replace(embed, backend="openvino")))
+    assert report.added == 1 and report.backend == "openvino"  # added, not refused
+    assert "built with backend torch" in caplog.text and "--backend torch" in caplog.text
+    with Store(index) as store:
+        assert store.spec.embedder.backend == "torch"  # the spec keeps what first built the index
+
