@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--models", default="efficientnet-lite0,resnet50")
     parser.add_argument("--calibration", type=int, help="real JPEGs to calibrate INT8 on (default 100 quick, 300 full)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--name", default="backends", help="results/NAME.json (to keep runs of different subsets)")
     parser.add_argument("--seconds", type=float, help="per variant per round (default 2 quick, 5 full)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # tracing and export warn at length; the table is the output
@@ -241,7 +242,7 @@ def main() -> None:
     print_table("CPU backends: images/s and fidelity to fp32", rows,
                 ["model", "variant", "img_s", "vs_torch_bf16", "mean_cosine", "min_cosine", "top10_overlap",
                  "fidelity_ok", "setup_s", "first_pass_s", "status"], notes)
-    write_result("backends", {"quick": args.quick, "rows": rows})
+    write_result(args.name, {"quick": args.quick, "variants": variants, "rows": rows})
 
 
 if __name__ == "__main__":

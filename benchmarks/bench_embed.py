@@ -109,7 +109,7 @@ def cuda_rows(models: dict, batch_size: int, seconds: float) -> list[dict]:
             embedder = Embedder(backbone, "cuda", precision)
             for compiled in (False, True):
                 if compiled:
-                    embedder.model = torch.compile(embedder.model, mode="max-autotune-no-cudagraphs")
+                    embedder.runner.model = torch.compile(embedder.model, mode="max-autotune-no-cudagraphs")
 
                 def step() -> int:
                     embedder.embed_batch(x)
