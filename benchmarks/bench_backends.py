@@ -190,6 +190,7 @@ def run_model(name: str, weights: str | None, variants: list[str], calibration_p
         reference = vectors if variant == "torch-fp32" else reference
         if reference is not None:
             row.update(fidelity(reference, vectors))
+        progress(f"{name}: {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
         embedders[variant] = embedder
     x = torch.randn(32, 3, 224, 224)
     rates: dict[str, list[float]] = {v: [] for v in embedders}

@@ -69,7 +69,7 @@ def end_to_end(folder: Path, model: str, weights: str | None, precision: str, de
     measurement gets its own interpreter.
     """
     args = json.dumps([str(folder), model, weights, precision, device, workers, batch_size, backend])
-    env = {**os.environ, "PYTHONPATH": str(code)} if code else None  # --baseline: that checkout's simsearch
+    env = {**os.environ, "SIMSEARCH_BENCH_CODE": str(Path(code).resolve())} if code else None  # --baseline
     out = subprocess.run([sys.executable, __file__, "--e2e-child", args], check=True, capture_output=True, text=True,
                          env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--e2e-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.e2e_child:
+        if os.environ.get("SIMSEARCH_BENCH_CODE"):  # ahead of this checkout, which common.py put first
+            sys.path.insert(0, os.environ["SIMSEARCH_BENCH_CODE"])
         folder, *rest = json.loads(args.e2e_child)
         print(json.dumps(_end_to_end_here(Path(folder), *rest)))
         return
