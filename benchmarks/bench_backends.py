@@ -65,7 +65,8 @@ class PT2EInt8Runner:
         inductor.freezing = True
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         side = torch.export.Dim
-        dynamic = {"x": {0: side("b", max=512), 2: side("h", min=1, max=14) * 32, 3: side("w", min=1, max=14) * 32}}
+        # By position: the forward argument's name differs between backbones (x, input).
+        dynamic = ({0: side("b", max=512), 2: side("h", min=1, max=14) * 32, 3: side("w", min=1, max=14) * 32},)
         exported = torch.export.export(model, (torch.zeros(2, 3, 224, 224),), dynamic_shapes=dynamic).module()
         prepared = prepare_pt2e(exported, quantizer)
         with torch.no_grad():
