@@ -64,6 +64,22 @@ def test_the_embedder_records_what_ran_its_model():
     assert embedder.spec.backend == "torch"
 
 
+def test_auto_falls_back_to_torch_when_openvino_fails_and_an_explicit_ask_says_why(monkeypatch):
+    from simsearch.pipeline.embed import Embedder, load_backbone
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Cannot create Foo layer: unsupported op")
+
+    monkeypatch.setattr(backends, "openvino_installed", lambda: True)
+    monkeypatch.setattr(backends, "OpenVINORunner", broken)
+    backbone = load_backbone("efficientnet-lite0", "random")
+    embedder = Embedder(backbone, "cpu", "fp32", "auto")
+    assert embedder.spec.backend == "torch"
+    assert embedder.embed_batch([torch.zeros(3, 224, 224, dtype=torch.uint8)]).vectors.shape == (1, 1280)
+    with pytest.raises(BadInputError, match="unsupported op.*--backend torch"):
+        Embedder(backbone, "cpu", "fp32", "openvino")
+
+
 class _Tiny(nn.Module):
     def __init__(self):
         super().__init__()

@@ -155,8 +155,20 @@ def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:
 
 
 def make_runner(backend: str, model: nn.Module, spec: EmbedderSpec, device: torch.device,
-                dtype: torch.dtype) -> Runner:
-    """The runner for a resolved backend name (see `resolve_backend`)."""
+                dtype: torch.dtype, fallback: bool = False) -> Runner:
+    """The runner for a resolved backend name (see `resolve_backend`).
+
+    `fallback` (the user said auto): a model OpenVINO cannot convert or compile (weights with an
+    op it lacks, say) runs on torch with a warning rather than stopping the build.
+    """
     if backend == "openvino":
-        return OpenVINORunner(model, spec, dtype)
+        try:
+            return OpenVINORunner(model, spec, dtype)
+        except BadInputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - conversion and compilation raise many kinds; all mean "not here"
+            if not fallback:
+                raise BadInputError(f"OpenVINO could not run {spec.backbone} ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200]}); use --backend torch") from e
+            log.warning("OpenVINO could not run %s (%s); running it with torch", spec.backbone, type(e).__name__)
     return TorchRunner(model, device, dtype)

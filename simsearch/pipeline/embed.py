@@ -295,7 +295,7 @@ class Embedder:
         # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
         self.model = backbone.features.to(self.device, memory_format=torch.channels_last).eval()
         chosen = resolve_backend(backend, self.device, self.dtype)
-        self.runner = make_runner(chosen, self.model, backbone.spec, self.device, self.dtype)
+        self.runner = make_runner(chosen, self.model, backbone.spec, self.device, self.dtype, fallback=backend == "auto")
         self.spec = replace(backbone.spec, backend=self.runner.name)
         self.classifier = backbone.classifier.to(self.device).eval() if backbone.classifier is not None else None
         self.labels = imagenet_labels() if self.classifier is not None else ()
