@@ -92,9 +92,9 @@ class TorchRunner:
 class OpenVINORunner:
     """The backbone converted to OpenVINO once, with dynamic batch and input sides.
 
-    One dynamic model serves every aspect-kept input shape (measured as fast as a model
-    compiled per shape, without a compile per new shape). bf16 runs on AMX / AVX512-BF16
-    through OpenVINO's inference precision; the weights stay fp32 in the cached model.
+    One dynamic model serves every aspect-kept input shape: one compile, never one per new
+    shape (a model compiled per static shape was not measured). bf16 runs on AMX /
+    AVX512-BF16 through OpenVINO's inference precision; the weights stay fp32 in the cache.
     """
 
     name = "openvino"
