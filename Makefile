@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[cpu,maps,serve,demo,test,ray]'
+	$(BIN)/pip install -q -e '.[cpu,maps,serve,demo,test,ray,openvino]'
 	touch $@
 
 demo: setup

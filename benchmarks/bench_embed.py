@@ -9,12 +9,19 @@ The share of the bound is (c) / min(a, b). On a CPU, decoding and the model shar
 the same cores, so the bound they can reach together is lower still: 1 / (1/a + 1/b)
 when each would use every core; both are printed.
 
+(a) and (c) run each backend (torch, and openvino where installed) at bf16 (fp32 without
+bf16 units). `--baseline DIR` adds (c) rows run with the simsearch of another checkout (say
+the code before a change, `git worktree add ../before main`), in the same run, so the
+speed-up is a ratio of side-by-side figures.
+
     python benchmarks/bench_embed.py --quick
+    python benchmarks/bench_embed.py --quick --baseline ../before
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -54,33 +61,37 @@ def decode_only(paths: list[Path], pre, workers: int, batch_size: int) -> float:
 
 
 def end_to_end(folder: Path, model: str, weights: str | None, precision: str, device: str,
-               workers: int, batch_size: int) -> dict:
+               workers: int, batch_size: int, backend: str | None = None, code: Path | None = None) -> dict:
     """build_index in a fresh process, as a user runs it.
 
     In one process, a bf16 build that followed an fp32 one ran at 52 img/s against
     64-73 img/s on its own (oneDNN and allocator state carry over), so each
     measurement gets its own interpreter.
     """
-    args = json.dumps([str(folder), model, weights, precision, device, workers, batch_size])
-    out = subprocess.run([sys.executable, __file__, "--e2e-child", args], check=True, capture_output=True, text=True)
+    args = json.dumps([str(folder), model, weights, precision, device, workers, batch_size, backend])
+    env = {**os.environ, "SIMSEARCH_BENCH_CODE": str(Path(code).resolve())} if code else None  # --baseline
+    out = subprocess.run([sys.executable, __file__, "--e2e-child", args], check=True, capture_output=True, text=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _end_to_end_here(folder: Path, model: str, weights: str | None, precision: str, device: str,
-                     workers: int, batch_size: int) -> dict:
+                     workers: int, batch_size: int, backend: str | None) -> dict:
     from simsearch.pipeline.build import BuildConfig, build_index
     from simsearch.pipeline.embed import EmbedConfig
 
     index_dir = Path(tempfile.mkdtemp(prefix="simsearch-bench-index-"))
     try:
-        embed = EmbedConfig(model, weights, device, precision, batch_size, workers, quiet=True)
+        chosen = {"backend": backend} if backend else {}  # a baseline checkout may predate backends
+        embed = EmbedConfig(model=model, weights=weights, device=device, precision=precision, batch_size=batch_size,
+                            workers=workers, quiet=True, **chosen)
         started = time.perf_counter()
         report = build_index(BuildConfig(folder, index_dir, embed))
         wall = time.perf_counter() - started
     finally:
         shutil.rmtree(index_dir, ignore_errors=True)
     return {"embed_loop_img_s": report.images_per_second, "wall_img_s": report.added / wall,
-            "images": report.added, "index_type": report.index_type}
+            "images": report.added, "index_type": report.index_type, "backend": getattr(report, "backend", "torch")}
 
 
 def cuda_rows(models: dict, batch_size: int, seconds: float) -> list[dict]:
@@ -98,7 +109,7 @@ def cuda_rows(models: dict, batch_size: int, seconds: float) -> list[dict]:
             embedder = Embedder(backbone, "cuda", precision)
             for compiled in (False, True):
                 if compiled:
-                    embedder.model = torch.compile(embedder.model, mode="max-autotune-no-cudagraphs")
+                    embedder.runner.model = torch.compile(embedder.model, mode="max-autotune-no-cudagraphs")
 
                 def step() -> int:
                     embedder.embed_batch(x)
@@ -119,9 +130,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=-1, help="decode processes (-1: build-index's default)")
     parser.add_argument("--seconds", type=float, help="time per model-only measurement (default 4 quick, 15 full)")
     parser.add_argument("--skip-resnet", action="store_true", help="only efficientnet-lite0")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose build-index runs beside this one's (c)")
     parser.add_argument("--e2e-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.e2e_child:
+        if os.environ.get("SIMSEARCH_BENCH_CODE"):  # ahead of this checkout, which common.py put first
+            sys.path.insert(0, os.environ["SIMSEARCH_BENCH_CODE"])
         folder, *rest = json.loads(args.e2e_child)
         print(json.dumps(_end_to_end_here(Path(folder), *rest)))
         return
@@ -141,45 +155,66 @@ def main() -> None:
         models["resnet50"] = load_backbone("resnet50", "random")  # speed only: weights' values do not matter
     rows: list[dict] = []
 
-    model_rate: dict[tuple[str, str], float] = {}
+    from simsearch.pipeline.backends import openvino_installed
+
+    backends = ["torch", "openvino"] if openvino_installed() else ["torch"]
+    fast = precisions[-1]  # bf16 where the CPU has it
+    model_rate: dict[tuple[str, str, str], float] = {}
     for name, backbone in models.items():
-        for precision in precisions:
-            progress(f"(a) model only: {name} {precision}")
-            r = model_only(Embedder(backbone, "cpu", precision), args.batch_size, seconds)
-            model_rate[name, precision] = r
-            rows.append({"stage": "a: model only", "model": name, "device": "cpu", "precision": precision,
-                         "img_s": r, "weights": "ImageNet" if name != "resnet50" else "random (speed only)"})
+        for backend in backends:
+            for precision in precisions if backend == "torch" else [fast]:
+                progress(f"(a) model only: {name} {backend} {precision}")
+                r = model_only(Embedder(backbone, "cpu", precision, backend), args.batch_size, seconds)
+                model_rate[name, backend, precision] = r
+                rows.append({"stage": "a: model only", "model": name, "backend": backend, "precision": precision,
+                             "img_s": r, "weights": "ImageNet" if name != "resnet50" else "random (speed only)"})
 
     progress("(b) decode + preprocess only")
     pre = models["efficientnet-lite0"].spec.preprocess
     decode = decode_only(paths, pre, args.workers, args.batch_size)
     decode_1 = decode_only(paths, pre, 0, args.batch_size)
-    rows.append({"stage": "b: decode+preprocess", "device": "cpu", "precision": "-", "img_s": decode,
+    rows.append({"stage": "b: decode+preprocess", "backend": "-", "precision": "-", "img_s": decode,
                  "workers": args.workers})
-    rows.append({"stage": "b: decode+preprocess", "device": "cpu (main process)", "precision": "-",
+    rows.append({"stage": "b: decode+preprocess", "backend": "- (main process)", "precision": "-",
                  "img_s": decode_1, "workers": 0})
 
-    for precision in precisions:
-        progress(f"(c) build-index end to end: efficientnet-lite0 {precision}")
-        e2e = end_to_end(folder, "efficientnet-lite0", None, precision, "cpu", args.workers, args.batch_size)
-        a = model_rate["efficientnet-lite0", precision]
-        rows.append({"stage": "c: build-index", "model": "efficientnet-lite0", "device": "cpu",
-                     "precision": precision, "img_s": e2e["embed_loop_img_s"], "wall_img_s": e2e["wall_img_s"],
-                     "of_min_ab": e2e["embed_loop_img_s"] / min(a, decode),
-                     "of_shared_bound": e2e["embed_loop_img_s"] * (1 / a + 1 / decode)})
+    weights_of = {"efficientnet-lite0": None, "resnet50": "random"}
+    baseline_rate: dict[str, float] = {}
+    for name in models:
+        runs = [(backend, None) for backend in backends] + ([("baseline", args.baseline)] if args.baseline else [])
+        for backend, code in runs:
+            progress(f"(c) build-index end to end: {name} {backend} {fast}")
+            e2e = end_to_end(folder, name, weights_of[name], fast, "cpu", args.workers, args.batch_size,
+                             None if code else backend, code)
+            row = {"stage": "c: build-index", "model": name, "precision": fast, "img_s": e2e["embed_loop_img_s"],
+                   "wall_img_s": e2e["wall_img_s"]}
+            if code:
+                row["backend"] = f"baseline ({Path(code).name}, {e2e['backend']})"
+                baseline_rate[name] = e2e["embed_loop_img_s"]
+            else:
+                a = model_rate[name, backend, fast]
+                row.update(backend=backend, of_min_ab=e2e["embed_loop_img_s"] / min(a, decode),
+                           of_shared_bound=e2e["embed_loop_img_s"] * (1 / a + 1 / decode))
+            rows.append(row)
+        for row in rows:
+            if row["stage"] == "c: build-index" and row["model"] == name and name in baseline_rate:
+                row["vs_baseline"] = row["img_s"] / baseline_rate[name]
 
     rows += cuda_rows(models, 256, seconds)
-    speedups = {name: model_rate[name, "bf16"] / model_rate[name, "fp32"]
-                for name in models if (name, "bf16") in model_rate}
+    speedups = {name: model_rate[name, "torch", "bf16"] / model_rate[name, "torch", "fp32"]
+                for name in models if (name, "torch", "bf16") in model_rate}
+    speedups |= {f"{name} openvino": model_rate[name, "openvino", fast] / model_rate[name, "torch", fast]
+                 for name in models if (name, "openvino", fast) in model_rate}
     notes = [NOISE_NOTE,
              f"{len(paths)} real JPEGs (photos, VOC, indoor, re-encoded copies), batch {args.batch_size}, "
              f"torch threads {torch.get_num_threads()}",
              "of_min_ab = (c) / min(a, b); of_shared_bound = (c) / (1/(1/a + 1/b)): on a CPU decode and model share cores",
              "c: img_s is the embedding loop (decode, model, SQLite commit); wall_img_s adds scan, hashing, model load, FAISS"]
-    notes += [f"bf16/fp32 model-only speed-up, {name}: {s:.2f}x" for name, s in speedups.items()]
+    notes += [f"model-only speed-up, {name}: {s:.2f}x ({'openvino/torch ' + fast if 'openvino' in name else 'bf16/fp32'})"
+              for name, s in speedups.items()]
     print_table("embed: images/s", rows,
-                ["stage", "model", "device", "precision", "img_s", "wall_img_s", "of_min_ab", "of_shared_bound",
-                 "status"], notes)
+                ["stage", "model", "backend", "precision", "img_s", "wall_img_s", "of_min_ab", "of_shared_bound",
+                 "vs_baseline", "status"], notes)
     write_result("embed", {"quick": args.quick, "images": len(paths), "batch_size": args.batch_size,
                            "rows": rows, "bf16_speedup": speedups})
 

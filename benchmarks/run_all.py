@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("bench_embed", "bench_gpu", "bench_compare", "bench_query", "bench_faiss_update", "bench_scale", "bench_map",
+SCRIPTS = ("bench_embed", "bench_backends", "bench_decode", "bench_gpu", "bench_compare", "bench_query", "bench_faiss_update", "bench_scale", "bench_map",
            "bench_faults", "bench_engines", "bench_objects",
            "bench_filters", "bench_open_set", "bench_detector", "bench_cold_query")
 
@@ -24,12 +24,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs of every benchmark")
     parser.add_argument("--only", help="comma-separated subset, e.g. embed,query")
+    parser.add_argument("--baseline", help="a checkout of the code before a change: bench_embed runs its build-index too")
     args = parser.parse_args()
     wanted = [f"bench_{name}" for name in args.only.split(",")] if args.only else list(SCRIPTS)
     failed = []
     for name in wanted:
         started = time.perf_counter()
         command = [sys.executable, str(HERE / f"{name}.py")] + (["--quick"] if args.quick else [])
+        if name == "bench_embed" and args.baseline:
+            command += ["--baseline", str(Path(args.baseline).resolve())]
         print(f"[run_all] {name}", file=sys.stderr, flush=True)
         if subprocess.run(command, cwd=HERE).returncode != 0:
             failed.append(name)

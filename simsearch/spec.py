@@ -41,6 +41,10 @@ class EmbedderSpec:
     feature_shape: tuple[int, int, int]  # C, H, W of the stored map: resampled to this grid over the whole image
     preprocess: Preprocess = field(default_factory=Preprocess)
     pooling: str = "avg+l2"  # global average pool, then L2 normalisation
+    # What ran the backbone when the index was first built: "torch" or "openvino". Recorded, not
+    # compared: their vectors differ like bf16's from fp32's (measured: mean cosine 0.999, top-10 overlap
+    # 0.97 on ../shared/data), so an index built with OpenVINO stays queryable without it.
+    backend: str = "torch"
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.mark.parametrize("script", ["bench_embed", "bench_gpu", "bench_compare", "bench_query", "bench_faiss_update",
                                     "bench_scale", "bench_map", "bench_faults", "bench_engines", "bench_objects", "bench_filters",
                                     "bench_open_set", "bench_detector", "bench_cold_query", "bench_duplicates", "bench_map_scale",
-                                    "run_all"])
+                                    "bench_backends", "bench_decode", "bench_descriptors", "run_all"])
 def test_script_help(script):
     out = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--help"], capture_output=True, text=True,
                          timeout=60)

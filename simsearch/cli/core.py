@@ -27,6 +27,7 @@ def build_index_command(
     weights: Optional[str] = typer.Option(None, "--weights", help="Local state_dict file to load instead of the backbone's pretrained default."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU or GPU has it), fp32, bf16 or fp16 (CUDA)."),
+    backend: str = typer.Option("auto", "--backend", help="What runs the model: auto (OpenVINO on a CPU where installed, else torch), torch or openvino (needs: pip install 'simsearch\\[openvino]')."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes; -1 = one per spare core."),
     index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
@@ -42,15 +43,15 @@ def build_index_command(
     from simsearch.pipeline.embed import EmbedConfig
 
     with reported():
-        embed = EmbedConfig(model=model, weights=weights, device=device, precision=precision, batch_size=batch_size,
-                            workers=workers, quiet=quiet, max_pixels=max_pixels * 1_000_000)
+        embed = EmbedConfig(model=model, weights=weights, device=device, precision=precision, backend=backend,
+                            batch_size=batch_size, workers=workers, quiet=quiet, max_pixels=max_pixels * 1_000_000)
         report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune,
                                          keep_maps=keep_maps, engine=engine.value, address=address))
     echo_json(asdict(report))
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}, FAISS {report.faiss or 'kept'}): {report.added} added, "
         f"{report.replaced} replaced, {report.unchanged} unchanged, {report.moved} moved, {report.pruned} pruned, "
-        f"{len(report.skipped)} skipped; {report.images_per_second:.1f} img/s ({report.precision} on {report.device})",
+        f"{len(report.skipped)} skipped; {report.images_per_second:.1f} img/s ({report.precision} on {report.device}, {report.backend})",
         err=True,
     )
     for item in report.skipped[:20]:

@@ -70,6 +70,7 @@ class BuildReport:
     images_per_second: float = 0.0
     precision: str = ""
     device: str = ""
+    backend: str = ""  # what ran the model: torch or openvino
 
 
 def build_index(config: BuildConfig) -> BuildReport:
@@ -85,13 +86,21 @@ def build_index(config: BuildConfig) -> BuildReport:
     Path(config.index_dir).mkdir(parents=True, exist_ok=True)
     with writer_lock(config.index_dir, "build-index"), Store(config.index_dir, create=True) as store:
         report.precision, report.device = embedder.precision_name, str(embedder.device)
+        report.backend = embedder.spec.backend
         if config.engine == "ray":  # the actors pick theirs
             report.precision, report.device = config.embed.precision, f"ray {config.address or 'local'}"
+            report.backend = config.embed.backend
         saved = store.spec
         if saved is not None:
             check_compatible(saved.embedder, embedder.spec, f"index {config.index_dir}")
+            if saved.embedder.backend != embedder.spec.backend:  # close, not identical vectors: noted, not refused
+                log.warning("%s was built with backend %s; this run embeds with %s (vectors agree to mean cosine "
+                            "0.999). Pass --backend %s to match.", config.index_dir, saved.embedder.backend,
+                            embedder.spec.backend, saved.embedder.backend)
         else:  # claim the index for this embedder before the first vector lands
             store.save_spec(IndexSpec(embedder.spec, index_type=None))
+        # The spec keeps what first built the index (its backend included), whatever adds to it later.
+        recorded = saved.embedder if saved is not None else embedder.spec
         if store.upgrade_layout():
             log.info("%s: vectors moved out of SQLite into %s", config.index_dir, layout.SHARDS)
         store.clean_shards()  # rows a killed build wrote but never committed
@@ -150,11 +159,11 @@ def build_index(config: BuildConfig) -> BuildReport:
         skipped = _merged(skipped)
         store.record_skipped(skipped)
         report.skipped = [{"path": str(s.path), "reason": s.reason} for s in skipped]
-        synced = layout.sync_faiss(store, embedder.spec, config.index_type)
+        synced = layout.sync_faiss(store, recorded, config.index_type)
         report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
         ensure_calibrated(store, embedder)  # the "no good match" cutoff, redone when the collection moved by 10%
         predict_missing(store)
-        report.objects = _sync_objects(store, embedder.spec)
+        report.objects = _sync_objects(store, recorded)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -175,7 +184,7 @@ def _engine(config: BuildConfig) -> Callable[..., Iterator[FileBatch]]:
 def _driver_embed(config: BuildConfig) -> EmbedConfig:
     """What this process loads: with Ray the actors embed, on the cluster's devices, so here the
     backbone only vouches for the spec (on the CPU, whatever --device and --precision ask of the actors)."""
-    return config.embed if config.engine != "ray" else replace(config.embed, device="cpu", precision="fp32")
+    return config.embed if config.engine != "ray" else replace(config.embed, device="cpu", precision="fp32", backend="torch")
 
 
 def _prune_vanished(config: BuildConfig, started: float) -> BuildReport:

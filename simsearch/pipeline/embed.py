@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from simsearch.errors import BadInputError, NotFoundError, SimsearchError, WeightsUnavailableError
+from simsearch.pipeline.backends import make_runner, resolve_backend
+from simsearch.pipeline.decode import normalize, preprocess
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
 from simsearch.records import Tag
 from simsearch.spec import EmbedderSpec, Preprocess, check_compatible
@@ -53,6 +55,7 @@ class EmbedConfig:
     workers: int = -1  # DataLoader decode processes; -1: one per spare core (at least 1)
     quiet: bool = False  # no progress bar
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # larger images (after JPEG draft decode) are skipped, not decoded
+    backend: str = "auto"  # auto | torch | openvino: what runs the backbone (auto: OpenVINO on a CPU where installed)
 
 
 @dataclass
@@ -284,14 +287,16 @@ class EmbeddedBatch:
 class Embedder:
     """A backbone placed on a device with a precision; embeds ready-made tensor batches."""
 
-    def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto"):
-        self.spec = backbone.spec
+    def __init__(self, backbone: Backbone, device: str = "auto", precision: str = "auto", backend: str = "auto"):
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
         if self.device.type == "cpu" and self.dtype == torch.float16:
             raise BadInputError("fp16 is for CUDA; on the CPU use --precision bf16 or fp32")
         # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
         self.model = backbone.features.to(self.device, memory_format=torch.channels_last).eval()
+        chosen = resolve_backend(backend, self.device, self.dtype)
+        self.runner = make_runner(chosen, self.model, backbone.spec, self.device, self.dtype, fallback=backend == "auto")
+        self.spec = replace(backbone.spec, backend=self.runner.name)
         self.classifier = backbone.classifier.to(self.device).eval() if backbone.classifier is not None else None
         self.labels = imagenet_labels() if self.classifier is not None else ()
 
@@ -314,7 +319,10 @@ class Embedder:
 
     @torch.inference_mode()
     def embed_batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> EmbeddedBatch:
-        """Embed preprocessed images; a list may mix input sizes (one forward pass per size)."""
+        """Embed preprocessed images (uint8 from `preprocess`, or already normalised floats).
+
+        A list may mix input sizes (one forward pass per size).
+        """
         tensors: Sequence[torch.Tensor] = images
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, t in enumerate(tensors):
@@ -328,9 +336,7 @@ class Embedder:
             padded = self._padded_size(len(members))
             if padded > len(members):
                 batch = torch.cat([batch, batch.new_zeros(padded - len(members), *batch.shape[1:])])
-            x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                fmap = self.model(x)
+            fmap = self.runner(normalize(batch.to(self.device, non_blocking=True), self.spec.preprocess))
             fmap = fmap[: len(members)].float()
             # The vector pools the native map; the stored map is resampled to one grid over the
             # whole image so the localizer sees every image in the same frame.
@@ -351,18 +357,6 @@ class Embedder:
     def embed_images(self, images: Sequence) -> EmbeddedBatch:
         """Embed PIL images already in memory (a query, a crop)."""
         return self.embed_batch([preprocess(im, self.spec.preprocess) for im in images])
-
-
-def preprocess(image, pre: Preprocess) -> torch.Tensor:
-    """PIL RGB image -> normalised CHW float tensor at the size `pre.input_size` gives."""
-    from PIL import Image
-
-    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[pre.interpolation]
-    im = image.resize(pre.input_size(*image.size), resample)
-    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(pre.mean).view(3, 1, 1)
-    std = torch.tensor(pre.std).view(3, 1, 1)
-    return (x - mean) / std
 
 
 # ---------------------------------------------------------------- reading files in parallel
@@ -443,4 +437,4 @@ def iter_file_batches(
 
 
 def embedder_from_config(config: EmbedConfig) -> Embedder:
-    return Embedder(load_backbone(config.model, config.weights), config.device, config.precision)
+    return Embedder(load_backbone(config.model, config.weights), config.device, config.precision, config.backend)

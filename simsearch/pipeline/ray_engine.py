@@ -143,7 +143,7 @@ class EmbedActor:
         try:
             backbone = load_backbone(config.model, config.weights)
             check_compatible(spec, backbone.spec, "the index (on a Ray worker)")
-            self.embedder = Embedder(backbone, device, config.precision)
+            self.embedder = Embedder(backbone, device, config.precision, config.backend)
         except SimsearchError as e:
             self.fatal = f"{type(e).__name__}: {e}"
 

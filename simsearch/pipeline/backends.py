@@ -1,0 +1,174 @@
+"""Backends: what runs a backbone's forward pass, PyTorch or OpenVINO, picked at run time.
+
+A backend turns a preprocessed batch (B, 3, H, W) into the backbone's feature map
+(B, C, h, w); pooling, tags and maps stay in `Embedder.embed_batch`, the same for
+all. On a CPU OpenVINO ran the backbones about twice as fast as PyTorch eager bf16
+on the same images (benchmarks/bench_backends.py), with vectors at mean cosine
+0.999 to fp32 (top-10 neighbours 0.97 the same), so `auto` takes it where it is installed (the `openvino` extra)
+and the device is a CPU; everywhere else `auto` is PyTorch, which needs nothing more.
+
+OpenVINO's conversion of a torch module (tracing, then graph passes) costs seconds,
+and compiling the converted model costs more: both are cached in the user cache
+(`cache_dir()`), keyed by the backbone's weights and the precision, so a second run
+reads the converted model and its compiled kernels from disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from simsearch.errors import BadInputError
+from simsearch.spec import EmbedderSpec
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino")
+# Bumped when the conversion below changes, so caches made by older code are not reused.
+CONVERSION_VERSION = 1
+
+
+class Runner(Protocol):
+    """A backbone's forward pass on one backend."""
+
+    name: str  # "torch" or "openvino": recorded in the index spec
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float input on the embedder's device -> (B, C, h, w) feature map."""
+        ...
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that will run: `auto` is OpenVINO on a CPU where it is installed, else torch."""
+    if backend not in BACKENDS:
+        raise BadInputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise BadInputError("--backend openvino runs on the CPU; use --device cpu, or --backend torch on a GPU")
+        if not openvino_installed():
+            raise BadInputError("--backend openvino needs OpenVINO: pip install 'simsearch[openvino]', "
+                                "or use --backend torch")
+        return backend
+    if backend == "auto":
+        return "openvino" if device.type == "cpu" and dtype != torch.float16 and openvino_installed() else "torch"
+    return backend
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $SIMSEARCH_CACHE_DIR, else the XDG user cache."""
+    if os.environ.get("SIMSEARCH_CACHE_DIR"):
+        return Path(os.environ["SIMSEARCH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simsearch"
+
+
+class TorchRunner:
+    """PyTorch eager, under autocast when the precision is below fp32."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
+        self.model, self.device, self.dtype = model, device, dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's and cuDNN's fastest layout
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.model(x)
+
+
+class OpenVINORunner:
+    """The backbone converted to OpenVINO once, with dynamic batch and input sides.
+
+    One dynamic model serves every aspect-kept input shape: one compile, never one per new
+    shape (a model compiled per static shape was not measured). bf16 runs on AMX /
+    AVX512-BF16 through OpenVINO's inference precision; the weights stay fp32 in the cache.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: nn.Module, spec: EmbedderSpec, dtype: torch.dtype, cache: Path | None = None):
+        import openvino as ov
+
+        self.precision = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype)
+        if self.precision is None:
+            raise BadInputError("OpenVINO runs fp32 or bf16 here; use --precision bf16 or fp32")
+        self.folder = (cache or cache_dir()) / "openvino" / _cache_key(spec, ov.get_version())
+        self.converted = False  # True when this load paid the conversion (the cache was cold)
+        started = time.perf_counter()
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(self.folder / "compiled")})  # OpenVINO's own kernel cache
+        xml = self.folder / "model.xml"
+        if not xml.is_file():
+            self._convert(model, spec, xml)
+            self.converted = True
+        # As many threads as torch would use: OMP_NUM_THREADS and a Ray actor's CPU share hold for both.
+        self.compiled = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
+                                                              "PERFORMANCE_HINT": "LATENCY",
+                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        self._local = threading.local()  # an infer request is not thread-safe: one per thread (serve)
+        log.info("openvino %s model %s in %.1fs (%s)", self.precision, "converted" if self.converted else "loaded",
+                 time.perf_counter() - started, self.folder)
+
+    def _convert(self, model: nn.Module, spec: EmbedderSpec, xml: Path) -> None:
+        """Trace the module and write the model beside its key, atomically (parallel runs may race)."""
+        import openvino as ov
+
+        side = spec.preprocess.size
+        example = torch.zeros(1, 3, side, side)
+        with torch.no_grad():
+            converted = ov.convert_model(model.float().eval(), example_input=example, input=[(-1, 3, -1, -1)])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.folder, prefix=".converting-"))
+        try:
+            ov.save_model(converted, str(staging / "model.xml"), compress_to_fp16=False)
+            (staging / "model.bin").replace(xml.with_suffix(".bin"))
+            (staging / "model.xml").replace(xml)  # last: its presence says the pair is complete
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer({0: x.detach().cpu().contiguous().numpy()})
+        # The request reuses its output buffer on the next call: copy before handing it on.
+        return torch.from_numpy(result[0].copy())
+
+
+def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:
+    """One cached model per backbone, weights, input layout and OpenVINO version (precision is a compile option)."""
+    parts = (spec.backbone, spec.weights_sha256, str(spec.feature_shape), openvino_version, str(CONVERSION_VERSION))
+    return f"{spec.backbone}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:16]}"
+
+
+def make_runner(backend: str, model: nn.Module, spec: EmbedderSpec, device: torch.device,
+                dtype: torch.dtype, fallback: bool = False) -> Runner:
+    """The runner for a resolved backend name (see `resolve_backend`).
+
+    `fallback` (the user said auto): a model OpenVINO cannot convert or compile (weights with an
+    op it lacks, say) runs on torch with a warning rather than stopping the build.
+    """
+    if backend == "openvino":
+        try:
+            return OpenVINORunner(model, spec, dtype)
+        except BadInputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - conversion and compilation raise many kinds; all mean "not here"
+            if not fallback:
+                raise BadInputError(f"OpenVINO could not run {spec.backbone} ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200]}); use --backend torch") from e
+            log.warning("OpenVINO could not run %s (%s); running it with torch", spec.backbone, type(e).__name__)
+    return TorchRunner(model, device, dtype)

@@ -1,0 +1,188 @@
+"""Backends and decoding: which backend runs, that OpenVINO's vectors match fp32, that its conversion is cached.
+
+The OpenVINO tests skip without the `openvino` extra; the fidelity test also without ../shared.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from simsearch.errors import BadInputError
+from simsearch.pipeline import backends
+from simsearch.pipeline.backends import OpenVINORunner, resolve_backend
+from simsearch.pipeline.decode import normalize, preprocess
+from simsearch.spec import EmbedderSpec, IndexSpec, Preprocess, check_compatible
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_is_openvino_on_a_cpu_only_where_it_is_installed(monkeypatch):
+    monkeypatch.setattr(backends, "openvino_installed", lambda: True)
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "openvino"
+    assert resolve_backend("auto", CPU, torch.float32) == "openvino"
+    assert resolve_backend("auto", CUDA, torch.bfloat16) == "torch"  # OpenVINO here is a CPU runtime
+    assert resolve_backend("torch", CPU, torch.bfloat16) == "torch"
+    monkeypatch.setattr(backends, "openvino_installed", lambda: False)
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "torch"  # the default works without the extra
+
+
+def test_asking_for_openvino_where_it_cannot_run_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(backends, "openvino_installed", lambda: False)
+    with pytest.raises(BadInputError, match=r"simsearch\[openvino\]"):
+        resolve_backend("openvino", CPU, torch.bfloat16)
+    monkeypatch.setattr(backends, "openvino_installed", lambda: True)
+    with pytest.raises(BadInputError, match="--device cpu"):
+        resolve_backend("openvino", CUDA, torch.bfloat16)
+    with pytest.raises(BadInputError, match="auto, torch, openvino"):
+        resolve_backend("tensorrt", CPU, torch.bfloat16)
+
+
+def _spec(backend: str = "torch") -> EmbedderSpec:
+    return EmbedderSpec("tiny", "random", "seed0", 8, (8, 7, 7), Preprocess(), backend=backend)
+
+
+def test_spec_records_the_backend_and_older_specs_read_as_torch():
+    saved = IndexSpec(_spec("openvino"), index_type="Flat")
+    assert IndexSpec.from_json(saved.to_json()).embedder.backend == "openvino"
+    old = json.loads(saved.to_json())
+    del old["embedder"]["backend"]  # spec.json written before backends existed
+    assert IndexSpec.from_json(json.dumps(old)).embedder.backend == "torch"
+    # Noted, not refused: vectors from the two backends agree (see the fidelity test).
+    check_compatible(_spec("torch"), _spec("openvino"), "this index")
+
+
+def test_the_embedder_records_what_ran_its_model():
+    from simsearch.pipeline.embed import Embedder, load_backbone
+
+    embedder = Embedder(load_backbone("efficientnet-lite0", "random"), "cpu", "fp32", "torch")
+    assert embedder.spec.backend == "torch"
+
+
+def test_auto_falls_back_to_torch_when_openvino_fails_and_an_explicit_ask_says_why(monkeypatch):
+    from simsearch.pipeline.embed import Embedder, load_backbone
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Cannot create Foo layer: unsupported op")
+
+    monkeypatch.setattr(backends, "openvino_installed", lambda: True)
+    monkeypatch.setattr(backends, "OpenVINORunner", broken)
+    backbone = load_backbone("efficientnet-lite0", "random")
+    embedder = Embedder(backbone, "cpu", "fp32", "auto")
+    assert embedder.spec.backend == "torch"
+    assert embedder.embed_batch([torch.zeros(3, 224, 224, dtype=torch.uint8)]).vectors.shape == (1, 1280)
+    with pytest.raises(BadInputError, match="unsupported op.*--backend torch"):
+        Embedder(backbone, "cpu", "fp32", "openvino")
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=32, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def test_openvino_conversion_is_cached_and_serves_every_input_shape(tmp_path: Path):
+    pytest.importorskip("openvino")
+    model, spec = _Tiny().eval(), _spec()
+    first = OpenVINORunner(model, spec, torch.float32, cache=tmp_path)
+    assert first.converted and (first.folder / "model.xml").is_file()
+    second = OpenVINORunner(model, spec, torch.float32, cache=tmp_path)
+    assert not second.converted  # read from the cache: no second trace and conversion
+    for shape in ((2, 3, 224, 224), (3, 3, 192, 288), (1, 3, 320, 160)):  # aspect-kept inputs: several shapes
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(x)
+        got = second(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    other = _spec()
+    other = EmbedderSpec(other.backbone, other.weights, "other-weights", other.dim, other.feature_shape)
+    assert OpenVINORunner(model, other, torch.float32, cache=tmp_path).converted  # other weights: not reused
+
+
+def _top10(v: np.ndarray) -> np.ndarray:
+    s = v @ v.T
+    np.fill_diagonal(s, -np.inf)
+    return np.argsort(-s, axis=1)[:, :10]
+
+
+def test_openvino_vectors_match_fp32_on_real_photos(shared_data: Path, tmp_path_factory, monkeypatch):
+    """The bar that lets `auto` pick OpenVINO: mean cosine >= 0.995, top-10 neighbours >= 0.95 shared."""
+    pytest.importorskip("openvino")
+    from simsearch.pipeline.embed import Embedder, load_backbone
+    from simsearch.pipeline.read import open_image
+
+    monkeypatch.setenv("SIMSEARCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    backbone = load_backbone("efficientnet-lite0")
+    paths = sorted(p for p in shared_data.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    images = [open_image(p, draft=backbone.spec.preprocess.input_size) for p in paths]
+    reference = Embedder(backbone, "cpu", "fp32", "torch").embed_images(images)
+    fast = Embedder(backbone, "cpu", "bf16", "openvino")
+    assert fast.spec.backend == "openvino"
+    got = fast.embed_images(images)
+    cosine = (reference.vectors * got.vectors).sum(axis=1)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(_top10(reference.vectors), _top10(got.vectors))])
+    assert len(paths) >= 100 and cosine.mean() >= 0.995 and overlap >= 0.95, (cosine.mean(), overlap)
+    assert got.maps.shape == reference.maps.shape and got.maps.dtype == np.float16
+    same_top_tag = [bool(a) == bool(b) and (not a or a[0].label == b[0].label) for a, b in zip(got.tags, reference.tags)]
+    assert np.mean(same_top_tag) >= 0.9  # near-ties (washbasin / bathtub) may swap, nothing more
+
+
+def test_decode_resizes_in_uint8_like_pillow_and_normalises_like_before():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # A smooth image (a photo, not noise): gradients plus a little texture.
+    yy, xx = np.mgrid[0:240, 0:320]
+    pixels = np.stack([xx * 0.7, yy * 0.9, (xx + yy) * 0.4], axis=2) + rng.normal(0, 8, (240, 320, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    pre = Preprocess()
+    x = preprocess(image, pre)
+    width, height = pre.input_size(320, 240)
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (3, height, width)
+    pillow = np.asarray(image.resize((width, height), Image.BICUBIC), dtype=np.float32).transpose(2, 0, 1)
+    assert np.abs(x.numpy().astype(np.float32) - pillow).mean() < 0.5  # within half a grey level of Pillow's
+    expected = (torch.from_numpy(pillow) / 255 - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
+    got = normalize(x[None], pre)[0]
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().mean() < 0.01
+    floats = torch.randn(1, 3, 8, 8)
+    assert normalize(floats, pre) is floats  # already normalised input passes through
+
+
+def test_a_build_records_its_backend_and_another_backend_adds_with_a_warning(tmp_path: Path, monkeypatch, caplog):
+    from PIL import Image
+
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig
+    from simsearch.storage.store import Store
+
+    data, index = tmp_path / "data", tmp_path / "index"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    embed = EmbedConfig(model="efficientnet-lite0", weights="random", device="cpu", precision="fp32", workers=0,
+                        quiet=True, backend="torch")
+    assert build_index(BuildConfig(data, index, embed)).backend == "torch"
+    with Store(index) as store:
+        assert store.spec.embedder.backend == "torch"
+    pytest.importorskip("openvino")
+    monkeypatch.setenv("SIMSEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(data / "new.png")
+    with caplog.at_level("WARNING"):
+        report = build_index(BuildConfig(data, index, replace(embed, backend="openvino")))
+    assert report.added == 1 and report.backend == "openvino"  # added, not refused
+    assert "built with backend torch" in caplog.text and "--backend torch" in caplog.text
+    with Store(index) as store:
+        assert store.spec.embedder.backend == "torch"  # the spec keeps what first built the index
+
