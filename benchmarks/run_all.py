@@ -17,7 +17,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_embed", "bench_backends", "bench_decode", "bench_gpu", "bench_compare", "bench_query", "bench_faiss_update", "bench_scale", "bench_map",
            "bench_faults", "bench_engines", "bench_objects",
-           "bench_filters", "bench_open_set", "bench_detector", "bench_cold_query")
+           "bench_filters", "bench_open_set", "bench_detector", "bench_cold_query", "bench_duplicates",
+           "bench_map_scale", "bench_descriptors")
 
 
 def main() -> int:
