@@ -14,6 +14,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite embeds with PyTorch unless a test asks for OpenVINO (tests/test_backends.py, run last):
+# OpenVINO's CPU plugin in the same process as playwright's greenlets (the browser tests) crashed the
+# process now and then (segfaults in unrelated frames; no command of simsearch mixes the two).
+os.environ.setdefault("SIMSEARCH_BACKEND", "torch")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The OpenVINO tests run after every other test, so nothing runs beside an OpenVINO that has run."""
+    items.sort(key=lambda item: item.path.name == "test_backends.py")
 SHARED_DATA = Path(os.environ.get("SIMSEARCH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -22,6 +22,12 @@ from simsearch.spec import EmbedderSpec, IndexSpec, Preprocess, check_compatible
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _auto_as_users_get_it(monkeypatch):
+    """conftest keeps the rest of the suite on torch; here `auto` is what a user gets."""
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+
+
 def test_auto_is_openvino_on_a_cpu_only_where_it_is_installed(monkeypatch):
     monkeypatch.setattr(backends, "openvino_installed", lambda: True)
     assert resolve_backend("auto", CPU, torch.bfloat16) == "openvino"
@@ -30,6 +36,15 @@ def test_auto_is_openvino_on_a_cpu_only_where_it_is_installed(monkeypatch):
     assert resolve_backend("torch", CPU, torch.bfloat16) == "torch"
     monkeypatch.setattr(backends, "openvino_installed", lambda: False)
     assert resolve_backend("auto", CPU, torch.bfloat16) == "torch"  # the default works without the extra
+
+
+def test_simsearch_backend_torch_keeps_auto_off_openvino(monkeypatch):
+    monkeypatch.setattr(backends, "openvino_installed", lambda: True)
+    monkeypatch.setenv(backends.BACKEND_ENV, "torch")
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "torch"
+    assert resolve_backend("openvino", CPU, torch.bfloat16) == "openvino"  # an explicit ask still wins
+    monkeypatch.setenv(backends.BACKEND_ENV, "")
+    assert resolve_backend("auto", CPU, torch.bfloat16) == "openvino"
 
 
 def test_asking_for_openvino_where_it_cannot_run_says_what_to_do(monkeypatch):

@@ -34,6 +34,9 @@ from simsearch.spec import EmbedderSpec
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
+# SIMSEARCH_BACKEND=torch makes `auto` PyTorch everywhere (commands without --backend, such as
+# query and serve, included): for a process that must not load OpenVINO beside something else.
+BACKEND_ENV = "SIMSEARCH_BACKEND"
 # Bumped when the conversion below changes, so caches made by older code are not reused.
 CONVERSION_VERSION = 1
 
@@ -64,6 +67,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
                                 "or use --backend torch")
         return backend
     if backend == "auto":
+        wanted = os.environ.get(BACKEND_ENV, "").strip().lower()
+        if wanted == "torch":
+            return "torch"
         return "openvino" if device.type == "cpu" and dtype != torch.float16 and openvino_installed() else "torch"
     return backend
 
@@ -118,7 +124,9 @@ class OpenVINORunner:
         self.compiled = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
                                                               "PERFORMANCE_HINT": "LATENCY",
                                                               "INFERENCE_NUM_THREADS": torch.get_num_threads()})
-        self._local = threading.local()  # an infer request is not thread-safe: one per thread (serve)
+        # One request, used under a lock: a request is not thread-safe, and serve embeds under its own lock anyway.
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
         log.info("openvino %s model %s in %.1fs (%s)", self.precision, "converted" if self.converted else "loaded",
                  time.perf_counter() - started, self.folder)
 
@@ -140,12 +148,10 @@ class OpenVINORunner:
             shutil.rmtree(staging, ignore_errors=True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
-        result = request.infer({0: x.detach().cpu().contiguous().numpy()})
-        # The request reuses its output buffer on the next call: copy before handing it on.
-        return torch.from_numpy(result[0].copy())
+        with self._lock:
+            result = self._request.infer({0: x.detach().cpu().contiguous().numpy()})
+            # The request reuses its output buffer on the next call: copy before handing it on.
+            return torch.from_numpy(result[0].copy())
 
 
 def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:
