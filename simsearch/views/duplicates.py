@@ -13,6 +13,7 @@ import io
 import os
 from pathlib import Path
 
+from simsearch.views.output import output_file, write_text
 from simsearch.retrieval.duplicates import DuplicatesReport, human_bytes
 from simsearch.views.page import data_uri, relative_link
 from simsearch.views.render import Renderer
@@ -78,12 +79,8 @@ def render_duplicates_page(report: DuplicatesReport, page_path: str | os.PathLik
 
 def write_duplicates_page(report: DuplicatesReport, out: str | os.PathLike) -> Path:
     """Write the report page to `out` (its folder is created, the file replaced whole); returns the path."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_duplicates_page(report, out), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    out = output_file(out)
+    return write_text(out, render_duplicates_page(report, out))
 
 
 def csv_rows(report: DuplicatesReport) -> list[dict]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simsearch.views.output import output_folder
 from simsearch.records import Record
 from simsearch.storage.store import Store
 from simsearch.views.map_page import PageConfig, class_colours, inline_thumbs, record_fields, spread_rows, write_map_page
@@ -68,7 +69,7 @@ def build_map(index_dir: str | os.PathLike, out_dir: str | os.PathLike, config: 
 def draw_map(index_dir: str | os.PathLike, records: list[Record], xb: np.ndarray, coords: np.ndarray, out: Path,
              page: PageConfig, caption: str) -> tuple[dict, dict]:
     """Everything after the projection: (files written, seconds per stage). Apart so it can be timed apart."""
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     files = write_coords(records, coords, out)

@@ -12,6 +12,7 @@ import os
 import urllib.parse
 from pathlib import Path
 
+from simsearch.views.output import output_file, write_text
 from simsearch.records import GroundTruthObject, Prediction, Tag, UNKNOWN
 from simsearch.retrieval.contents import QueryContents
 from simsearch.retrieval.objects import QueryPart
@@ -179,10 +180,5 @@ def _query_boxes(path: str | os.PathLike, parts: list[QueryPart]) -> tuple[bytes
 
 def write_query_page(index_dir: str | os.PathLike, result: QueryResult, out: str | os.PathLike) -> Path:
     """Write the result page to `out` (its folder is created); returns the path written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = render_query_page(index_dir, result, out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    out = output_file(out)
+    return write_text(out, render_query_page(index_dir, result, out))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from simsearch.views.output import output_file
 from simsearch.errors import BadInputError
 from simsearch.retrieval.searcher import Searcher
 from simsearch.records import Record
@@ -107,7 +108,9 @@ def pairs_figure(index_dir: str | os.PathLike, pairs: list[Pair], out: str | os.
         same = "  identical files" if p.identical else ""
         draw.text((x0 + pad, y0 + pad + cell + 3), f"#{p.rank}  score {p.score:.3f}{same}", fill=(0, 0, 0),
                   font=caption_font)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    out = output_file(out)
+    try:
+        sheet.save(out)
+    except OSError as e:
+        raise BadInputError(f"cannot write {out}: {e.strerror or e}; choose another path") from None
     return out

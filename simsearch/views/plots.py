@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from simsearch.errors import BadInputError
 from simsearch.pipeline.read import open_image
+from simsearch.views.output import output_folder
 from simsearch.views.render import font
 from simsearch.storage.store import Store
 
@@ -69,7 +70,7 @@ def plot_boxes(index_dir: str | os.PathLike, out_dir: str | os.PathLike, n: int 
         draw.text((x0 + 4, y0 + tile + 2), f"actual: {truth.labels[k]}", fill=ACTUAL, font=caption_font)
         draw.text((x0 + 4, y0 + tile + 17), f"predicted: {predicted} ({scores[k]:.2f})", fill=PREDICTED, font=caption_font)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     path = out / "boxes.png"
     grid.save(path)
     log.info("wrote %s (%d images)", path, len(truth.ids))
