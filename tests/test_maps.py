@@ -116,6 +116,7 @@ def test_pairs_keep_a_file_and_its_copy_marked_identical(tmp_path: Path, photos_
     pairs = most_similar_pairs(tmp_path / "idx", n=10)
     names = [{Path(p.a.path).name, Path(p.b.path).name} for p in pairs]
     assert names[0] == {"coffee.png", "coffee-copy.png"} and pairs[0].identical  # the closest pair of all
+    assert all(-1.0 <= p.score <= 1.0 for p in pairs)  # a cosine, even where float32 rounding overshoots
     assert [p.identical for p in pairs].count(True) == 1
     assert len(pairs) == 6  # 4 files, 6 pairs, the identical one included
 
@@ -195,3 +196,11 @@ def test_umap_default_spreads_a_clump_of_near_duplicates():
 
     assert MapConfig().min_dist == 0.5
     assert clump_spacing(MapConfig(method="umap")) > 1.8 * clump_spacing(MapConfig(method="umap", min_dist=0.1))
+
+
+def test_twenty_classes_get_twenty_distinct_colours():
+    from simsearch.views.map_page import class_colours
+
+    values = [f"class{i:02d}" for i in range(25) for _ in range(25 - i)]  # 25 classes, the first 20 most frequent
+    colours = class_colours(values)
+    assert len(colours) == 20 and len(set(colours.values())) == 20

@@ -55,6 +55,8 @@ def class_colours(values: Sequence[str], limit: int = 20) -> dict[str, tuple]:
     cmap = matplotlib.colormaps["tab20" if len(named) > 9 else "tab10"]
     grey = {7} if cmap.N == 10 else {14, 15}  # grey is kept for "no value"
     palette = [cmap(i) for i in range(cmap.N) if i not in grey]
+    if cmap.N == 20:  # tab20 less its greys is 18: two darker tones of tab20b make `limit` distinct colours
+        palette += [matplotlib.colormaps["tab20b"](i) for i in (0, 4)]
     return {c: palette[i % len(palette)] for i, c in enumerate(named)}
 
 
