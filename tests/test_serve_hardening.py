@@ -325,8 +325,10 @@ def served(monkeypatch):
     """Invoke `simsearch serve ...` with uvicorn replaced: returns (result, the config run() got)."""
     calls: list[dict] = []
 
-    def fake_run(index, host, port, config, sock=None, **_):
+    def fake_run(index, host, port, config, sock=None, announce=None, **_):
         calls.append({"host": host, "port": port, "config": config})
+        if announce is not None:  # the index "opened"
+            announce()
         if sock is not None:
             sock.close()
 
@@ -360,6 +362,12 @@ def test_binding_beyond_loopback_warns_and_suggests_a_token(served):
     assert config.token == "t0k"
     assert "warning" in result.stderr and "no authentication" not in result.stderr
     assert http_guards.is_loopback("localhost") and http_guards.is_loopback("::1") and not http_guards.is_loopback("0.0.0.0")
+
+
+def test_serving_is_announced_only_once_the_index_opens(tmp_path: Path):
+    result = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path / "nope"), "--port", str(_free_port())])
+    assert result.exit_code == 1
+    assert "simsearch: serving" not in result.stderr and result.stderr.count("error:") == 1, result.stderr
 
 
 def test_port_in_use_is_one_line(built, tmp_path: Path):

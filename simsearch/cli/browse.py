@@ -35,10 +35,10 @@ def serve_command(
         if warning:
             typer.echo(warning, err=True)
         page = f"http://{host}:{port}/" + ("?token=TOKEN" if token else "")
-        typer.echo(f"simsearch: serving {index} on {page} (API docs at /docs); Ctrl-C to stop", err=True)
         config = ServeConfig(max_upload_bytes=max_upload_mb * 1024 * 1024, device=device,
                              max_pixels=max_pixels * 1_000_000, token=token)
-        run(index, host, port, config, sock=sock)
+        run(index, host, port, config, sock=sock, announce=lambda: typer.echo(
+            f"simsearch: serving {index} on {page} (API docs at /docs); Ctrl-C to stop", err=True))
 
 
 @app.command("pairs")

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -634,16 +634,20 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
 
 
 def run(index_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-        config: ServeConfig = ServeConfig(), log_level: str = "warning", sock: socket.socket | None = None) -> None:
+        config: ServeConfig = ServeConfig(), log_level: str = "warning", sock: socket.socket | None = None,
+        announce: Callable[[], None] | None = None) -> None:
     """Serve the app with uvicorn until interrupted (localhost only unless `host` says otherwise).
 
     The port is bound first (or `sock`, from `bind`, is used): a port in use fails at once.
+    `announce` runs once the index has opened, so "serving ..." is never said of a folder that fails.
     """
     import uvicorn
 
     sock = sock or bind(host, port)
     try:
         app = create_app(index_dir, config)
+        if announce is not None:
+            announce()
         log.info("serving %s on http://%s:%d", index_dir, host, port)
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[sock])
     finally:
