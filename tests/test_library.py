@@ -135,3 +135,25 @@ def test_a_folder_narrows_the_records_to_it_and_below(library_index: Path):
     # a folder and the other filters hold together
     page = client.get("/api/records?folder=things&orientation=landscape&limit=500").json()
     assert {r["name"] for r in page["records"]} == {"motorcycle_left.png", "motorcycle_right.png", "coffee.png"}
+
+
+def test_searches_take_folders_as_the_app_lists_them(library_index: Path):
+    """The folder menu names folders relative to the library; a search's `under` takes those names too."""
+    from fastapi.testclient import TestClient
+
+    from simsearch.views.serve import ServeConfig, create_app
+
+    client = TestClient(create_app(library_index, ServeConfig(device="cpu")))
+    listed = {f["folder"] for f in client.get("/api/info").json()["folders"]}
+    assert "things/vehicles" in listed
+    records = client.get("/api/records", params={"limit": 50}).json()["records"]
+    coffee = next(r["id"] for r in records if r["name"] == "coffee.png")
+    found = client.get("/api/search", params={"id": coffee, "k": 8, "under": "things/vehicles"})
+    assert found.status_code == 200, found.text
+    assert {n["name"] for n in found.json()["neighbours"]} == {"motorcycle_left.png", "motorcycle_right.png"}
+    left_out = client.get("/api/search", params={"id": coffee, "k": 8, "not_under": "animals"}).json()
+    assert not {"chelsea.png", "horse.png", "coins.png"} & {n["name"] for n in left_out["neighbours"]}
+    unknown = client.get("/api/search", params={"id": coffee, "k": 8, "under": "nowhere"})
+    assert unknown.status_code == 400 and "no folder 'nowhere'" in unknown.text
+    picked = client.get("/api/records", params={"under": "things"}).json()  # the picker narrows by the same names
+    assert {r["name"] for r in picked["records"]} == {"coffee.png", "motorcycle_left.png", "motorcycle_right.png"}

@@ -20,7 +20,7 @@ import mimetypes
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Callable, Optional
@@ -137,6 +137,22 @@ class Browser:
         """The library's folders, relative to the one holding them all (call under `_lock`)."""
         return folders_of(searcher.store.folders())
 
+    def _on_server(self, filters: Filters | None) -> Filters | None:
+        """`under`/`not_under` as the folder menu names them (relative to the library), or as server paths.
+
+        The app lists folders relative to the one holding them all and never shows server
+        paths, so a folder typed as listed must work; an absolute path still does.
+        """
+        if filters is None or not any(n.startswith(LIBRARY_PREFIX) for n in filters.under + filters.not_under):
+            return filters
+        with self._lock:
+            folders = self._folders(self._fresh())
+
+        def resolved(names: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(folders.under(n[len(LIBRARY_PREFIX):]) if n.startswith(LIBRARY_PREFIX) else n for n in names)
+
+        return replace(filters, under=resolved(filters.under), not_under=resolved(filters.not_under))
+
     def _record(self, image_id: int) -> Record:
         with self._lock:
             return self._fresh().record(image_id)
@@ -151,6 +167,7 @@ class Browser:
         `folder` is relative to the library's root, as `info()["folders"]` names it: it
         narrows whatever `filters.under` allows rather than adding one more folder to it.
         """
+        filters = self._on_server(filters)
         with self._lock:
             searcher = self._fresh()
             store = searcher.store
@@ -212,6 +229,7 @@ class Browser:
         record's own objects. "query" says what the engine sees in the query (`_with_contents`).
         """
         k = self._k(k)
+        filters = self._on_server(filters)
         if objects or (box and self._has_objects()):
             return self._search_objects_id(image_id, k, filters, box, include_training)
         if not box:
@@ -265,6 +283,7 @@ class Browser:
         REGION_DECODE_SIDE for a cropped region.
         """
         name = _upload_name(name)
+        filters = self._on_server(filters)
         if len(data) > self.config.max_upload_bytes:
             raise _UploadTooLarge(self.config.max_upload_bytes)
         if not data:
@@ -448,8 +467,9 @@ FILTER_HELP = {
     "label": "only images with a box of this class (drawn or predicted)",
     "min_box_area": "only images with a box covering at least this fraction (0..1) of the image",
     "min_score": "only images with a box of at least this confidence (0..1; drawn boxes count 1.0)",
-    "under": "only files under this folder of the server (repeatable: any of them)",
-    "not_under": "no files under this folder (repeatable)",
+    "under": "only files under this folder: as /api/info's folders name it (relative to the library) or a server "
+             "path (repeatable: any of them)",
+    "not_under": "no files under this folder, named as for under (repeatable)",
     "dataset": "only images of this dataset (repeatable: any of them)",
     "not_dataset": "no images of this dataset (repeatable)",
     "tag": "only images holding this ImageNet tag (any case), e.g. espresso",
@@ -462,6 +482,16 @@ INCLUDE_TRAINING_HELP = ("also answer with the images the index's localizer trai
                          "the index holds other images too; a dataset filter overrides)")
 
 
+# A folder named as the app lists it (relative to the library) travels inside Filters under this
+# prefix, since Filters makes relative paths absolute against the server's working folder;
+# `Browser._on_server` turns it into the library folder it names.
+LIBRARY_PREFIX = "/@library/"
+
+
+def _in_library(folder: str) -> str:
+    return folder if os.path.isabs(folder) else LIBRARY_PREFIX + folder.strip().strip("/")
+
+
 def _filters(label, min_box_area, min_score, under, not_under, dataset, not_dataset, tag=None, name=None,
              orientation=None) -> Filters:
     """The request's filters; empty fields (what a form sends for "any") do not filter.
@@ -469,7 +499,8 @@ def _filters(label, min_box_area, min_score, under, not_under, dataset, not_data
     Folders are only compared with the paths the index recorded, never opened or listed.
     """
     return Filters(label=label or None, min_box_area=min_box_area, min_score=min_score,
-                   under=tuple(f for f in under if f), not_under=tuple(f for f in not_under if f),
+                   under=tuple(_in_library(f) for f in under if f),
+                   not_under=tuple(_in_library(f) for f in not_under if f),
                    dataset=tuple(d for d in dataset if d), not_dataset=tuple(d for d in not_dataset if d),
                    tag=tag or None, name=name or None, orientation=orientation or None)
 

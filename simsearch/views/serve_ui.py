@@ -74,7 +74,7 @@ PAGE = r"""<!doctype html>
     <input type="search" id="tag" list="tags" placeholder="e.g. espresso" title="only images holding this ImageNet tag (the backbone's whole-image classes)">
     <datalist id="tags"></datalist>
     <label for="under">Under folder</label>
-    <input type="text" id="under" placeholder="/path/to/photos/2024" title="only files under this folder of the server">
+    <input type="text" id="under" placeholder="a folder, as the Folder menu lists it" title="only files under this folder: a name from the picker's Folder menu, or a full path on the server">
     <label class="check" id="objects-row" hidden><input type="checkbox" id="objects"> search with its objects (each box, not the whole image)</label>
     <label class="check" id="training-row" hidden title="the images the localizer learned from are left out of the results by default"><input type="checkbox" id="training"> <span>include the localizer's training images (<span id="training-sets"></span>)</span></label>
     <div id="stage"><img id="qimg" alt="" hidden><div id="sel"></div></div>
