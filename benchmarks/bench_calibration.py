@@ -25,29 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SHARED_DATA, print_table, progress, write_result
+from common import real_lite0_index, SHARED_DATA, print_table, progress, write_result
 
 RULES = [(0.75, 0.01), (0.90, 0.05), (0.95, 0.05), (0.99, 0.01), (0.995, 0.01)]  # (random quantile, near-duplicate cap quantile)
 
 
 def main() -> None:
-    from simsearch.pipeline.build import BuildConfig, build_index
-    from simsearch.pipeline.embed import EmbedConfig, Embedder, load_backbone
     from simsearch.pipeline.read import open_image
     from simsearch.storage import calibration as cal
-    from simsearch.storage.store import Store
 
     work = Path(tempfile.mkdtemp(prefix="bench-calibration-"))
     try:
-        data = work / "data"
-        for part in ("photos", "voc-mini", "indoor-boxes"):
-            shutil.copytree(SHARED_DATA / part, data / part)
-        progress("building the index (efficientnet-lite0, cpu)")
-        build_index(BuildConfig(data, work / "index", EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)))
-        embedder = Embedder(load_backbone("efficientnet-lite0"), device="cpu")
-        with Store(work / "index") as store:
-            ids, xb = store.vectors()
-            records = store.records([int(i) for i in ids])
+        embedder, ids, xb, records = real_lite0_index(work, ("photos", "voc-mini", "indoor-boxes"))
         part_of = np.array([next(p for p in ("photos", "voc-mini", "indoor-boxes") if f"/{p}/" in records[int(i)].path)
                             for i in ids])
         main_class = np.array([max(r.objects, key=lambda o: (o.xmax - o.xmin) * (o.ymax - o.ymin)).label

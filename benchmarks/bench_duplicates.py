@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SHARED_DATA, print_table, progress, write_result
+from common import real_lite0_index, SHARED_DATA, print_table, progress, write_result
 
 THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.95)
 PARTS = ("photos", "voc-mini", "indoor-boxes")
@@ -44,25 +44,14 @@ def main() -> None:
     if args.scale:
         return scale(args.scale, args.seed)
 
-    from simsearch.pipeline.build import BuildConfig, build_index
     from simsearch.pipeline.edits import COPYDAYS, edit_rng
-    from simsearch.pipeline.embed import EmbedConfig, Embedder, load_backbone
     from simsearch.pipeline.read import open_image
     from simsearch.storage import calibration as cal
-    from simsearch.storage.store import Store
 
     parts = PARTS[:1] if args.quick else PARTS
     work = Path(tempfile.mkdtemp(prefix="bench-duplicates-"))
     try:
-        data = work / "data"
-        for part in parts:
-            shutil.copytree(SHARED_DATA / part, data / part)
-        progress("building the index (efficientnet-lite0, cpu)")
-        build_index(BuildConfig(data, work / "index", EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)))
-        embedder = Embedder(load_backbone("efficientnet-lite0"), device="cpu")
-        with Store(work / "index") as store:
-            ids, xb = store.vectors()
-            records = store.records([int(i) for i in ids])
+        embedder, ids, xb, records = real_lite0_index(work, parts)
         names = [n for n in COPYDAYS if n != "none"]
         progress(f"embedding {len(names)} edits of {len(ids)} images")
         started = time.perf_counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -195,3 +196,24 @@ def write_result(name: str, payload: dict) -> Path:
 def progress(message: str) -> None:
     """People-facing progress on stderr; stdout holds only the table."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def real_lite0_index(work: Path, parts: Sequence[str]):
+    """An EfficientNet-Lite0 index over `parts` of ../shared/data, built in `work`: (embedder, ids, vectors, records).
+
+    What the calibration and duplicates benchmarks both start from: real weights on real photos.
+    """
+    from simsearch.pipeline.build import BuildConfig, build_index
+    from simsearch.pipeline.embed import EmbedConfig, Embedder, load_backbone
+    from simsearch.storage.store import Store
+
+    data = work / "data"
+    for part in parts:
+        shutil.copytree(SHARED_DATA / part, data / part)
+    progress("building the index (efficientnet-lite0, cpu)")
+    build_index(BuildConfig(data, work / "index", EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)))
+    embedder = Embedder(load_backbone("efficientnet-lite0"), device="cpu")
+    with Store(work / "index") as store:
+        ids, xb = store.vectors()
+        records = store.records([int(i) for i in ids])
+    return embedder, ids, xb, records

@@ -46,17 +46,6 @@ class Projection:
     seconds: dict = field(default_factory=dict)  # stage -> seconds
 
 
-@dataclass
-class MapReport:
-    out_dir: str
-    method: str
-    points: int
-    pca_dims: int
-    adjusted: dict
-    seconds: dict
-    files: dict  # kind -> path
-
-
 def project(xb: np.ndarray, config: MapConfig = MapConfig()) -> Projection:
     """2-D coordinates for the rows of `xb`, reproducible for a given config."""
     if config.method not in METHODS:
