@@ -136,6 +136,7 @@ def test_export_by_id_zips_the_original_files_with_the_search_as_csv(client: Tes
     assert sorted(archive.namelist()) == sorted([r["path"] for r in rows] + ["results.csv", "query.json"])
     query = json.loads(archive.read("query.json"))
     assert query["query"]["id"] == record and query["mode"] == "image"
+    assert query["asked"]["id"] == str(record) and "k" in query["asked"]  # how it was searched, not only what came back
     assert all(not str(v).startswith("/") for v in query["query"].values() if isinstance(v, str))
 
 
@@ -146,6 +147,9 @@ def test_export_takes_the_search_filters(client: TestClient, demo_index: Path):
                 .read("results.csv").decode())
     assert [int(r["id"]) for r in rows] == [n["id"] for n in filtered]
     assert rows and all(int(r["width"]) > int(r["height"]) for r in rows)
+    asked = json.loads(_unzip(client.get(f"/api/export?id={record}&k=10&orientation=landscape").content)
+                       .read("query.json"))["asked"]
+    assert asked == {"id": str(record), "k": "10", "orientation": "landscape"}
 
 
 def test_export_of_an_upload_posts_the_same_form(client: TestClient, demo_data: Path):
@@ -158,7 +162,8 @@ def test_export_of_an_upload_posts_the_same_form(client: TestClient, demo_data: 
     rows = _csv(archive.read("results.csv").decode())
     assert [int(r["id"]) for r in rows] == [n["id"] for n in search["neighbours"]]
     assert rows[0]["path"] == "images/1-motorcycle_right.png"
-    assert json.loads(archive.read("query.json"))["query"]["upload"] is True
+    query = json.loads(archive.read("query.json"))
+    assert query["query"]["upload"] is True and query["asked"] == {"file": "m.png", "k": "3"}
 
 
 def test_an_export_over_the_size_limit_is_refused_before_it_streams(client: TestClient, demo_index: Path):

@@ -323,14 +323,19 @@ class Browser:
         return {"query": _with_contents(query, contents, left_out), "mode": "crop" if box else "image",
                 "neighbours": neighbours, "cutoff": self._cutoff()}
 
-    def export(self, result: dict) -> Iterator[bytes]:
+    def export(self, result: dict, asked: dict | None = None) -> Iterator[bytes]:
         """A search's result (as `search_id` or `search_upload` returned it) as a ZIP: the neighbours' own files,
-        results.csv and query.json, refused (413) before anything is sent when the files exceed max_export_bytes."""
+        results.csv and query.json, refused (413) before anything is sent when the files exceed max_export_bytes.
+
+        `asked`, the request's own parameters (k, filters, an upload's file name), goes into query.json
+        so the archive says how it was searched as well as what came back."""
         with self._lock:
             records = self._fresh().store.records([n["id"] for n in result["neighbours"]])
         files = [Path(records[n["id"]].path) if n["id"] in records else None for n in result["neighbours"]]
         items = export_items(result["neighbours"], files, self.config.max_export_bytes)
         query = {key: result[key] for key in ("query", "mode", "cutoff") if key in result}
+        if asked:
+            query["asked"] = asked
         return zip_results(query, items)
 
     def _k(self, k: int) -> int:
@@ -427,6 +432,16 @@ def _with_contents(query: dict, contents: QueryContents | None, left_out: LeftOu
     query.update((contents or QueryContents()).to_json())
     query["left_out"] = left_out.to_json() if left_out is not None else None
     return query
+
+
+def _asked(fields) -> dict:
+    """A request's parameters as query.json records them: repeated ones as lists, empty ones and the token left out."""
+    asked: dict = {}
+    for key, value in fields:
+        if key == "token" or value in ("", None):
+            continue
+        asked.setdefault(key, []).append(value)
+    return {key: values[0] if len(values) == 1 else values for key, values in asked.items()}
 
 
 def _region_draft(width: int, height: int) -> tuple[int, int]:
@@ -642,20 +657,23 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
     async def search_upload(result: dict = Depends(searched_upload)) -> dict:
         return result
 
-    def zipped(result: dict, name: str) -> StreamingResponse:
-        return StreamingResponse(browser.export(result), media_type="application/zip",
+    def zipped(result: dict, name: str, asked: dict) -> StreamingResponse:
+        return StreamingResponse(browser.export(result, asked), media_type="application/zip",
                                  headers={"Content-Disposition": f'attachment; filename="{name}"',
                                           "Cache-Control": "no-store"})
 
     @app.get("/api/export", summary="The neighbours of a record as a ZIP: their image files and results.csv",
              response_class=StreamingResponse)
-    def export(result: dict = Depends(searched_by_id)):
-        return zipped(result, f"simsearch-id{result['query']['id']}.zip")
+    def export(request: Request, result: dict = Depends(searched_by_id)):
+        return zipped(result, f"simsearch-id{result['query']['id']}.zip", _asked(request.query_params.multi_items()))
 
     @app.post("/api/export", summary="The neighbours of an uploaded image as a ZIP: their image files and results.csv",
               response_class=StreamingResponse)
-    def export_upload(result: dict = Depends(searched_upload)):
-        return zipped(result, "simsearch-results.zip")
+    async def export_upload(request: Request, result: dict = Depends(searched_upload)):
+        form = await request.form()  # parsed once already for the search; Starlette keeps it
+        fields = [(key, value if isinstance(value, str) else getattr(value, "filename", "") or "")
+                  for key, value in form.multi_items()]
+        return zipped(result, "simsearch-results.zip", _asked(fields))
 
     # Oversized bodies are refused before FastAPI parses (and spools) them.
     app.add_middleware(UploadCap, limit=config.max_upload_bytes)
