@@ -233,22 +233,16 @@ def run(args) -> list[dict]:
                 if variant:
                     continue
                 base = v["avg@224"]
-                for p in (0.5, 0.3):
-                    add(backbone, f"avg@224 power {p} + centring", vector_score(power_centre(base, p), classes),
-                        "collection mean")
-                for dim in (32, 128):
-                    add(backbone, f"avg@224 PCA-whitened to {dim}", vector_score(pca_whiten(base, dim), classes),
-                        "fit on the collection")
-                for beta in (0.5, 1.0):
-                    add(backbone, f"avg@224 whitened, eigenvalues^-{beta / 2:g}",
-                        vector_score(whiten(base, beta), classes), "fit on the collection")
-                for drop in (3, 8):
-                    add(backbone, f"avg@224 first {drop} components dropped", vector_score(whiten(base, 0, drop), classes),
-                        "fit on the collection")
-                for k in (2, 5):
-                    add(backbone, f"avg@224 alpha-QE top {k}", vector_score(alpha_qe(base, k), classes),
-                        "a second search")
-                for k in (5, 20):
+                fitted = "fit on the collection"
+                post = [(f"power {p} + centring", lambda p=p: power_centre(base, p), "collection mean")
+                        for p in (0.5, 0.3)]
+                post += [(f"PCA-whitened to {d}", lambda d=d: pca_whiten(base, d), fitted) for d in (32, 128)]
+                post += [(f"whitened, eigenvalues^-{b / 2:g}", lambda b=b: whiten(base, b), fitted) for b in (0.5, 1.0)]
+                post += [(f"first {d} components dropped", lambda d=d: whiten(base, 0, d), fitted) for d in (3, 8)]
+                post += [(f"alpha-QE top {k}", lambda k=k: alpha_qe(base, k), "a second search") for k in (2, 5)]
+                for label, descriptor, cost in post:
+                    add(backbone, f"avg@224 {label}", vector_score(descriptor(), classes), cost)
+                for k in (5, 20):  # diffusion re-scores pairs: a score matrix, not vectors
                     add(backbone, f"avg@224 + diffusion k={k}", score(diffusion(base, k), classes),
                         "kNN graph of the collection")
                 add(backbone, "late matching of ~35 regions", score(late_matching(got["maps"]), classes),
