@@ -46,12 +46,17 @@ METHODS = ("object", "crop", "whole")
 
 
 def build(data: Path, index_dir: Path) -> dict:
-    """An efficientnet-lite0 index of `data` (boxes get their vectors as build-index gives them)."""
+    """An efficientnet-lite0 index of `data` (boxes get their vectors as build-index gives them).
+
+    Plain similarity: the whole-image searches compared here would otherwise be ranked by a
+    similarity learned from the very labels that judge them (storage/similarity.py).
+    """
     from simsearch.pipeline.build import BuildConfig, build_index
     from simsearch.pipeline.embed import EmbedConfig
 
     started = time.perf_counter()
-    report = build_index(BuildConfig(data, index_dir, EmbedConfig("efficientnet-lite0", device="cpu", quiet=True)))
+    report = build_index(BuildConfig(data, index_dir, EmbedConfig("efficientnet-lite0", device="cpu", quiet=True),
+                                     similarity="plain"))
     return {"images": report.ntotal, "objects": report.objects, "build_s": round(time.perf_counter() - started, 1)}
 
 

@@ -160,8 +160,9 @@ def test_cli_table_marks_weak_rows_and_says_when_nothing_matches(indoor_index: P
     assert out.exit_code == 0, out.output
     above, *lines = out.stdout.splitlines()
     assert above.startswith("query: ") and "tags: espresso 0." in above  # what the engine sees, then the table
-    assert lines[0].split()[:4] == ["rank", "id", "score", "match"]
-    assert len(lines) == 4 and all(line.split()[3] == "weak" for line in lines[1:])
+    # indoor-boxes carries classes, so a learned similarity ranks and says its score beside the plain one
+    assert lines[0].split()[:5] == ["rank", "id", "score", "learned", "match"]
+    assert len(lines) == 4 and all(line.split()[4] == "weak" for line in lines[1:])
     assert f"no good match in this index (best score " in out.stderr and f"cutoff {cutoff:.2f})" in out.stderr
     query, *rows = [json.loads(line) for line in runner.invoke(
         _app(), ["query", "--id", "3", "--index", str(indoor_index), "-k", "85", "--device", "cpu"]).stdout.splitlines()]

@@ -19,6 +19,13 @@ class Engine(str, Enum):
     ray = "ray"  # a Ray actor pool: several machines or GPUs
 
 
+class Similarity(str, Enum):
+    """How an index's searches rank (storage/similarity.py)."""
+
+    auto = "auto"  # learned from the ground-truth classes where enough images carry them
+    plain = "plain"  # appearance alone
+
+
 @app.command("build-index")
 def build_index_command(
     data: Path = typer.Argument(..., help="Folder to index: a VOC year folder, a VOCdevkit/, box-list datasets or any folder of images (searched recursively)."),
@@ -36,6 +43,7 @@ def build_index_command(
     max_pixels: int = MAX_PIXELS_OPTION,
     quiet: bool = QUIET_OPTION,
     engine: Engine = typer.Option(Engine.local, "--engine", help="Who embeds: local (this machine; fastest on one machine) or ray (a Ray actor pool: one GPU per actor where the cluster has GPUs, CPU actors otherwise; needs: pip install 'simsearch\\[ray]')."),
+    similarity: Similarity = typer.Option(Similarity.auto, "--similarity", help="How searches rank: auto (when 20 or more images carry ground-truth classes, as VOC and box lists do, a similarity learned from them: images that share classes come closer, with the nearest in appearance still first) or plain (appearance alone)."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the cluster to run on, from one of its nodes: auto (the one `ray start --head` runs on this machine) or HEAD:6379. Default: $RAY_ADDRESS (set by `ray job submit`), else a Ray instance started for this build alone. The images, the weights and simsearch must be at the same paths on every node."),
 ) -> None:
     """Index every image under DATA. Run again to add new or changed files only."""
@@ -46,12 +54,13 @@ def build_index_command(
         embed = EmbedConfig(model=model, weights=weights, device=device, precision=precision, backend=backend,
                             batch_size=batch_size, workers=workers, quiet=quiet, max_pixels=max_pixels * 1_000_000)
         report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune,
-                                         keep_maps=keep_maps, engine=engine.value, address=address))
+                                         keep_maps=keep_maps, engine=engine.value, address=address,
+                                         similarity=similarity.value))
     echo_json(asdict(report))
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}, FAISS {report.faiss or 'kept'}): {report.added} added, "
         f"{report.replaced} replaced, {report.unchanged} unchanged, {report.moved} moved, {report.pruned} pruned, "
-        f"{len(report.skipped)} skipped; {report.images_per_second:.1f} img/s ({report.precision} on {report.device}, {report.backend})",
+        f"{len(report.skipped)} skipped; ranked by {report.similarity} similarity; {report.images_per_second:.1f} img/s ({report.precision} on {report.device}, {report.backend})",
         err=True,
     )
     for item in report.skipped[:20]:
@@ -143,8 +152,11 @@ def query_command(
     if result.left_out is not None:
         typer.echo(result.left_out.text(), err=True)
     typer.echo(query_line(result))
-    columns = ["rank", "id", "score", "match", "object", "classes", "predicted", "tags", "why", "path"]
-    echo_table(table_rows(result), columns if result.parts else [c for c in columns if c != "object"])
+    columns = ["rank", "id", "score", "learned", "match", "object", "classes", "predicted", "tags", "why", "path"]
+    dropped = {"object"} if not result.parts else set()
+    if result.ranked_by != "learned":
+        dropped.add("learned")
+    echo_table(table_rows(result), [c for c in columns if c not in dropped])
 
 
 def table_rows(result) -> list[dict]:
@@ -173,7 +185,9 @@ def query_line(result) -> str:
     if "box" in result.query:
         where += f" box [{','.join(f'{v:.0f}' for v in result.query['box'])}]"
     contents = result.contents.text() if result.contents is not None else ""
-    return f"query: {where}  {contents}".rstrip()
+    ranked = ("  ranked by: the similarity learned from the index's labels (the nearest in appearance first; "
+              "score: how alike they look)" if result.ranked_by == "learned" else "")
+    return f"query: {where}  {contents}".rstrip() + ranked
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -209,6 +223,9 @@ def info_command(
                        f"{calibration['random_q']['q99']}, near-duplicates q01 {calibration['near_duplicate_q']['q01']})")
         else:
             typer.echo(f"{'cutoff':<14} none (too few images to calibrate: nothing is marked weak)")
+        learned = info["learned_similarity"]
+        typer.echo(f"{'ranking':<14} " + (f"learned from {learned['labelled']} labelled images, {learned['classes']} "
+                                          f"classes (nearest in appearance first)" if learned else "plain appearance"))
         for label, n in info["labels"].items():
             typer.echo(f"  {label:<20} {n}")
         for item in info["skipped_files"]:

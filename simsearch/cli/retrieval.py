@@ -23,7 +23,7 @@ def evaluate_retrieval_command(
 ) -> None:
     """Measure retrieval quality on an index: class retrieval (VOC protocol), near-duplicates (Copydays), FAISS recall.
 
-    Semantic: every record with ground-truth boxes queries all the other labelled records, ranked by exact inner product over the stored vectors (the descriptor, not the ANN index); a result is relevant when it shares a class with the query. Mean average precision over the full ranking and precision@1/5/10, overall and per class (the queries holding it), beside the exact expectation of a random ranking. Byte-identical copies of the query are left out with it.
+    Semantic: every record with ground-truth boxes queries all the other labelled records, ranked by exact inner product over the stored vectors (the descriptor, not the ANN index); a result is relevant when it shares a class with the query. An index with a learned similarity (build-index --similarity auto, the default where 20+ images carry classes) would be scored on the very labels it learned from, so it is scored held out instead: each half of the labelled records searched with a fit on the other half, plain appearance on the same halves beside it. Mean average precision over the full ranking and precision@1/5/10, overall and per class (the queries holding it), beside the exact expectation of a random ranking. Byte-identical copies of the query are left out with it.
 
     Near-duplicates: --sample images of the index (seeded) are edited 10 ways (none, a control; crop to 50% and 75% of the area; 40% of one side cut; rotate 5-15 degrees; JPEG quality 10-50; scale to 25% and back; mirror; brightness, contrast and saturation x0.6-1.4; a caption), embedded with the index's own embedder and searched without being indexed: recall@1 and @5 of the original, per edit.
 
@@ -53,6 +53,10 @@ def _print_tables(report: dict) -> None:
                    f"{semantic['classes']} classes; relevant = shares a class ({semantic['seconds']:.1f} s)")
         if semantic["note"]:
             typer.echo(f"  {semantic['note']}")
+        if semantic["plain"] is not None:
+            typer.echo(f"  ranked by the learned similarity, held out: each half of the labelled records searched with "
+                       f"a fit on the other half; plain appearance on the same halves: mAP {semantic['plain']['map']}, "
+                       f"P@1 {semantic['plain']['precision']['p@1']}")
         if semantic["overall"] is not None:
             rows = [_class_row(c) for c in [semantic["overall"], *semantic["per_class"]]]
             echo_table(rows, ["class", "queries", "mAP", "random mAP", "P@1", "P@5", "P@10", "random P@k"])

@@ -26,6 +26,7 @@ from simsearch.pipeline.stored_maps import iter_maps
 from simsearch.records import ImageRecord, Skipped
 from simsearch.spec import EmbedderSpec, IndexSpec, check_compatible
 from simsearch.storage.calibration import ensure_boxes_calibrated, ensure_calibrated
+from simsearch.storage.similarity import ensure_learned
 from simsearch.storage.store import NewImage, Store
 from simsearch.storage.layout import writer_lock
 
@@ -48,6 +49,9 @@ class BuildConfig:
     keep_maps: bool = False
     engine: str = "local"  # who embeds: "local" (this process and its decode workers) or "ray" (a Ray actor pool)
     address: str | None = None  # engine "ray": the cluster (auto, HEAD:6379); None: $RAY_ADDRESS, else a private local Ray
+    # "auto": searches rank by a similarity learned from the ground-truth classes when enough images
+    # carry them (storage/similarity.py); "plain": by appearance alone, as vectors compare.
+    similarity: str = "auto"
 
 
 @dataclass
@@ -65,6 +69,7 @@ class BuildReport:
     index_type: str = ""
     faiss: str = ""  # how index.faiss came to match: kept, updated (in place) or rebuilt
     ntotal: int = 0
+    similarity: str = ""  # how searches rank: "learned" from the labels, or "plain" appearance
     objects: int = 0  # boxes in the objects index (ground truth and predicted), each with its own vector
     seconds: float = 0.0
     images_per_second: float = 0.0
@@ -162,6 +167,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         synced = layout.sync_faiss(store, recorded, config.index_type)
         report.index_type, report.ntotal, report.faiss = synced.spec.index_type, store.count("embeddings"), synced.action
         ensure_calibrated(store, embedder)  # the "no good match" cutoff, redone when the collection moved by 10%
+        report.similarity = "learned" if ensure_learned(store, config.similarity) is not None else "plain"
         predict_missing(store)
         report.objects = _sync_objects(store, recorded)
     report.seconds = time.perf_counter() - started

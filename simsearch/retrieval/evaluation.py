@@ -39,6 +39,8 @@ from simsearch.pipeline.edits import COPYDAYS, edit_rng
 from simsearch.pipeline.read import open_image
 from simsearch.retrieval.ranking_metrics import average_precision, precision_at, random_average_precision, recall_at
 from simsearch.retrieval.searcher import Searcher
+from simsearch.storage import similarity
+from simsearch.storage.similarity import LearnedSimilarity
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ PRECISION_KS = (1, 5, 10)  # precision@k reported by the semantic part
 RECALL_KS = (1, 5)  # recall@k reported per edit by the near-duplicate part
 INDEX_K = 10  # the index part's recall@k
 EDIT_SIDE = 1024  # images are decoded no larger than this (longest side) before editing: memory stays bounded
+HELD_OUT_FOLDS = 2  # a learned similarity is scored on each half with a fit on the other
 QUERY_CHUNK = 512  # semantic queries ranked at a time: a (512, n) score matrix, not (n, n)
 
 
@@ -85,6 +88,10 @@ class SemanticReport:
     classes: int = 0
     overall: ClassScores | None = None
     per_class: list[ClassScores] = field(default_factory=list)
+    # How it was ranked: "plain" (appearance), or "learned, held out" (the index's learned similarity,
+    # each half of the labelled records searched with a fit on the other half; `plain` beside it).
+    ranking: str = "plain"
+    plain: ClassScores | None = None  # with a learned similarity: appearance alone on the same halves
     note: str | None = None  # why nothing was measured
     seconds: float = 0.0
 
@@ -150,12 +157,14 @@ class RetrievalReport:
 
 
 def semantic_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups: Sequence[object] | None = None,
-                      chunk: int = QUERY_CHUNK, progress: bool = False) -> dict[str, np.ndarray]:
+                      chunk: int = QUERY_CHUNK, progress: bool = False, learned: LearnedSimilarity | None = None
+                      ) -> dict[str, np.ndarray]:
     """Per-query AP, precision@k, relevant count and collection size when every row queries all the others.
 
     `classes[i]` is row i's set of classes; a row is relevant to a query when the
     sets meet. The query and rows of its `groups` value (byte-identical copies) are
-    left out of its ranking. Ranked by exact inner product. Returns arrays keyed
+    left out of its ranking. Ranked by exact inner product, or as a search with the
+    `learned` similarity ranks (its moved query's order, the nearest in appearance first). Returns arrays keyed
     "ap", "p@1", ..., "relevant", "ranked" (NaN AP where a query has no relevant row).
     """
     n = len(xb)
@@ -180,6 +189,9 @@ def semantic_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups:
         excluded = group_codes[rows][:, None] == group_codes[None, :]  # the query itself and its copies
         relevant = ((onehot[rows] @ onehot.T) > 0) & ~excluded
         scores[excluded] = -np.inf  # ranked last, and never relevant
+        if learned is not None:
+            scores = _learned_order(learned, x[rows], x, scores)
+            scores[excluded] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         ranked_relevant = np.take_along_axis(relevant, order, axis=1)
         out["ap"][rows] = average_precision(ranked_relevant)
@@ -187,6 +199,35 @@ def semantic_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups:
             out[f"p@{k}"][rows] = precision_at(ranked_relevant, k)
         out["relevant"][rows] = relevant.sum(axis=1)
         out["ranked"][rows] = n - excluded.sum(axis=1)
+    return out
+
+
+def _learned_order(learned: LearnedSimilarity, xq: np.ndarray, xb: np.ndarray, plain: np.ndarray) -> np.ndarray:
+    """Scores that order `xb` as `Searcher.search_vector` does: the moved query's, the plain best pinned first."""
+    scores = learned.queries(xq) @ xb.T
+    scores[np.arange(len(xq)), np.argmax(plain, axis=1)] = np.inf
+    return scores
+
+
+def cross_fitted_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups: Sequence[object],
+                          folds: int = HELD_OUT_FOLDS, seed: int = 0, plain: bool = False) -> dict[str, np.ndarray]:
+    """`semantic_rankings` with a similarity learned on the other folds, each fold's queries ranking its own rows.
+
+    A similarity fitted on the very labels it is scored with would be measured on
+    its own answers; so the labelled records are split into seeded folds (copies kept
+    together), and each fold is searched with a fit on the rest. `plain`: the same
+    folds ranked by appearance, the baseline beside it.
+    """
+    keys = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    fold_of = np.random.default_rng(seed).permutation(keys.max() + 1 if len(keys) else 0)[keys] % folds
+    out: dict[str, np.ndarray] = {}
+    for f in range(folds):
+        inside, rest = np.flatnonzero(fold_of == f), np.flatnonzero(fold_of != f)
+        learned = None if plain else similarity.fit(xb[rest], [classes[i] for i in rest])
+        part = semantic_rankings(xb[inside], [classes[i] for i in inside], [groups[i] for i in inside],
+                                 learned=learned)
+        for key, values in part.items():
+            out.setdefault(key, np.zeros(len(xb), dtype=values.dtype))[inside] = values
     return out
 
 
@@ -211,15 +252,19 @@ def _mean(values: np.ndarray) -> float:
 # ------------------------------------------------------------ near-duplicates: pure function
 
 
-def ranks_of_originals(xq: np.ndarray, xb: np.ndarray, is_original: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(1-based rank of each query's best original, its score): rank 1 when nothing else scores higher.
+def ranks_of_originals(xq: np.ndarray, xb: np.ndarray, is_original: np.ndarray,
+                       learned: LearnedSimilarity | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(1-based rank of each query's best original, its plain score): rank 1 when nothing else ranks higher.
 
     `is_original` is (q, n) booleans: which stored rows are the query's original (the
-    record and any byte-identical copy). Ties count in the query's favour.
+    record and any byte-identical copy). Ties count in the query's favour. With a
+    `learned` similarity, ranked as its searches rank (`_learned_order`).
     """
-    scores = np.asarray(xq, dtype=np.float32) @ np.asarray(xb, dtype=np.float32).T
-    best = np.where(is_original, scores, -np.inf).max(axis=1)
-    higher = ((scores > best[:, None]) & ~is_original).sum(axis=1)
+    plain = np.asarray(xq, dtype=np.float32) @ np.asarray(xb, dtype=np.float32).T
+    best = np.where(is_original, plain, -np.inf).max(axis=1)
+    scores = plain if learned is None else _learned_order(learned, xq, xb, plain)
+    mine = np.where(is_original, scores, -np.inf).max(axis=1)
+    higher = ((scores > mine[:, None]) & ~is_original).sum(axis=1)
     return higher + 1, best
 
 
@@ -243,7 +288,7 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> RetrievalReport:
         sha = store.sha256_by_id()
         held_out = np.zeros((0, xb.shape[1] if xb.ndim == 2 else 0), dtype=np.float32)
         if "semantic" not in config.skip:
-            report.semantic = _semantic(store, ids, xb, sha, config)
+            report.semantic = _semantic(store, ids, xb, sha, config, searcher.similarity)
         if "near-duplicates" not in config.skip:
             report.near_duplicates, held_out = _near_duplicates(searcher, ids, xb, sha, config)
         if "index" not in config.skip:
@@ -252,8 +297,8 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> RetrievalReport:
     return report
 
 
-def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], config: RetrievalEvalConfig
-              ) -> SemanticReport:
+def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], config: RetrievalEvalConfig,
+              learned: LearnedSimilarity | None = None) -> SemanticReport:
     started = time.perf_counter()
     labelled = sorted(set(store.ids_with_objects()) & set(ids.tolist()))
     objects = store.objects(labelled)
@@ -264,8 +309,15 @@ def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], confi
                        "(VOC, box lists)" if not labelled else "one labelled record: nothing to rank it against")
         return report
     rows = np.searchsorted(ids, labelled)
-    rankings = semantic_rankings(xb[rows], classes, [sha.get(i, i) for i in labelled],
-                                 progress=not config.quiet and len(labelled) > 4 * QUERY_CHUNK)
+    groups = [sha.get(i, i) for i in labelled]
+    if learned is None:
+        rankings = semantic_rankings(xb[rows], classes, groups,
+                                     progress=not config.quiet and len(labelled) > 4 * QUERY_CHUNK)
+    else:
+        rankings = cross_fitted_rankings(xb[rows], classes, groups, seed=config.seed)
+        report.ranking = f"learned, held out ({HELD_OUT_FOLDS} folds)"
+        report.plain = summarise("all", cross_fitted_rankings(xb[rows], classes, groups, seed=config.seed,
+                                                              plain=True), np.arange(len(labelled)))
     everyone = np.arange(len(labelled))
     report.overall = summarise("all", rankings, everyone)
     report.queries = report.overall.queries
@@ -337,7 +389,7 @@ def _near_duplicates(searcher, ids: np.ndarray, xb: np.ndarray, sha: dict[int, s
     is_original = np.stack([digest == sha.get(i, str(i)) for i in originals])  # (images, n)
     all_ranks = []
     for e, name in enumerate(names):
-        ranks, best = ranks_of_originals(xq[:, e], xb, is_original)
+        ranks, best = ranks_of_originals(xq[:, e], xb, is_original, searcher.similarity)
         report.edits.append(_edit_scores(name, ranks, best))
         if name != "none":
             all_ranks.append((ranks, best))

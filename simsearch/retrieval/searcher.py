@@ -26,8 +26,9 @@ from simsearch.retrieval.contents import NEAR_DUPLICATE, Copies, QueryContents
 from simsearch.retrieval.filters import Filters
 from simsearch.retrieval.objects import QueryPart, Why, best_per_image, explain
 from simsearch.retrieval.scope import LeftOut, leave_out_training
-from simsearch.storage import calibration
+from simsearch.storage import calibration, similarity
 from simsearch.storage.calibration import Calibration
+from simsearch.storage.similarity import LearnedSimilarity
 from simsearch.spec import IndexSpec
 from simsearch.storage import faiss_index, layout
 from simsearch.storage.store import Store
@@ -50,11 +51,14 @@ class Neighbour:
     """One result: a record, where it ranks, how similar it is, and why."""
 
     rank: int
-    score: float  # cosine similarity, 1.0 = same direction
+    score: float  # cosine similarity, 1.0 = same direction: how alike the two look
     record: Record
     match: ObjectMatch | None = None  # object queries: the result's object that matched
     why: Why | None = None  # which of its objects matched which part of the query, or the whole image
     weak: bool = False  # scored below the index's calibrated cutoff: no better than unrelated images score
+    # The learned similarity's score that ranked it (storage/similarity.py), None where plain `score` ranked:
+    # a cosine with the query moved along the labels' directions, so lower than `score` even for a copy.
+    learned: float | None = None
 
     @property
     def id(self) -> int:
@@ -69,7 +73,7 @@ class Neighbour:
         return {"rank": self.rank, "id": shown.pop("id"), "path": shown.pop("path"), "score": self.score,
                 "match": self.match.to_json() if self.match is not None else None,
                 "why": self.why.to_json() if self.why is not None else None,
-                "weak": self.weak, **shown}
+                "weak": self.weak, "learned": self.learned, **shown}
 
 
 @dataclass
@@ -81,6 +85,7 @@ class QueryResult:
     cutoff: float | None = None  # the index's score cutoff: neighbours below it are weak (None: not calibrated)
     contents: QueryContents | None = None  # what the engine sees in the query: prediction(s), tags, drawn boxes
     left_out: LeftOut | None = None  # the localizer's training images, left out by default (None: nothing was)
+    ranked_by: str = "appearance"  # or "learned": the index's learned similarity set the order (see Neighbour.learned)
 
     def query_to_json(self) -> dict:
         """What was searched with and what the engine sees in it: the first line of `query`'s JSON output.
@@ -98,6 +103,7 @@ class QueryResult:
             shown["parts"] = [p.to_json() for p in self.parts]
         shown.update((self.contents or QueryContents()).to_json())
         shown["left_out"] = self.left_out.to_json() if self.left_out is not None else None
+        shown["ranked_by"] = self.ranked_by
         return shown
 
     @property
@@ -133,6 +139,7 @@ class Searcher:
             self.loaded_generation, self.index = layout.open_faiss(self.store, spec)
             self._objects_index = None
             self.calibration: Calibration | None = calibration.load(self.store)
+            self.similarity: LearnedSimilarity | None = similarity.load(self.store)
         except BaseException:
             self.store.close()
             raise
@@ -284,18 +291,38 @@ class Searcher:
 
         A filter is applied inside the search: the store names the ids that pass and FAISS
         searches only those (less the excluded), so k come back whenever k records pass.
+        With a learned similarity (`storage/similarity.py`) the order is the moved query's,
+        except that the nearest record in appearance comes first: an edited copy of an
+        indexed photo still finds it at rank 1.
         """
         if k < 1:
             raise BadInputError("k must be at least 1")
-        if filters is None or not filters.active:
-            scores, ids = self.knn(xq, min(self.index.ntotal, k + len(exclude)))
-        else:
+        allowed = None
+        if filters is not None and filters.active:
             allowed = self.store.ids_matching(filters)
             if exclude:
                 allowed = allowed[~np.isin(allowed, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))]
+        xq = np.asarray(xq, dtype=np.float32).reshape(1, -1)
+        if self.similarity is None:
+            return self.describe(self._hits(xq, k, exclude, allowed))
+        nearest = self._hits(xq, 1, exclude, allowed)
+        learned = self._hits(self.similarity.queries(xq), k, exclude, allowed)
+        order = similarity.pinned_first([i for i, _ in learned], nearest[0][0] if nearest else None)[:k]
+        found, xb = self.store.vectors(order)
+        vector = dict(zip(found.tolist(), xb))
+        order = [i for i in order if i in vector]
+        moved = self.similarity.queries(xq)[0]
+        return self.describe([(i, float(vector[i] @ xq[0])) for i in order], {i: float(vector[i] @ moved) for i in order})
+
+    def _hits(self, xq: np.ndarray, k: int, exclude: set[int] | frozenset[int], allowed: np.ndarray | None
+              ) -> list[tuple[int, float]]:
+        """(id, score) of the k best for one query row, without `exclude`, among `allowed` (None: all)."""
+        if allowed is None:
+            scores, ids = self.knn(xq, min(self.index.ntotal, k + len(exclude)))
+        else:
             scores, ids = faiss_index.search(self.index, xq, k, self.spec.rerank, self.store.vectors, allowed=allowed)
         hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0 and int(i) not in exclude]
-        return self.describe(hits[:k])
+        return hits[:k]
 
     def search(self, query: int | str | os.PathLike, k: int = 10, filters: Filters | None = None,
                include_training: bool = False) -> QueryResult:
@@ -324,7 +351,8 @@ class Searcher:
         self.explain_neighbours(neighbours, self.query_parts(indexed, xq))
         contents = QueryContents.of_record(indexed) if indexed is not None else self.contents_seen(*seen)
         contents.copies = self.known_copies(excluded, xq, record.id if record is not None else None)
-        return QueryResult(described, neighbours, indexed, cutoff=self.cutoff, contents=contents, left_out=left_out)
+        return QueryResult(described, neighbours, indexed, cutoff=self.cutoff, contents=contents, left_out=left_out,
+                           ranked_by="learned" if self.similarity is not None else "appearance")
 
     # ------------------------------------------------------------ objects
 
@@ -564,12 +592,17 @@ class Searcher:
 
     # ------------------------------------------------------------ records
 
-    def describe(self, hits: list[tuple[int, float]]) -> list[Neighbour]:
-        """(id, score) hits as ranked Neighbours with their records (ids removed since are dropped)."""
+    def describe(self, hits: list[tuple[int, float]], learned: dict[int, float] | None = None) -> list[Neighbour]:
+        """(id, score) hits as ranked Neighbours with their records (ids removed since are dropped).
+
+        `learned`: the learned similarity's scores, where it set the order of `hits`.
+        """
         records = self.store.records([i for i, _ in hits])
         found = [(records[i], score) for i, score in hits if i in records]
         cutoff = self.cutoff
-        return [Neighbour(rank, round(score, 6), record, weak=cutoff is not None and score < cutoff)
+        learned = learned or {}
+        return [Neighbour(rank, round(score, 6), record, weak=cutoff is not None and score < cutoff,
+                          learned=round(learned[record.id], 6) if record.id in learned else None)
                 for rank, (record, score) in enumerate(found, 1)]
 
     def record(self, image_id: int) -> Record:

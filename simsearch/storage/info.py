@@ -8,6 +8,7 @@ from pathlib import Path
 from simsearch.errors import NotFoundError
 from simsearch.storage.calibration import load as load_calibration, load_boxes as load_boxes_calibration
 from simsearch.storage import layout
+from simsearch.storage.similarity import load as load_similarity
 from simsearch.storage.store import Store
 
 
@@ -19,6 +20,7 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
         boxes = store.vector_set("boxes")
         calibration = load_calibration(store)
         objects_calibration = load_boxes_calibration(store)
+        learned = load_similarity(store)
         return {
             "index": str(index_dir),
             **summary,
@@ -29,6 +31,8 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "dim": emb.dim if emb else None,
             "score_cutoff": calibration.cutoff if calibration else None,  # results below it are weak
             "calibration": asdict(calibration) if calibration else None,
+            # How searches rank: a similarity learned from the ground-truth classes, or plain appearance (None).
+            "learned_similarity": learned.summary() if learned else None,
             "objects_score_cutoff": objects_calibration.cutoff if objects_calibration else None,
             "spec": asdict(spec) if spec else None,
             "faiss_up_to_date": layout.faiss_is_current(store),

@@ -109,6 +109,9 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
     title = (f"Objects like {'your box' if boxed[0].source == 'drawn' else 'those'} in {Path(query_path).name}"
              if boxed else f"Images like {Path(query_path).name}")
     cutoff = f" &middot; weak below {result.cutoff:.3f}" if result.cutoff is not None else ""
+    if result.ranked_by == "learned":
+        cutoff += (" &middot; ranked by the similarity learned from the index's labels, the nearest in appearance "
+                   "first")
     note = ""
     if result.left_out is not None:
         note += (f'<div class="left-out" id="left-out">Left out {result.left_out.images} training images of '
