@@ -316,6 +316,9 @@ def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], confi
     else:
         rankings = cross_fitted_rankings(xb[rows], classes, groups, seed=config.seed)
         report.ranking = f"learned, held out ({HELD_OUT_FOLDS} folds)"
+        if len(labelled) < HELD_OUT_FOLDS * similarity.MIN_LABELLED:
+            report.note = (f"{len(labelled)} labelled records: a half is too few to fit a similarity on "
+                           f"(needs {similarity.MIN_LABELLED}), so the held-out rows rank by appearance")
         report.plain = summarise("all", cross_fitted_rankings(xb[rows], classes, groups, seed=config.seed,
                                                               plain=True), np.arange(len(labelled)))
     everyone = np.arange(len(labelled))

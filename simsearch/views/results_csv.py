@@ -12,7 +12,7 @@ import csv
 import io
 from collections.abc import Iterable
 
-COLUMNS = ("rank", "id", "path", "score", "weak", "dataset", "width", "height", "classes", "boxes", "tags",
+COLUMNS = ("rank", "id", "path", "score", "learned", "weak", "dataset", "width", "height", "classes", "boxes", "tags",
            "predicted_class", "predicted_score", "predicted_xmin", "predicted_ymin", "predicted_xmax",
            "predicted_ymax", "matched_class", "matched_score", "matched_box", "why")
 
@@ -26,7 +26,7 @@ def csv_row(neighbour: dict, path: str) -> dict:
     why = neighbour.get("why") or {}
     return {
         "rank": neighbour["rank"], "id": neighbour["id"], "path": path, "score": _number(neighbour["score"], 4),
-        "weak": neighbour.get("weak", False), "dataset": neighbour.get("dataset"),
+        "learned": _number(neighbour.get("learned"), 4), "weak": neighbour.get("weak", False), "dataset": neighbour.get("dataset"),
         "width": neighbour.get("width"), "height": neighbour.get("height"),
         "classes": "; ".join(sorted({o["label"] for o in objects})),
         "boxes": "; ".join(f"{o['label']} {_box(o['box'])}" for o in objects),
