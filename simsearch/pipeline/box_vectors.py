@@ -37,8 +37,6 @@ def pool_boxes(maps: np.ndarray | torch.Tensor, boxes: Sequence[np.ndarray]) -> 
     One `roi_align` call for the whole batch. A box thinner than a cell still gets a
     vector: bilinear samples between the cell centres around it.
     """
-    from torchvision.ops import roi_align
-
     x = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps).float()
     if x.ndim != 4 or len(boxes) != x.shape[0]:
         raise ValueError(f"pool_boxes: {len(boxes)} box lists for maps of shape {tuple(x.shape)}")
@@ -48,6 +46,10 @@ def pool_boxes(maps: np.ndarray | torch.Tensor, boxes: Sequence[np.ndarray]) -> 
     counts = [len(r) for r in rois]
     if not sum(counts):
         return [np.zeros((0, channels), dtype=np.float32) for _ in boxes]
+    # Imported only when there are boxes: importing torchvision.ops costs ~3 s (it loads torch._dynamo),
+    # which a folder of photos without boxes never needs to pay.
+    from torchvision.ops import roi_align
+
     # aligned=True: a box edge at x is the continuous coordinate x, cell i spans [i, i+1).
     pooled = roi_align(x, rois, output_size=(BINS, BINS), spatial_scale=1.0, sampling_ratio=SAMPLES, aligned=True)
     vectors = torch.nn.functional.normalize(pooled.mean(dim=(2, 3)), dim=1).numpy()

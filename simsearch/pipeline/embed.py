@@ -332,7 +332,7 @@ class Embedder:
         maps = torch.empty(len(tensors), *self.spec.feature_shape, dtype=torch.float16)
         tags: list[list[Tag]] | None = [[] for _ in tensors] if self.classifier is not None else None
         for members in groups.values():
-            batch = tensors[members] if isinstance(tensors, torch.Tensor) else torch.stack([tensors[i] for i in members])
+            batch = tensors[members] if isinstance(tensors, torch.Tensor) else _stacked([tensors[i] for i in members])
             padded = self._padded_size(len(members))
             if padded > len(members):
                 batch = torch.cat([batch, batch.new_zeros(padded - len(members), *batch.shape[1:])])
@@ -344,7 +344,7 @@ class Embedder:
             vectors[members] = torch.nn.functional.normalize(pooled, dim=1).cpu()
             if tags is not None:
                 self._tag(pooled, members, tags)
-            maps[members] = torch.nn.functional.adaptive_avg_pool2d(fmap, (grid_h, grid_w)).half().cpu()
+            maps[members] = _resampled(fmap, grid_h, grid_w).half().cpu()
         return EmbeddedBatch(vectors.numpy(), maps.numpy(), tags)
 
     def _tag(self, pooled: torch.Tensor, members: list[int], tags: list[list[Tag]]) -> None:
@@ -357,6 +357,35 @@ class Embedder:
     def embed_images(self, images: Sequence) -> EmbeddedBatch:
         """Embed PIL images already in memory (a query, a crop)."""
         return self.embed_batch([preprocess(im, self.spec.preprocess) for im in images])
+
+
+def _stacked(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(3, H, W) images of one shape -> (B, 3, H, W), in the memory order they come in.
+
+    `preprocess` gives channels-last views (its resize's layout), and `torch.stack` of those
+    walks them element by element: 25-200 ms for 32 images of 192x256 here, against 3 ms
+    when stacked as (H, W, 3) and permuted back. Images from the decode workers arrive
+    contiguous, where plain stacking is the fast one.
+    """
+    if images[0].is_contiguous():
+        return torch.stack(list(images))
+    return torch.stack([t.permute(1, 2, 0) for t in images]).permute(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _pooling_matrix(h: int, w: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The (h*w, grid_h*grid_w) weights of adaptive average pooling from an h x w map to the grid."""
+    eye = torch.eye(h * w).reshape(h * w, 1, h, w)
+    return torch.nn.functional.adaptive_avg_pool2d(eye, (grid_h, grid_w)).reshape(h * w, grid_h * grid_w)
+
+
+def _resampled(fmap: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """`adaptive_avg_pool2d(fmap, (grid_h, grid_w))` as one matrix product: 4-5x faster on a CPU for these maps."""
+    b, c, h, w = fmap.shape
+    if (h, w) == (grid_h, grid_w):
+        return fmap
+    weights = _pooling_matrix(h, w, grid_h, grid_w).to(fmap.device, fmap.dtype)
+    return (fmap.reshape(b * c, h * w) @ weights).reshape(b, c, grid_h, grid_w)
 
 
 # ---------------------------------------------------------------- reading files in parallel
