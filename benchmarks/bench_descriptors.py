@@ -189,8 +189,8 @@ def learned_rows(name: str, images: int, backbone: str, base: np.ndarray, classe
     from simsearch.retrieval.evaluation import cross_fitted_rankings
 
     groups = list(range(len(base)))
-    plain = cross_fitted_rankings(l2(base), classes, groups, plain=True)
-    learned = cross_fitted_rankings(l2(base), classes, groups)
+    plain, _ = cross_fitted_rankings(l2(base), classes, groups, plain=True)
+    learned, _ = cross_fitted_rankings(l2(base), classes, groups)
     held = {"plain": plain, "learned": learned}
     out = []
     for label, r in held.items():

@@ -43,7 +43,7 @@ def build_index_command(
     max_pixels: int = MAX_PIXELS_OPTION,
     quiet: bool = QUIET_OPTION,
     engine: Engine = typer.Option(Engine.local, "--engine", help="Who embeds: local (this machine; fastest on one machine) or ray (a Ray actor pool: one GPU per actor where the cluster has GPUs, CPU actors otherwise; needs: pip install 'simsearch\\[ray]')."),
-    similarity: Similarity = typer.Option(Similarity.auto, "--similarity", help="How searches rank: auto (when 20 or more images carry ground-truth classes, as VOC and box lists do, a similarity learned from them: images that share classes come closer, with the nearest in appearance still first) or plain (appearance alone)."),
+    similarity: Optional[Similarity] = typer.Option(None, "--similarity", help="How searches rank: auto (when 20 or more images carry ground-truth classes, as VOC and box lists do, a similarity learned from them: images that share classes come closer, with the nearest in appearance still first) or plain (appearance alone). Default: what the index was last told; auto for a new one."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the cluster to run on, from one of its nodes: auto (the one `ray start --head` runs on this machine) or HEAD:6379. Default: $RAY_ADDRESS (set by `ray job submit`), else a Ray instance started for this build alone. The images, the weights and simsearch must be at the same paths on every node."),
 ) -> None:
     """Index every image under DATA. Run again to add new or changed files only."""
@@ -55,7 +55,7 @@ def build_index_command(
                             batch_size=batch_size, workers=workers, quiet=quiet, max_pixels=max_pixels * 1_000_000)
         report = build_index(BuildConfig(data=data, index_dir=index, embed=embed, index_type=index_type, prune=prune,
                                          keep_maps=keep_maps, engine=engine.value, address=address,
-                                         similarity=similarity.value))
+                                         similarity=similarity.value if similarity is not None else None))
     echo_json(asdict(report))
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}, FAISS {report.faiss or 'kept'}): {report.added} added, "

@@ -50,8 +50,9 @@ class BuildConfig:
     engine: str = "local"  # who embeds: "local" (this process and its decode workers) or "ray" (a Ray actor pool)
     address: str | None = None  # engine "ray": the cluster (auto, HEAD:6379); None: $RAY_ADDRESS, else a private local Ray
     # "auto": searches rank by a similarity learned from the ground-truth classes when enough images
-    # carry them (storage/similarity.py); "plain": by appearance alone, as vectors compare.
-    similarity: str = "auto"
+    # carry them (storage/similarity.py); "plain": by appearance alone, as vectors compare; None: what
+    # the index was last told ("auto" for a new one).
+    similarity: str | None = None
 
 
 @dataclass

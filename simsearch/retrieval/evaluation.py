@@ -37,6 +37,7 @@ import numpy as np
 from simsearch.errors import BadInputError, SimsearchError
 from simsearch.pipeline.edits import COPYDAYS, edit_rng
 from simsearch.pipeline.read import open_image
+from simsearch.retrieval.contents import NEAR_DUPLICATE
 from simsearch.retrieval.ranking_metrics import average_precision, precision_at, random_average_precision, recall_at
 from simsearch.retrieval.searcher import Searcher
 from simsearch.storage import similarity
@@ -210,25 +211,62 @@ def _learned_order(learned: LearnedSimilarity, xq: np.ndarray, xb: np.ndarray, p
 
 
 def cross_fitted_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups: Sequence[object],
-                          folds: int = HELD_OUT_FOLDS, seed: int = 0, plain: bool = False) -> dict[str, np.ndarray]:
-    """`semantic_rankings` with a similarity learned on the other folds, each fold's queries ranking its own rows.
+                          folds: int = HELD_OUT_FOLDS, seed: int = 0, plain: bool = False,
+                          ridge: float = similarity.RIDGE, weight: float = similarity.WEIGHT
+                          ) -> tuple[dict[str, np.ndarray], int]:
+    """`semantic_rankings` with a similarity learned on the other folds, each fold's queries ranking its own rows;
+    and how many folds had enough labels for a fit (the others rank by appearance).
 
     A similarity fitted on the very labels it is scored with would be measured on
-    its own answers; so the labelled records are split into seeded folds (copies kept
-    together), and each fold is searched with a fit on the rest. `plain`: the same
-    folds ranked by appearance, the baseline beside it.
+    its own answers; so the labelled records are split into seeded folds, each fold
+    searched with a fit on the rest. Copies stay in one fold: byte-identical files and
+    near-duplicates (plain cosine >= NEAR_DUPLICATE, joined transitively), whose labels
+    a fit on 1280 dimensions would otherwise carry across. `plain`: the same folds
+    ranked by appearance, the baseline beside it.
     """
-    keys = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1]
+    keys = _linked(xb, np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1])
     fold_of = np.random.default_rng(seed).permutation(keys.max() + 1 if len(keys) else 0)[keys] % folds
     out: dict[str, np.ndarray] = {}
+    fitted = 0
     for f in range(folds):
         inside, rest = np.flatnonzero(fold_of == f), np.flatnonzero(fold_of != f)
-        learned = None if plain else similarity.fit(xb[rest], [classes[i] for i in rest])
+        learned = None if plain else similarity.fit(xb[rest], [classes[i] for i in rest], ridge, weight)
+        fitted += learned is not None
         part = semantic_rankings(xb[inside], [classes[i] for i in inside], [groups[i] for i in inside],
                                  learned=learned)
         for key, values in part.items():
             out.setdefault(key, np.zeros(len(xb), dtype=values.dtype))[inside] = values
-    return out
+    return out, fitted
+
+
+def _linked(xb: np.ndarray, codes: np.ndarray, threshold: float = NEAR_DUPLICATE, chunk: int = QUERY_CHUNK,
+            max_pairs: int = 5_000_000) -> np.ndarray:
+    """Group codes joined wherever two rows score >= threshold, transitively (label propagation over the pairs).
+
+    Past `max_pairs` linked pairs (a collection of near-copies) the rest are not joined:
+    memory stays bounded, and such a collection is one group long before that.
+    """
+    x = np.ascontiguousarray(xb, dtype=np.float32)
+    pairs_i, pairs_j, found = [], [], 0
+    for start in range(0, len(x), chunk):
+        rows, cols = np.nonzero(np.triu(x[start:start + chunk] @ x.T >= threshold, k=start + 1))
+        pairs_i.append(rows + start)
+        pairs_j.append(cols)
+        found += len(rows)
+        if found > max_pairs:
+            break
+    i = np.concatenate(pairs_i) if pairs_i else np.zeros(0, dtype=np.int64)
+    j = np.concatenate(pairs_j) if pairs_j else np.zeros(0, dtype=np.int64)
+    label = codes.astype(np.int64).copy()
+    while True:
+        before = label.copy()
+        np.minimum.at(label, i, label[j])
+        np.minimum.at(label, j, label[i])
+        per_code = np.full(codes.max() + 1 if len(codes) else 0, np.iinfo(np.int64).max)
+        np.minimum.at(per_code, codes, label)
+        label = per_code[codes]  # byte-identical copies share whatever one of them reached
+        if np.array_equal(label, before):
+            return label
 
 
 def summarise(label: str, rankings: dict[str, np.ndarray], rows: np.ndarray) -> ClassScores:
@@ -314,13 +352,15 @@ def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], confi
         rankings = semantic_rankings(xb[rows], classes, groups,
                                      progress=not config.quiet and len(labelled) > 4 * QUERY_CHUNK)
     else:
-        rankings = cross_fitted_rankings(xb[rows], classes, groups, seed=config.seed)
+        settings = {"seed": config.seed, "ridge": learned.ridge, "weight": learned.weight}
+        rankings, fitted = cross_fitted_rankings(xb[rows], classes, groups, **settings)
         report.ranking = f"learned, held out ({HELD_OUT_FOLDS} folds)"
-        if len(labelled) < HELD_OUT_FOLDS * similarity.MIN_LABELLED:
-            report.note = (f"{len(labelled)} labelled records: a half is too few to fit a similarity on "
-                           f"(needs {similarity.MIN_LABELLED}), so the held-out rows rank by appearance")
-        report.plain = summarise("all", cross_fitted_rankings(xb[rows], classes, groups, seed=config.seed,
-                                                              plain=True), np.arange(len(labelled)))
+        if fitted < HELD_OUT_FOLDS:
+            report.note = (f"{HELD_OUT_FOLDS - fitted} of {HELD_OUT_FOLDS} halves had too few labelled records "
+                           f"(or classes) beside them to fit on (a fit needs {similarity.MIN_LABELLED} images of 2 "
+                           f"classes or more): those rank by appearance")
+        plain, _ = cross_fitted_rankings(xb[rows], classes, groups, plain=True, **settings)
+        report.plain = summarise("all", plain, np.arange(len(labelled)))
     everyone = np.arange(len(labelled))
     report.overall = summarise("all", rankings, everyone)
     report.queries = report.overall.queries

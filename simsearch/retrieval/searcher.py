@@ -85,7 +85,7 @@ class QueryResult:
     cutoff: float | None = None  # the index's score cutoff: neighbours below it are weak (None: not calibrated)
     contents: QueryContents | None = None  # what the engine sees in the query: prediction(s), tags, drawn boxes
     left_out: LeftOut | None = None  # the localizer's training images, left out by default (None: nothing was)
-    ranked_by: str = "appearance"  # or "learned": the index's learned similarity set the order (see Neighbour.learned)
+    ranked_by: str = "plain"  # or "learned": the index's learned similarity set the order (see Neighbour.learned)
 
     def query_to_json(self) -> dict:
         """What was searched with and what the engine sees in it: the first line of `query`'s JSON output.
@@ -140,6 +140,7 @@ class Searcher:
             self._objects_index = None
             self.calibration: Calibration | None = calibration.load(self.store)
             self.similarity: LearnedSimilarity | None = similarity.load(self.store)
+            self._similarity_stamp = similarity.stamp(self.store)
         except BaseException:
             self.store.close()
             raise
@@ -156,6 +157,9 @@ class Searcher:
             self._closed = True
             self._open()
             self._closed = False
+            return True
+        if similarity.stamp(self.store) != self._similarity_stamp:  # a build refitted (or dropped) it
+            self.similarity, self._similarity_stamp = similarity.load(self.store), similarity.stamp(self.store)
             return True
         if self._objects_index is not None and self.store.boxes_generation != self._objects_index[2]:
             self._objects_index = None  # a localize added or replaced predicted boxes: reopened when next needed
@@ -314,6 +318,11 @@ class Searcher:
         moved = self.similarity.queries(xq)[0]
         return self.describe([(i, float(vector[i] @ xq[0])) for i in order], {i: float(vector[i] @ moved) for i in order})
 
+    @property
+    def ranked_by(self) -> str:
+        """How whole-image and region searches rank here: "learned" (storage/similarity.py) or "plain"."""
+        return "learned" if self.similarity is not None else "plain"
+
     def _hits(self, xq: np.ndarray, k: int, exclude: set[int] | frozenset[int], allowed: np.ndarray | None
               ) -> list[tuple[int, float]]:
         """(id, score) of the k best for one query row, without `exclude`, among `allowed` (None: all)."""
@@ -352,7 +361,7 @@ class Searcher:
         contents = QueryContents.of_record(indexed) if indexed is not None else self.contents_seen(*seen)
         contents.copies = self.known_copies(excluded, xq, record.id if record is not None else None)
         return QueryResult(described, neighbours, indexed, cutoff=self.cutoff, contents=contents, left_out=left_out,
-                           ranked_by="learned" if self.similarity is not None else "appearance")
+                           ranked_by=self.ranked_by)
 
     # ------------------------------------------------------------ objects
 

@@ -40,9 +40,13 @@ from typing import Sequence
 
 import numpy as np
 
+from simsearch.errors import BadInputError
+
 log = logging.getLogger(__name__)
 
 META_KEY = "learned_similarity"  # the store's meta key holding LearnedSimilarity.to_json(); "" when there is none
+STAMP_KEY = "learned_similarity_stamp"  # a short key written with it: an open Searcher rereads the fit when it moves
+MODE_KEY = "similarity_mode"  # what the index was last told (--similarity): kept until told otherwise
 RULE = "ridge to ground-truth classes, query-side"  # a stored fit made by another rule is redone
 RIDGE = 0.3  # ridge penalty on L2-normalised vectors (see the module's measurements)
 WEIGHT = 1.0  # how much agreement on the labels' directions counts against appearance
@@ -50,6 +54,7 @@ MIN_LABELLED = 20  # fewer labelled images teach nothing that generalises: plain
 MIN_CLASSES = 2  # one class has no directions that separate anything
 MAX_FIT = 20_000  # labelled vectors a fit reads (a seeded sample beyond): the solve stays ~1 s
 MODES = ("auto", "plain")  # auto: learned whenever the collection has enough labelled images
+DEFAULT_MODE = "auto"
 
 
 @dataclass(frozen=True)
@@ -108,15 +113,20 @@ def _decode(data: dict) -> np.ndarray:
 def fit(xb: np.ndarray, classes: Sequence[frozenset[str]], ridge: float = RIDGE, weight: float = WEIGHT
         ) -> LearnedSimilarity | None:
     """Ridge regression from L2-normalised vectors to multi-hot classes; None when there is too little to learn."""
+    x = np.asarray(xb, dtype=np.float64)
+    finite = np.isfinite(x).all(axis=1) if x.ndim == 2 else np.zeros(0, dtype=bool)
+    if not finite.all():  # a damaged vector must not turn every moved query into NaN
+        x, classes = x[finite], [c for c, ok in zip(classes, finite) if ok]
     labels = sorted(set().union(*classes)) if len(classes) else []
     if len(classes) < MIN_LABELLED or len(labels) < MIN_CLASSES:
         return None
     started = time.perf_counter()
-    x = np.asarray(xb, dtype=np.float64)
     y = np.array([[label in held for label in labels] for held in classes], dtype=np.float64)
     mean = x.mean(0)
     xc, yc = x - mean, y - y.mean(0)
     basis = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ yc)
+    if not np.isfinite(basis).all():
+        return None
     return LearnedSimilarity(mean.astype(np.float32), basis.astype(np.float32), tuple(labels), len(classes),
                              weight=weight, ridge=ridge, seconds=round(time.perf_counter() - started, 3))
 
@@ -129,7 +139,8 @@ def pinned_first(learned: Sequence[int], nearest: int | None) -> list[int]:
 
 
 def labels_digest(ids: Sequence[int], classes: Sequence[frozenset[str]]) -> str:
-    h = hashlib.sha256()
+    """What a fit depends on besides the vectors: the labelled ids, their classes and the rule's settings."""
+    h = hashlib.sha256(f"{RULE}|{RIDGE}|{WEIGHT}|".encode())
     for i, held in zip(ids, classes):
         h.update(f"{int(i)}:{','.join(sorted(held))};".encode())
     return h.hexdigest()[:16]
@@ -158,20 +169,38 @@ def labelled(store) -> tuple[list[int], list[frozenset[str]]]:
     return ids, [frozenset(o.label for o in objects[i]) for i in ids]
 
 
-def ensure_learned(store, mode: str = "auto", seed: int = 0) -> LearnedSimilarity | None:
-    """Fit (or keep, or drop) the learned similarity so that it matches the store's labels now."""
-    if mode not in MODES:
-        raise ValueError(f"similarity mode {mode!r}: one of {', '.join(MODES)}")
+def stamp(store) -> str:
+    """The short key that changes whenever the stored fit does (or is dropped)."""
+    return store.get_meta(STAMP_KEY, "") or ""
+
+
+def mode_of(store, mode: str | None = None) -> str:
+    """`mode` when given, else what the index was last told, else the default."""
+    chosen = mode or store.get_meta(MODE_KEY) or DEFAULT_MODE
+    if chosen not in MODES:
+        raise BadInputError(f"--similarity {chosen}: give one of {', '.join(MODES)}")
+    return chosen
+
+
+def ensure_learned(store, mode: str | None = None, seed: int = 0) -> LearnedSimilarity | None:
+    """Fit (or keep, or drop) the learned similarity so that it matches the store's labels now.
+
+    `mode` None keeps what the index was last told (`--similarity`), so a later build
+    without the option never undoes a `plain`.
+    """
+    chosen = mode_of(store, mode)
     current = load(store)
-    ids, classes = labelled(store) if mode == "auto" else ([], [])
+    ids, classes = labelled(store) if chosen == "auto" else ([], [])
     digest = labels_digest(ids, classes)
+    if mode is not None and store.get_meta(MODE_KEY) != chosen:
+        store.set_meta(MODE_KEY, chosen)
     if current is not None and current.digest == digest:
         return current
     if len(ids) > MAX_FIT:
         keep = np.sort(np.random.default_rng(seed).choice(len(ids), MAX_FIT, replace=False))
         ids, classes = [ids[i] for i in keep], [classes[i] for i in keep]
     learned = None
-    if mode == "auto" and len(ids) >= MIN_LABELLED:
+    if chosen == "auto" and len(ids) >= MIN_LABELLED:
         found, xb = store.vectors(ids)
         row = {int(i): r for r, i in enumerate(found)}
         kept = [n for n, i in enumerate(ids) if int(i) in row]
@@ -181,5 +210,6 @@ def ensure_learned(store, mode: str = "auto", seed: int = 0) -> LearnedSimilarit
         log.info("learned similarity: %d labelled images, %d classes, %.2f s", learned.labelled,
                  len(learned.classes), learned.seconds)
     if learned is not None or current is not None:
-        store.set_meta(META_KEY, learned.to_json() if learned is not None else "")
+        store.set_metas({META_KEY: learned.to_json() if learned is not None else "",
+                         STAMP_KEY: digest if learned is not None else ""})
     return learned

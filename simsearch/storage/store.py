@@ -306,6 +306,12 @@ class Store:
         with self.transaction() as conn:
             self._set_meta(conn, key, value)
 
+    def set_metas(self, values: dict[str, str]) -> None:
+        """Several meta keys in one transaction: a reader sees all of them changed or none."""
+        with self.transaction() as conn:
+            for key, value in values.items():
+                self._set_meta(conn, key, value)
+
     def _set_meta(self, conn: sqlite3.Connection, key: str, value: str) -> None:
         conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [key, value])
 

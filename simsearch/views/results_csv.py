@@ -12,9 +12,9 @@ import csv
 import io
 from collections.abc import Iterable
 
-COLUMNS = ("rank", "id", "path", "score", "learned", "weak", "dataset", "width", "height", "classes", "boxes", "tags",
+COLUMNS = ("rank", "id", "path", "score", "weak", "dataset", "width", "height", "classes", "boxes", "tags",
            "predicted_class", "predicted_score", "predicted_xmin", "predicted_ymin", "predicted_xmax",
-           "predicted_ymax", "matched_class", "matched_score", "matched_box", "why")
+           "predicted_ymax", "matched_class", "matched_score", "matched_box", "why", "learned")
 
 
 def csv_row(neighbour: dict, path: str) -> dict:
@@ -26,7 +26,7 @@ def csv_row(neighbour: dict, path: str) -> dict:
     why = neighbour.get("why") or {}
     return {
         "rank": neighbour["rank"], "id": neighbour["id"], "path": path, "score": _number(neighbour["score"], 4),
-        "learned": _number(neighbour.get("learned"), 4), "weak": neighbour.get("weak", False), "dataset": neighbour.get("dataset"),
+        "weak": neighbour.get("weak", False), "dataset": neighbour.get("dataset"),
         "width": neighbour.get("width"), "height": neighbour.get("height"),
         "classes": "; ".join(sorted({o["label"] for o in objects})),
         "boxes": "; ".join(f"{o['label']} {_box(o['box'])}" for o in objects),
@@ -37,6 +37,7 @@ def csv_row(neighbour: dict, path: str) -> dict:
         "matched_class": match.get("label"), "matched_score": _number(match.get("score"), 4),
         "matched_box": _box(match["box"]) if match.get("box") else None,
         "why": why.get("text"),
+        "learned": _number(neighbour.get("learned"), 4),  # last: readers by position keep their columns
     }
 
 

@@ -236,7 +236,7 @@ class Browser:
             with self._lock:
                 result = self._fresh().search(image_id, k, filters, include_training)
             query = _with_contents(_query_of(result.record), result.contents, result.left_out)
-            return {"query": query, "mode": "image", "cutoff": result.cutoff,
+            return {"query": query, "mode": "image", "cutoff": result.cutoff, "ranked_by": result.ranked_by,
                     "neighbours": [self._public(n) for n in result.neighbours]}
         record = self._record(image_id)
         query = _query_of(record)
@@ -248,7 +248,7 @@ class Browser:
         # A region's best match may well be its own image: nothing is excluded.
         neighbours, left_out = self._neighbours(xq, k, filters, set(), include_training)
         return {"query": _with_contents(query, contents, left_out), "mode": "crop", "neighbours": neighbours,
-                "cutoff": self._cutoff()}
+                "cutoff": self._cutoff(), "ranked_by": self._ranked_by()}
 
     def _search_objects_id(self, image_id: int, k: int, filters: Filters | None, box: str | None,
                            include_training: bool = False) -> dict:
@@ -321,7 +321,7 @@ class Browser:
                 contents.copies = self._fresh().known_copies(exclude, xq)
         neighbours, left_out = self._neighbours(xq, self._k(k), filters, exclude, include_training)
         return {"query": _with_contents(query, contents, left_out), "mode": "crop" if box else "image",
-                "neighbours": neighbours, "cutoff": self._cutoff()}
+                "neighbours": neighbours, "cutoff": self._cutoff(), "ranked_by": self._ranked_by()}
 
     def export(self, result: dict, asked: dict | None = None) -> Iterator[bytes]:
         """A search's result (as `search_id` or `search_upload` returned it) as a ZIP: the neighbours' own files,
@@ -333,7 +333,7 @@ class Browser:
             records = self._fresh().store.records([n["id"] for n in result["neighbours"]])
         files = [Path(records[n["id"]].path) if n["id"] in records else None for n in result["neighbours"]]
         items = export_items(result["neighbours"], files, self.config.max_export_bytes)
-        query = {key: result[key] for key in ("query", "mode", "cutoff") if key in result}
+        query = {key: result[key] for key in ("query", "mode", "cutoff", "ranked_by") if key in result}
         if asked:
             query["asked"] = asked
         return zip_results(query, items)
@@ -345,6 +345,11 @@ class Browser:
         """The pixels' vector and what the same pass sees in them (tags, the localizer's prediction)."""
         with self._lock:
             return self._fresh().look(image)
+
+    def _ranked_by(self) -> str:
+        """How the index ranks whole images and regions: "learned" from its labels, or "plain"."""
+        with self._lock:
+            return self._fresh().ranked_by
 
     def _cutoff(self) -> float | None:
         """The index's score cutoff: neighbours below it are weak (None: not calibrated)."""
@@ -371,7 +376,8 @@ class Browser:
         matched = n.match if n.match is not None else (n.why.match if n.why is not None else None)
         shown = record.to_json()
         return {
-            "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score, "weak": n.weak,
+            "rank": n.rank, "id": record.id, "name": Path(record.path).name, "score": n.score, "learned": n.learned,
+            "weak": n.weak,
             "width": record.width, "height": record.height, "split": record.split, "dataset": record.dataset,
             "classes": record.classes, "objects": shown["objects"], "prediction": shown["prediction"],
             "tags": shown["tags"],

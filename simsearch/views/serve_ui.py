@@ -237,7 +237,7 @@ function render(result) {
   if (n && result.neighbours.every(r => r.weak))
     text += ` · no good match in this index (best score ${result.neighbours[0].score.toFixed(2)}, cutoff ${Number(result.cutoff).toFixed(2)})`;
   const left = result.query.left_out;
-  if (result.neighbours.some(r => r.learned !== null && r.learned !== undefined))
+  if (result.ranked_by === "learned")
     text += " · ranked by the similarity learned from the index's labels, the nearest in appearance first (score: how alike they look)";
   if (left) text += ` · left out ${left.images} training images of ${left.datasets.join(", ")} (tick "include the localizer's training images" to see them)`;
   status(text);
