@@ -309,14 +309,15 @@ class Searcher:
         xq = np.asarray(xq, dtype=np.float32).reshape(1, -1)
         if self.similarity is None:
             return self.describe(self._hits(xq, k, exclude, allowed))
+        moved = self.similarity.queries(xq)
         nearest = self._hits(xq, 1, exclude, allowed)
-        learned = self._hits(self.similarity.queries(xq), k, exclude, allowed)
+        learned = self._hits(moved, k, exclude, allowed)
         order = similarity.pinned_first([i for i, _ in learned], nearest[0][0] if nearest else None)[:k]
         found, xb = self.store.vectors(order)
         vector = dict(zip(found.tolist(), xb))
-        order = [i for i in order if i in vector]
-        moved = self.similarity.queries(xq)[0]
-        return self.describe([(i, float(vector[i] @ xq[0])) for i in order], {i: float(vector[i] @ moved) for i in order})
+        order = [i for i in order if i in vector]  # ids removed since the search
+        return self.describe([(i, float(vector[i] @ xq[0])) for i in order],
+                             {i: float(vector[i] @ moved[0]) for i in order})
 
     @property
     def ranked_by(self) -> str:
