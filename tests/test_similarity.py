@@ -213,5 +213,45 @@ def test_the_app_says_how_it_ranked(indoor_indexes):
     for mode, expected in (("auto", "learned"), ("plain", "plain")):
         client = TestClient(create_app(indoor_indexes[mode], ServeConfig(device="cpu")))
         found = client.get("/api/search", params={"id": 1, "k": 3}).json()
-        assert found["ranked_by"] == expected
+        assert found["ranked_by"] == found["query"]["ranked_by"] == expected
         assert all((n["learned"] is not None) == (mode == "auto") for n in found["neighbours"])
+
+
+def test_a_few_labels_say_why_nothing_was_learned_or_scored(shared_data: Path, tmp_path: Path):
+    """25 labelled photos: learned, but half of them is too few to score it held out; 19: plain, and info says why."""
+    from simsearch.cli import app
+
+    source = shared_data / "indoor-boxes"
+    names = sorted(p.stem for p in (source / "ground-truth").glob("*.txt"))
+    for n in (25, 19):
+        data = tmp_path / f"d{n}" / "indoor-boxes"
+        (data / "images").mkdir(parents=True)
+        (data / "ground-truth").mkdir()
+        for name in names[:n]:
+            shutil.copy(source / "ground-truth" / f"{name}.txt", data / "ground-truth")
+            shutil.copy(next((source / "images").glob(f"{name}.*")), data / "images")
+        index = tmp_path / f"ix{n}"
+        built = CliRunner().invoke(app, ["build-index", str(data), "--index", str(index), "-m", "efficientnet-lite0",
+                                         "--quiet", "--device", "cpu"])
+        assert built.exit_code == 0, built.output
+        shown = CliRunner().invoke(app, ["info", "--index", str(index), "--format", "table"]).output
+        if n == 19:
+            assert "plain appearance: learning needs 20 images with ground-truth classes" in shown
+            assert "this index has 19 labelled" in shown
+            continue
+        assert "learned from 25 labelled images" in shown
+        out = CliRunner().invoke(app, ["evaluate-retrieval", "--index", str(index), "--sample", "0", "--quiet",
+                                       "--skip", "index"])
+        semantic = json.loads(out.stdout)["semantic"]
+        assert semantic["ranking"] == "plain" and semantic["plain"] is None
+        assert "could not be scored held out" in semantic["note"]
+
+
+def test_the_html_page_shows_the_score_that_ordered_it(indoor_indexes, tmp_path: Path):
+    from simsearch.retrieval.searcher import Searcher
+    from simsearch.views.page import render_query_page
+
+    with Searcher(indoor_indexes["auto"], device="cpu") as searcher:
+        result = searcher.search(1, k=3)
+        text = render_query_page(indoor_indexes["auto"], result, tmp_path / "q.html")
+    assert text.count("learned ") >= 3 and f"learned {result.neighbours[1].learned:.3f}" in text

@@ -223,15 +223,29 @@ def info_command(
                        f"{calibration['random_q']['q99']}, near-duplicates q01 {calibration['near_duplicate_q']['q01']})")
         else:
             typer.echo(f"{'cutoff':<14} none (too few images to calibrate: nothing is marked weak)")
-        learned = info["learned_similarity"]
-        typer.echo(f"{'ranking':<14} " + (f"learned from {learned['labelled']} labelled images, {learned['classes']} "
-                                          f"classes (nearest in appearance first)" if learned else "plain appearance"))
+        typer.echo(f"{'ranking':<14} {ranking_line(info)}")
+        if info["labels"]:
+            typer.echo("boxes per class")
         for label, n in info["labels"].items():
             typer.echo(f"  {label:<20} {n}")
         for item in info["skipped_files"]:
             typer.echo(f"  skipped {item['path']}: {item['reason']}")
         return
     echo_json(info)
+
+
+def ranking_line(info: dict) -> str:
+    """How the index ranks, and when plain under auto, why (what it would need to learn)."""
+    from simsearch.storage.similarity import MIN_CLASSES, MIN_LABELLED
+
+    learned = info["learned_similarity"]
+    if learned:
+        return (f"learned from {learned['labelled']} labelled images, {learned['classes']} classes "
+                f"(nearest in appearance first)")
+    if info["similarity_mode"] == "plain":
+        return "plain appearance (told --similarity plain)"
+    return (f"plain appearance: learning needs {MIN_LABELLED} images with ground-truth classes, of "
+            f"{MIN_CLASSES} classes or more; this index has {info['labelled_images']} labelled")
 
 
 @app.command("sample-photos")

@@ -355,12 +355,18 @@ def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], confi
         settings = {"seed": config.seed, "ridge": learned.ridge, "weight": learned.weight}
         rankings, fitted = cross_fitted_rankings(xb[rows], classes, groups, **settings)
         report.ranking = f"learned, held out ({HELD_OUT_FOLDS} folds)"
-        if fitted < HELD_OUT_FOLDS:
+        if not fitted:  # nothing could be learned from half the labels: these are plain numbers, say so
+            report.ranking = "plain"
+            report.note = (f"the learned similarity could not be scored held out: half of these {len(labelled)} "
+                           f"labelled records is under the {similarity.MIN_LABELLED} images (of 2 classes or more) "
+                           f"a fit needs, so these are plain-appearance numbers")
+        elif fitted < HELD_OUT_FOLDS:
             report.note = (f"{HELD_OUT_FOLDS - fitted} of {HELD_OUT_FOLDS} halves had too few labelled records "
                            f"(or classes) beside them to fit on (a fit needs {similarity.MIN_LABELLED} images of 2 "
                            f"classes or more): those rank by appearance")
-        plain, _ = cross_fitted_rankings(xb[rows], classes, groups, plain=True, **settings)
-        report.plain = summarise("all", plain, np.arange(len(labelled)))
+        if fitted:
+            plain, _ = cross_fitted_rankings(xb[rows], classes, groups, plain=True, **settings)
+            report.plain = summarise("all", plain, np.arange(len(labelled)))
     everyone = np.arange(len(labelled))
     report.overall = summarise("all", rankings, everyone)
     report.queries = report.overall.queries

@@ -8,7 +8,7 @@ from pathlib import Path
 from simsearch.errors import NotFoundError
 from simsearch.storage.calibration import load as load_calibration, load_boxes as load_boxes_calibration
 from simsearch.storage import layout
-from simsearch.storage.similarity import load as load_similarity
+from simsearch.storage import similarity
 from simsearch.storage.store import Store
 
 
@@ -20,7 +20,7 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
         boxes = store.vector_set("boxes")
         calibration = load_calibration(store)
         objects_calibration = load_boxes_calibration(store)
-        learned = load_similarity(store)
+        learned = similarity.load(store)
         return {
             "index": str(index_dir),
             **summary,
@@ -33,6 +33,8 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
             "calibration": asdict(calibration) if calibration else None,
             # How searches rank: a similarity learned from the ground-truth classes, or plain appearance (None).
             "learned_similarity": learned.summary() if learned else None,
+            "similarity_mode": similarity.mode_of(store),  # what the index was told: auto or plain (--similarity)
+            "labelled_images": len(store.ids_with_objects()),  # records with ground-truth boxes: what it learns from
             "objects_score_cutoff": objects_calibration.cutoff if objects_calibration else None,
             "spec": asdict(spec) if spec else None,
             "faiss_up_to_date": layout.faiss_is_current(store),

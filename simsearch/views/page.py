@@ -94,9 +94,11 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
         why = n.why.text if n.why is not None else "whole image"
         weak = (f' <span class="weak-label" title="below this index\'s cutoff {result.cutoff:.3f}: no better than '
                 f'unrelated images score">weak match</span>' if n.weak else "")
+        learned = (f' <span class="muted" title="the learned similarity\'s score, which set this order">learned '
+                   f'{n.learned:.3f}</span>' if n.learned is not None else "")
         cards.append(f"""
 <div class="card" data-rank="{n.rank}" data-id="{n.id}" data-weak="{str(n.weak).lower()}">
-  <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span> <span class="muted">id {n.id}</span>{weak}</div>
+  <div><span class="score">#{n.rank} &middot; {n.score:.3f}</span>{learned} <span class="muted">id {n.id}</span>{weak}</div>
   <div class="pics">
     <figure><img class="thumb" alt="thumbnail of {e(Path(record.path).name)}" src="{data_uri(renderer.thumb(record))}"><figcaption>image</figcaption></figure>
     <figure><img class="crop" data-source="{e(box.source)}"{matched} alt="box crop" src="{data_uri(renderer.crop(record, box))}"><figcaption>{e(crop_caption)}</figcaption></figure>

@@ -236,6 +236,7 @@ class Browser:
             with self._lock:
                 result = self._fresh().search(image_id, k, filters, include_training)
             query = _with_contents(_query_of(result.record), result.contents, result.left_out)
+            query["ranked_by"] = result.ranked_by  # where the CLI's first JSON line has it, and beside the results
             return {"query": query, "mode": "image", "cutoff": result.cutoff, "ranked_by": result.ranked_by,
                     "neighbours": [self._public(n) for n in result.neighbours]}
         record = self._record(image_id)
@@ -247,8 +248,9 @@ class Browser:
             xq, contents = self._look(image)  # what is in the region, from the pass that embeds it
         # A region's best match may well be its own image: nothing is excluded.
         neighbours, left_out = self._neighbours(xq, k, filters, set(), include_training)
-        return {"query": _with_contents(query, contents, left_out), "mode": "crop", "neighbours": neighbours,
-                "cutoff": self._cutoff(), "ranked_by": self._ranked_by()}
+        ranked_by = self._ranked_by()
+        return {"query": {**_with_contents(query, contents, left_out), "ranked_by": ranked_by}, "mode": "crop",
+                "neighbours": neighbours, "cutoff": self._cutoff(), "ranked_by": ranked_by}
 
     def _search_objects_id(self, image_id: int, k: int, filters: Filters | None, box: str | None,
                            include_training: bool = False) -> dict:
@@ -320,8 +322,10 @@ class Browser:
             with self._lock:
                 contents.copies = self._fresh().known_copies(exclude, xq)
         neighbours, left_out = self._neighbours(xq, self._k(k), filters, exclude, include_training)
-        return {"query": _with_contents(query, contents, left_out), "mode": "crop" if box else "image",
-                "neighbours": neighbours, "cutoff": self._cutoff(), "ranked_by": self._ranked_by()}
+        ranked_by = self._ranked_by()
+        return {"query": {**_with_contents(query, contents, left_out), "ranked_by": ranked_by},
+                "mode": "crop" if box else "image", "neighbours": neighbours, "cutoff": self._cutoff(),
+                "ranked_by": ranked_by}
 
     def export(self, result: dict, asked: dict | None = None) -> Iterator[bytes]:
         """A search's result (as `search_id` or `search_upload` returned it) as a ZIP: the neighbours' own files,
