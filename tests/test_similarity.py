@@ -109,7 +109,11 @@ def test_learned_search_on_real_photos(indoor_indexes):
             xq = xb[ids == query][0]
             plain = xb @ xq
             plain[ids == query] = -np.inf
-            assert result.neighbours[0].id == int(ids[np.argmax(plain)])  # the nearest in appearance first
+            best = int(np.argmax(plain))
+            if searcher.cutoff is None or plain[best] >= searcher.cutoff:
+                assert result.neighbours[0].id == int(ids[best])  # the nearest in appearance first, when a good match
+            else:  # a weak nearest is no copy: the learned order decides from the top
+                assert result.neighbours[0].learned == max(n.learned for n in result.neighbours)
             for n in result.neighbours:
                 assert n.score == pytest.approx(float(xb[ids == n.id][0] @ xq), abs=1e-4)  # scores say how alike
                 assert n.learned is not None
@@ -117,6 +121,13 @@ def test_learned_search_on_real_photos(indoor_indexes):
             rest = [n.learned for n in result.neighbours[1:]]
             assert rest == sorted(rest, reverse=True)  # then the learned order
             assert [n.id for n in result.neighbours] != [int(i) for i in ids[np.argsort(-plain)[:10]]]
+        # a query whose nearest is weak: no pin, the learned order from the top (and good nearests exist too)
+        scores = xb @ xb.T
+        np.fill_diagonal(scores, -np.inf)
+        weak = np.flatnonzero(scores.max(1) < searcher.cutoff)
+        assert 0 < len(weak) < len(ids)
+        first = searcher.search(int(ids[weak[0]]), k=5).neighbours
+        assert first[0].learned == max(n.learned for n in first)
 
 
 def test_evaluate_retrieval_scores_the_learned_similarity_held_out(indoor_indexes):

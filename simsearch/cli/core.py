@@ -43,7 +43,7 @@ def build_index_command(
     max_pixels: int = MAX_PIXELS_OPTION,
     quiet: bool = QUIET_OPTION,
     engine: Engine = typer.Option(Engine.local, "--engine", help="Who embeds: local (this machine; fastest on one machine) or ray (a Ray actor pool: one GPU per actor where the cluster has GPUs, CPU actors otherwise; needs: pip install 'simsearch\\[ray]')."),
-    similarity: Optional[Similarity] = typer.Option(None, "--similarity", help="How searches rank: auto (when 20 or more images carry ground-truth classes, as VOC and box lists do, a similarity learned from them: images that share classes come closer, with the nearest in appearance still first) or plain (appearance alone). Default: what the index was last told; auto for a new one."),
+    similarity: Optional[Similarity] = typer.Option(None, "--similarity", help="How searches rank: auto (when 20 or more images carry ground-truth classes, as VOC and box lists do, a similarity learned from them: images that share classes come closer, with the nearest in appearance still first when it is a good match) or plain (appearance alone). Default: what the index was last told; auto for a new one."),
     address: Optional[str] = typer.Option(None, "--address", help="With --engine ray: the cluster to run on, from one of its nodes: auto (the one `ray start --head` runs on this machine) or HEAD:6379. Default: $RAY_ADDRESS (set by `ray job submit`), else a Ray instance started for this build alone. The images, the weights and simsearch must be at the same paths on every node."),
 ) -> None:
     """Index every image under DATA. Run again to add new or changed files only."""
@@ -185,7 +185,7 @@ def query_line(result) -> str:
     if "box" in result.query:
         where += f" box [{','.join(f'{v:.0f}' for v in result.query['box'])}]"
     contents = result.contents.text() if result.contents is not None else ""
-    ranked = ("  ranked by: the similarity learned from the index's labels (the nearest in appearance first; "
+    ranked = ("  ranked by: the similarity learned from the index's labels (the nearest in appearance first when a good match; "
               "score: how alike they look)" if result.ranked_by == "learned" else "")
     return f"query: {where}  {contents}".rstrip() + ranked
 
@@ -241,7 +241,7 @@ def ranking_line(info: dict) -> str:
     learned = info["learned_similarity"]
     if learned:
         return (f"learned from {learned['labelled']} labelled images, {learned['classes']} classes "
-                f"(nearest in appearance first)")
+                f"(the nearest in appearance first when a good match)")
     if info["similarity_mode"] == "plain":
         return "plain appearance (told --similarity plain)"
     return (f"plain appearance: learning needs {MIN_LABELLED} images with ground-truth classes, of "

@@ -158,14 +158,14 @@ class RetrievalReport:
 
 
 def semantic_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups: Sequence[object] | None = None,
-                      chunk: int = QUERY_CHUNK, progress: bool = False, learned: LearnedSimilarity | None = None
-                      ) -> dict[str, np.ndarray]:
+                      chunk: int = QUERY_CHUNK, progress: bool = False, learned: LearnedSimilarity | None = None,
+                      cutoff: float | None = None) -> dict[str, np.ndarray]:
     """Per-query AP, precision@k, relevant count and collection size when every row queries all the others.
 
     `classes[i]` is row i's set of classes; a row is relevant to a query when the
     sets meet. The query and rows of its `groups` value (byte-identical copies) are
     left out of its ranking. Ranked by exact inner product, or as a search with the
-    `learned` similarity ranks (its moved query's order, the nearest in appearance first). Returns arrays keyed
+    `learned` similarity ranks (its moved query's order, the nearest in appearance first when at or above `cutoff`). Returns arrays keyed
     "ap", "p@1", ..., "relevant", "ranked" (NaN AP where a query has no relevant row).
     """
     n = len(xb)
@@ -191,7 +191,7 @@ def semantic_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups:
         relevant = ((onehot[rows] @ onehot.T) > 0) & ~excluded
         scores[excluded] = -np.inf  # ranked last, and never relevant
         if learned is not None:
-            scores = _learned_order(learned, x[rows], x, scores)
+            scores = _learned_order(learned, x[rows], x, scores, cutoff)
             scores[excluded] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")
         ranked_relevant = np.take_along_axis(relevant, order, axis=1)
@@ -203,17 +203,22 @@ def semantic_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups:
     return out
 
 
-def _learned_order(learned: LearnedSimilarity, xq: np.ndarray, xb: np.ndarray, plain: np.ndarray) -> np.ndarray:
-    """Scores that order `xb` as `Searcher.search_vector` does: the moved query's, the plain best pinned first."""
+def _learned_order(learned: LearnedSimilarity, xq: np.ndarray, xb: np.ndarray, plain: np.ndarray,
+                   cutoff: float | None = None) -> np.ndarray:
+    """Scores that order `xb` as `Searcher.search_vector` does: the moved query's, the plain best pinned first
+    when it is a good match (at or above `cutoff`; always when None)."""
     scores = learned.queries(xq) @ xb.T
-    scores[np.arange(len(xq)), np.argmax(plain, axis=1)] = np.inf
+    best = np.argmax(plain, axis=1)
+    rows = np.arange(len(xq))
+    good = plain[rows, best] >= (cutoff if cutoff is not None else -np.inf)
+    scores[rows[good], best[good]] = np.inf
     return scores
 
 
 def cross_fitted_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], groups: Sequence[object],
                           folds: int = HELD_OUT_FOLDS, seed: int = 0, plain: bool = False,
-                          ridge: float = similarity.RIDGE, weight: float = similarity.WEIGHT
-                          ) -> tuple[dict[str, np.ndarray], int]:
+                          ridge: float = similarity.RIDGE, weight: float = similarity.WEIGHT,
+                          cutoff: float | None = None) -> tuple[dict[str, np.ndarray], int]:
     """`semantic_rankings` with a similarity learned on the other folds, each fold's queries ranking its own rows;
     and how many folds had enough labels for a fit (the others rank by appearance).
 
@@ -233,7 +238,7 @@ def cross_fitted_rankings(xb: np.ndarray, classes: Sequence[frozenset[str]], gro
         learned = None if plain else similarity.fit(xb[rest], [classes[i] for i in rest], ridge, weight)
         fitted += learned is not None
         part = semantic_rankings(xb[inside], [classes[i] for i in inside], [groups[i] for i in inside],
-                                 learned=learned)
+                                 learned=learned, cutoff=cutoff)
         for key, values in part.items():
             out.setdefault(key, np.zeros(len(xb), dtype=values.dtype))[inside] = values
     return out, fitted
@@ -291,7 +296,8 @@ def _mean(values: np.ndarray) -> float:
 
 
 def ranks_of_originals(xq: np.ndarray, xb: np.ndarray, is_original: np.ndarray,
-                       learned: LearnedSimilarity | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       learned: LearnedSimilarity | None = None, cutoff: float | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """(1-based rank of each query's best original, its plain score): rank 1 when nothing else ranks higher.
 
     `is_original` is (q, n) booleans: which stored rows are the query's original (the
@@ -300,7 +306,7 @@ def ranks_of_originals(xq: np.ndarray, xb: np.ndarray, is_original: np.ndarray,
     """
     plain = np.asarray(xq, dtype=np.float32) @ np.asarray(xb, dtype=np.float32).T
     best = np.where(is_original, plain, -np.inf).max(axis=1)
-    scores = plain if learned is None else _learned_order(learned, xq, xb, plain)
+    scores = plain if learned is None else _learned_order(learned, xq, xb, plain, cutoff)
     mine = np.where(is_original, scores, -np.inf).max(axis=1)
     higher = ((scores > mine[:, None]) & ~is_original).sum(axis=1)
     return higher + 1, best
@@ -326,7 +332,7 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> RetrievalReport:
         sha = store.sha256_by_id()
         held_out = np.zeros((0, xb.shape[1] if xb.ndim == 2 else 0), dtype=np.float32)
         if "semantic" not in config.skip:
-            report.semantic = _semantic(store, ids, xb, sha, config, searcher.similarity)
+            report.semantic = _semantic(store, ids, xb, sha, config, searcher.similarity, searcher.cutoff)
         if "near-duplicates" not in config.skip:
             report.near_duplicates, held_out = _near_duplicates(searcher, ids, xb, sha, config)
         if "index" not in config.skip:
@@ -336,7 +342,7 @@ def evaluate_retrieval(config: RetrievalEvalConfig) -> RetrievalReport:
 
 
 def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], config: RetrievalEvalConfig,
-              learned: LearnedSimilarity | None = None) -> SemanticReport:
+              learned: LearnedSimilarity | None = None, cutoff: float | None = None) -> SemanticReport:
     started = time.perf_counter()
     labelled = sorted(set(store.ids_with_objects()) & set(ids.tolist()))
     objects = store.objects(labelled)
@@ -352,7 +358,7 @@ def _semantic(store, ids: np.ndarray, xb: np.ndarray, sha: dict[int, str], confi
         rankings = semantic_rankings(xb[rows], classes, groups,
                                      progress=not config.quiet and len(labelled) > 4 * QUERY_CHUNK)
     else:
-        settings = {"seed": config.seed, "ridge": learned.ridge, "weight": learned.weight}
+        settings = {"seed": config.seed, "ridge": learned.ridge, "weight": learned.weight, "cutoff": cutoff}
         rankings, fitted = cross_fitted_rankings(xb[rows], classes, groups, **settings)
         report.ranking = f"learned, held out ({HELD_OUT_FOLDS} folds)"
         if not fitted:  # nothing could be learned from half the labels: these are plain numbers, say so
@@ -438,7 +444,7 @@ def _near_duplicates(searcher, ids: np.ndarray, xb: np.ndarray, sha: dict[int, s
     is_original = np.stack([digest == sha.get(i, str(i)) for i in originals])  # (images, n)
     all_ranks = []
     for e, name in enumerate(names):
-        ranks, best = ranks_of_originals(xq[:, e], xb, is_original, searcher.similarity)
+        ranks, best = ranks_of_originals(xq[:, e], xb, is_original, searcher.similarity, searcher.cutoff)
         report.edits.append(_edit_scores(name, ranks, best))
         if name != "none":
             all_ranks.append((ranks, best))

@@ -296,8 +296,9 @@ class Searcher:
         A filter is applied inside the search: the store names the ids that pass and FAISS
         searches only those (less the excluded), so k come back whenever k records pass.
         With a learned similarity (`storage/similarity.py`) the order is the moved query's,
-        except that the nearest record in appearance comes first: an edited copy of an
-        indexed photo still finds it at rank 1.
+        except that the nearest record in appearance comes first when it is a good match
+        (at or above the calibrated cutoff, which sits below 99% of edited copies' scores):
+        an edited copy of an indexed photo still finds it at rank 1.
         """
         if k < 1:
             raise BadInputError("k must be at least 1")
@@ -312,7 +313,9 @@ class Searcher:
         moved = self.similarity.queries(xq)
         nearest = self._hits(xq, 1, exclude, allowed)
         learned = self._hits(moved, k, exclude, allowed)
-        order = similarity.pinned_first([i for i, _ in learned], nearest[0][0] if nearest else None)[:k]
+        # The nearest in appearance leads only as a good match: a weak one is no copy, and the learned order decides.
+        good = nearest and (self.cutoff is None or nearest[0][1] >= self.cutoff)
+        order = similarity.pinned_first([i for i, _ in learned], nearest[0][0] if good else None)[:k]
         found, xb = self.store.vectors(order)
         vector = dict(zip(found.tolist(), xb))
         order = [i for i in order if i in vector]  # ids removed since the search

@@ -113,7 +113,7 @@ def render_query_page(index_dir: str | os.PathLike, result: QueryResult, page_pa
     cutoff = f" &middot; weak below {result.cutoff:.3f}" if result.cutoff is not None else ""
     if result.ranked_by == "learned":
         cutoff += (" &middot; ranked by the similarity learned from the index's labels, the nearest in appearance "
-                   "first")
+                   "first when a good match")
     note = ""
     if result.left_out is not None:
         note += (f'<div class="left-out" id="left-out">Left out {result.left_out.images} training images of '

@@ -238,7 +238,7 @@ function render(result) {
     text += ` · no good match in this index (best score ${result.neighbours[0].score.toFixed(2)}, cutoff ${Number(result.cutoff).toFixed(2)})`;
   const left = result.query.left_out;
   if (result.ranked_by === "learned")
-    text += " · ranked by the similarity learned from the index's labels, the nearest in appearance first (score: how alike they look)";
+    text += " · ranked by the similarity learned from the index's labels, the nearest in appearance first when a good match (score: how alike they look)";
   if (left) text += ` · left out ${left.images} training images of ${left.datasets.join(", ")} (tick "include the localizer's training images" to see them)`;
   status(text);
   showContents(result.query);
