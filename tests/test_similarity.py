@@ -266,3 +266,18 @@ def test_the_html_page_shows_the_score_that_ordered_it(indoor_indexes, tmp_path:
         result = searcher.search(1, k=3)
         text = render_query_page(indoor_indexes["auto"], result, tmp_path / "q.html")
     assert text.count("learned ") >= 3 and f"learned {result.neighbours[1].learned:.3f}" in text
+
+
+def test_a_build_that_moved_no_label_reads_no_labels(indoor_indexes, tmp_path: Path, monkeypatch):
+    """The fit remembers the store's generations: an unchanged index is not re-read, a changed one is checked."""
+    from simsearch.storage.store import Store
+
+    copy = tmp_path / "copy"
+    shutil.copytree(indoor_indexes["auto"], copy)
+    with Store(copy) as store:
+        fitted = similarity.ensure_learned(store)
+        assert fitted.generations == f"{store.generation}/{store.boxes_generation}"
+        reads = []
+        monkeypatch.setattr(similarity, "labelled", lambda s: reads.append(1) or ([], []))
+        assert similarity.ensure_learned(store).digest == fitted.digest
+        assert not reads

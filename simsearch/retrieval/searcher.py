@@ -158,8 +158,9 @@ class Searcher:
             self._open()
             self._closed = False
             return True
-        if similarity.stamp(self.store) != self._similarity_stamp:  # a build refitted (or dropped) it
-            self.similarity, self._similarity_stamp = similarity.load(self.store), similarity.stamp(self.store)
+        stamp = similarity.stamp(self.store)
+        if stamp != self._similarity_stamp:  # a build refitted (or dropped) it
+            self.similarity, self._similarity_stamp = similarity.load(self.store), stamp
             return True
         if self._objects_index is not None and self.store.boxes_generation != self._objects_index[2]:
             self._objects_index = None  # a localize added or replaced predicted boxes: reopened when next needed

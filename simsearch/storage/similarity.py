@@ -69,6 +69,7 @@ class LearnedSimilarity:
     classes: tuple[str, ...] = ()
     labelled: int = 0  # labelled records it was fitted on
     digest: str = ""  # of the labelled ids and their classes: a build refits when it changes
+    generations: str = ""  # the store's "generation/boxes_generation" when fitted: unchanged, no label moved
     weight: float = WEIGHT
     ridge: float = RIDGE
     rule: str = RULE
@@ -193,11 +194,19 @@ def ensure_learned(store, mode: str | None = None, seed: int = 0) -> LearnedSimi
     """
     chosen = mode_of(store, mode)
     current = load(store)
-    ids, classes = labelled(store) if chosen == "auto" else ([], [])
-    digest = labels_digest(ids, classes)
     if mode is not None and store.get_meta(MODE_KEY) != chosen:
         store.set_meta(MODE_KEY, chosen)
+    # Every write of ground-truth objects bumps one of the two generations: when neither moved since
+    # the fit, no label did, and a build need not read every labelled record's objects to know it.
+    generations = f"{store.generation}/{store.boxes_generation}"
+    if chosen == "auto" and current is not None and current.generations == generations:
+        return current
+    ids, classes = labelled(store) if chosen == "auto" else ([], [])
+    digest = labels_digest(ids, classes)
     if current is not None and current.digest == digest:
+        if current.generations != generations:  # labels unchanged, the store moved: remember it, no refit
+            current = replace(current, generations=generations)
+            store.set_meta(META_KEY, current.to_json())
         return current
     if len(ids) > MAX_FIT:
         keep = np.sort(np.random.default_rng(seed).choice(len(ids), MAX_FIT, replace=False))
@@ -209,7 +218,7 @@ def ensure_learned(store, mode: str | None = None, seed: int = 0) -> LearnedSimi
         kept = [n for n, i in enumerate(ids) if int(i) in row]
         learned = fit(xb[[row[int(ids[n])] for n in kept]], [classes[n] for n in kept])
     if learned is not None:
-        learned = replace(learned, digest=digest)
+        learned = replace(learned, digest=digest, generations=generations)
         log.info("learned similarity: %d labelled images, %d classes, %.2f s", learned.labelled,
                  len(learned.classes), learned.seconds)
     if learned is not None or current is not None:

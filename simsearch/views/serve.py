@@ -247,8 +247,7 @@ class Browser:
             query["box"] = list(region)
             xq, contents = self._look(image)  # what is in the region, from the pass that embeds it
         # A region's best match may well be its own image: nothing is excluded.
-        neighbours, left_out = self._neighbours(xq, k, filters, set(), include_training)
-        ranked_by = self._ranked_by()
+        neighbours, left_out, ranked_by = self._neighbours(xq, k, filters, set(), include_training)
         return {"query": {**_with_contents(query, contents, left_out), "ranked_by": ranked_by}, "mode": "crop",
                 "neighbours": neighbours, "cutoff": self._cutoff(), "ranked_by": ranked_by}
 
@@ -321,8 +320,7 @@ class Browser:
         if not box:  # the upload's own copies in the index, exact and near, as the CLI names them
             with self._lock:
                 contents.copies = self._fresh().known_copies(exclude, xq)
-        neighbours, left_out = self._neighbours(xq, self._k(k), filters, exclude, include_training)
-        ranked_by = self._ranked_by()
+        neighbours, left_out, ranked_by = self._neighbours(xq, self._k(k), filters, exclude, include_training)
         return {"query": {**_with_contents(query, contents, left_out), "ranked_by": ranked_by},
                 "mode": "crop" if box else "image", "neighbours": neighbours, "cutoff": self._cutoff(),
                 "ranked_by": ranked_by}
@@ -350,26 +348,23 @@ class Browser:
         with self._lock:
             return self._fresh().look(image)
 
-    def _ranked_by(self) -> str:
-        """How the index ranks whole images and regions: "learned" from its labels, or "plain"."""
-        with self._lock:
-            return self._fresh().ranked_by
-
     def _cutoff(self) -> float | None:
         """The index's score cutoff: neighbours below it are weak (None: not calibrated)."""
         with self._lock:
             return self._fresh().cutoff
 
     def _neighbours(self, xq: np.ndarray, k: int, filters: Filters | None, exclude: set[int],
-                    include_training: bool = False) -> tuple[list[dict], LeftOut | None]:
-        """The neighbours of a vector as the client sees them, and the training images left out (as `search`)."""
+                    include_training: bool = False) -> tuple[list[dict], LeftOut | None, str]:
+        """The neighbours of a vector as the client sees them, the training images left out (as `search`), and
+        how they were ranked ("learned" or "plain"), all from one look at the index."""
         with self._lock:
             scoped, left_out = self._fresh().scope(filters, include_training)
             neighbours = self.searcher.search_vector(xq, k, exclude, scoped)
             # Why each is similar, as `search` says it: an upload of an indexed file lends that record's objects.
             indexed = self.searcher.record(min(exclude)) if exclude else None
             self.searcher.explain_neighbours(neighbours, self.searcher.query_parts(indexed, xq))
-        return [self._public(n) for n in neighbours], left_out
+            ranked_by = self.searcher.ranked_by
+        return [self._public(n) for n in neighbours], left_out, ranked_by
 
     @staticmethod
     def _public(n: Neighbour) -> dict:
