@@ -3,7 +3,8 @@
 (a) model only: Embedder.embed_batch on random tensors (speed does not depend on
     the weight values, so ResNet50 runs with random weights here, where its
     ImageNet file cannot be downloaded; EfficientNet-Lite0 runs with its real ones);
-(b) decode + preprocess only: the DataLoader path build-index uses, no model;
+(b) decode + preprocess only: the decoding build-index runs (on a CPU by default threads in its own
+    process, between forward passes), no model; a decode process (--workers 1) beside it;
 (c) build-index end to end on the same JPEGs (scan, hash, decode, embed, SQLite, FAISS).
 The share of the bound is (c) / min(a, b). On a CPU, decoding and the model share
 the same cores, so the bound they can reach together is lower still: 1 / (1/a + 1/b)
@@ -45,19 +46,27 @@ def model_only(embedder, batch_size: int, seconds: float) -> float:
 
 
 def decode_only(paths: list[Path], pre, workers: int, batch_size: int) -> float:
-    """Images/s through the same DataLoader build-index uses, with no model behind it."""
-    from torch.utils.data import DataLoader
+    """Images/s through the decoding build-index runs (`workers` as its --workers), with no model behind it."""
+    import torch
 
-    from simsearch.pipeline.embed import ImageFileDataset, _collate, default_workers
+    from simsearch.pipeline.embed import ImageFileDataset, _decoded_batches, decode_workers
 
-    workers = default_workers() if workers < 0 else workers
-    loader = DataLoader(ImageFileDataset(paths, pre), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, prefetch_factor=4 if workers else None)
     started = time.perf_counter()
     n = 0
-    for items in loader:
-        n += sum(d.tensor is not None for d in items)
+    for batch in _decoded_batches(ImageFileDataset(paths, pre), batch_size,
+                                  decode_workers(workers, torch.device("cpu")), pin_memory=False):
+        n += len(batch.good)
     return n / (time.perf_counter() - started)
+
+
+def _decoding(workers: int) -> str:
+    """How --workers N decodes on a CPU, in words."""
+    import torch
+
+    from simsearch.pipeline.embed import decode_workers
+
+    n = decode_workers(workers, torch.device("cpu"))
+    return f"{n} process{'es' if n > 1 else ''}" if n else f"{torch.get_num_threads()} threads, in process"
 
 
 def end_to_end(folder: Path, model: str, weights: str | None, precision: str, device: str,
@@ -127,7 +136,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a run of a minute or two: fewer images, shorter timings")
     parser.add_argument("--images", type=int, help="JPEGs to replicate (default 300 quick, 3000 full)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=-1, help="decode processes (-1: build-index's default)")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="decode processes, as build-index's --workers (-1: its default)")
     parser.add_argument("--seconds", type=float, help="time per model-only measurement (default 4 quick, 15 full)")
     parser.add_argument("--skip-resnet", action="store_true", help="only efficientnet-lite0")
     parser.add_argument("--baseline", type=Path, help="another checkout whose build-index runs beside this one's (c)")
@@ -171,12 +181,13 @@ def main() -> None:
 
     progress("(b) decode + preprocess only")
     pre = models["efficientnet-lite0"].spec.preprocess
-    decode = decode_only(paths, pre, args.workers, args.batch_size)
-    decode_1 = decode_only(paths, pre, 0, args.batch_size)
-    rows.append({"stage": "b: decode+preprocess", "backend": "-", "precision": "-", "img_s": decode,
-                 "workers": args.workers})
-    rows.append({"stage": "b: decode+preprocess", "backend": "- (main process)", "precision": "-",
-                 "img_s": decode_1, "workers": 0})
+    decode = decode_only(paths, pre, args.workers, args.batch_size)  # what build-index runs: the bound's (b)
+    rows.append({"stage": "b: decode+preprocess", "backend": _decoding(args.workers), "precision": "-",
+                 "img_s": decode, "workers": args.workers})
+    for other in (0, 1):
+        if other != args.workers and not (args.workers < 0 and other == 0):
+            rows.append({"stage": "b: decode+preprocess", "backend": _decoding(other), "precision": "-",
+                         "img_s": decode_only(paths, pre, other, args.batch_size), "workers": other})
 
     weights_of = {"efficientnet-lite0": None, "resnet50": "random"}
     baseline_rate: dict[str, float] = {}

@@ -36,3 +36,64 @@ def test_images_without_boxes_never_import_torchvision_ops():
     vectors = __import__("simsearch.pipeline.box_vectors", fromlist=["pool_boxes"]).pool_boxes(
         np.random.rand(1, 8, 7, 7).astype(np.float32), [np.array([[0.0, 0.0, 1.0, 1.0]])])
     assert vectors[0].shape == (1, 8) and np.isclose(np.linalg.norm(vectors[0]), 1.0)
+
+
+def _files(folder, sizes):
+    """JPEGs of the given (width, height) and one file that is not an image, in name order."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        path = folder / f"{i:02d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path, quality=90)
+        paths.append(path)
+    broken = folder / "99-broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    return paths[:3] + [broken] + paths[3:]
+
+
+def test_decode_batches_stack_by_shape_and_keep_failures_in_place(tmp_path):
+    from simsearch.pipeline.embed import ImageFileDataset, _decoded_batches
+    from simsearch.spec import Preprocess
+
+    paths = _files(tmp_path / "img", [(640, 480), (480, 640), (640, 480), (300, 300), (639, 480)])
+    pre = Preprocess()
+    for workers in (0, 1):  # threads in this process, and a DataLoader process
+        batches = list(_decoded_batches(ImageFileDataset(paths, pre), 4, workers, pin_memory=False))
+        assert [[d.index for d in b.decoded] for b in batches] == [[0, 1, 2, 3], [4, 5]]
+        first = batches[0]
+        assert [d.index for d in first.good] == [0, 1, 2] and first.decoded[3].error
+        # 640x480 and 639x480 share an input shape; 480x640 is the other way round
+        assert [(members, tuple(t.shape)) for members, t in first.groups] == [
+            ([0, 2], (2, 3, 192, 256)), ([1], (1, 3, 256, 192))]
+        assert all(d.tensor is None for d in first.decoded)  # the pixels travel once, stacked
+        alone = ImageFileDataset(paths, pre)[2].tensor
+        assert torch.equal(first.groups[0][1][1], alone)
+
+
+def test_threaded_and_process_decoding_embed_the_same(tmp_path):
+    from simsearch.pipeline.embed import EmbedConfig, Embedder, ImageFileDataset, iter_file_batches, load_backbone
+
+    paths = _files(tmp_path / "img", [(640, 480), (480, 640), (500, 375), (300, 300), (640, 480)])
+    embedder = Embedder(load_backbone("efficientnet-lite0", "random"), "cpu", "fp32", "torch")
+    runs = []
+    for workers in (0, 1):
+        config = EmbedConfig(model="efficientnet-lite0", weights="random", batch_size=3, workers=workers, quiet=True)
+        batches = list(iter_file_batches(paths, embedder, config))
+        runs.append(([i for b in batches for i in b.indices], [f for b in batches for f in b.failures],
+                     np.concatenate([b.embedded.vectors for b in batches])))
+    (indices, failures, vectors), (indices_1, failures_1, vectors_1) = runs
+    assert indices == indices_1 == [0, 1, 2, 4, 5] and [i for i, _ in failures] == [i for i, _ in failures_1] == [3]
+    assert np.allclose(vectors, vectors_1, atol=1e-6)
+    single = embedder.embed_batch([ImageFileDataset([paths[1]], embedder.spec.preprocess)[0].tensor]).vectors[0]
+    assert np.allclose(vectors[1], single, atol=1e-5)  # batched by shape, embedded as alone
+
+
+def test_decoding_defaults_to_threads_on_a_cpu_and_processes_beside_a_gpu():
+    from simsearch.pipeline.embed import decode_workers, default_workers
+
+    assert decode_workers(-1, torch.device("cpu")) == 0
+    assert decode_workers(-1, torch.device("cuda")) == default_workers() >= 1
+    assert decode_workers(3, torch.device("cpu")) == 3

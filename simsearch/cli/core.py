@@ -36,7 +36,8 @@ def build_index_command(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU or GPU has it), fp32, bf16 or fp16 (CUDA)."),
     backend: str = typer.Option("auto", "--backend", help="What runs the model: auto (OpenVINO on a CPU where installed, else torch), torch or openvino (needs: pip install 'simsearch\\[openvino]')."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
-    workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes; -1 = one per spare core."),
+    workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes; 0 = threads in this process, between batches; "
+                                 "-1 = 0 on a CPU (the model has every core), one per spare core on a GPU."),
     index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
     prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone (all of them when DATA itself is gone)."),
     keep_maps: bool = typer.Option(False, "--keep-maps", help="Keep every image's feature map (125-200 KB each), not only those of images with boxes, so a localizer trained later predicts without reading the images again."),

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import stat
+import threading
 import warnings
 import xml.etree.ElementTree as ET
 from contextlib import contextmanager
@@ -173,10 +174,22 @@ def open_image(path: str | os.PathLike | BinaryIO,
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """PIL warns on stderr about odd EXIF and the like while opening: never the user's business."""
+    """PIL warns on stderr about odd EXIF and the like while opening: never the user's business.
+
+    `catch_warnings` swaps the process's filter list, which is not safe from several threads at
+    once (decode threads, the app's request threads): one could restore another's "ignore" for
+    good. Off the main thread only Pillow's own warnings are silenced, by the filter below.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+# Set once on import, so that every thread's catch_warnings saves and restores it with the rest.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
