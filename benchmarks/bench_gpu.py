@@ -67,6 +67,15 @@ def forward_rows(name: str, backbone, batch_size: int, seconds: float, compile_m
     return rows
 
 
+def _images(batch) -> list:
+    """A `DecodedBatch`'s good images, one (3, H, W) tensor each, in file order."""
+    out: list = [None] * len(batch.good)
+    for members, stacked in batch.groups:
+        for j, i in enumerate(members):
+            out[i] = stacked[j]
+    return out
+
+
 def mixed_shape_rows(paths: list[Path], models: dict, batch_size: int, workers: int) -> list[dict]:
     """embed_batch on real decoded batches, whose aspect-kept inputs come in several shapes and group sizes.
 
@@ -83,7 +92,7 @@ def mixed_shape_rows(paths: list[Path], models: dict, batch_size: int, workers: 
     for name, backbone in models.items():
         loader = DataLoader(ImageFileDataset(paths[:8 * batch_size], backbone.spec.preprocess), batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate)
-        batches = [[d.tensor for d in items if d.tensor is not None] for items in loader]
+        batches = [_images(b) for b in loader]
         for label in ("ragged", "padded"):
             embedder = Embedder(backbone, "cuda", "bf16")
             if label == "ragged":
@@ -130,7 +139,7 @@ def decode_rows(paths: list[Path], backbone, batch_size: int, workers: int) -> t
                         collate_fn=_collate, prefetch_factor=4)
     progress(f"(b) CPU decode, {workers} workers")
     started = time.perf_counter()
-    n = sum(sum(d.tensor is not None for d in items) for items in loader)
+    n = sum(len(b.good) for b in loader)
     cpu = n / (time.perf_counter() - started)
     progress("(b) GPU decode (nvJPEG)")
     for _ in gpu_decode(paths[:batch_size], pre, batch_size):  # warm-up: nvJPEG handles, kernels
@@ -148,9 +157,9 @@ def decode_rows(paths: list[Path], backbone, batch_size: int, workers: int) -> t
     progress("(b) fidelity: the same files decoded both ways, embedded with real Lite0 weights")
     sample = paths[:512]
     embedder = Embedder(backbone, "cuda", "fp32")
-    cpu_items = [d for items in DataLoader(ImageFileDataset(sample, pre), batch_size=64, num_workers=workers,
-                                           collate_fn=_collate) for d in items]
-    a = embedder.embed_batch([d.tensor for d in cpu_items]).vectors
+    cpu_images = [t for b in DataLoader(ImageFileDataset(sample, pre), batch_size=64, num_workers=workers,
+                                        collate_fn=_collate) for t in _images(b)]
+    a = embedder.embed_batch(cpu_images).vectors
     b = embedder.embed_batch([t for batch in gpu_decode(sample, pre, 64) for t in batch]).vectors
     cos = (a * b).sum(axis=1)
     fidelity = {"images": len(sample), "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}

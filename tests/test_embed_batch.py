@@ -97,3 +97,13 @@ def test_decoding_defaults_to_threads_on_a_cpu_and_processes_beside_a_gpu():
     assert decode_workers(-1, torch.device("cpu")) == 0
     assert decode_workers(-1, torch.device("cuda")) == default_workers() >= 1
     assert decode_workers(3, torch.device("cpu")) == 3
+
+
+def test_an_empty_batch_runs_no_forward_pass():
+    from simsearch.pipeline.embed import Embedder, load_backbone
+
+    embedder = Embedder(load_backbone("efficientnet-lite0", "random"), "cpu", "fp32", "torch")
+    embedder.runner = lambda x: pytest.fail("the model ran on an empty batch")
+    for empty in (torch.empty(0, 3, 224, 224, dtype=torch.uint8), []):
+        out = embedder.embed_batch(empty)
+        assert out.vectors.shape == (0, 1280) and out.maps.shape == (0, 1280, 7, 7)
