@@ -334,7 +334,7 @@ def test_an_id_beyond_sqlite_integers_is_not_found(small_index: Path):
 
 def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_path: Path):
     """DataLoader workers are forked while build-index holds the lock; killing the build must free it at once."""
-    from simsearch.storage.layout import try_writer_lock
+    from simsearch.storage.layout import release_writer_lock, try_writer_lock
 
     script = (
         "import os, signal, sys, time\n"
@@ -351,7 +351,7 @@ def test_a_forked_child_does_not_keep_the_lock_after_its_parent_is_killed(tmp_pa
     proc.wait(timeout=30)
     lock = try_writer_lock(tmp_path, "test")
     assert lock is not None  # free at once, though the forked child still runs
-    os.close(lock)
+    release_writer_lock(lock)
 
 
 def test_predictions_come_with_the_records_and_late_heads_predict_from_the_files(demo_index: Path, tmp_path: Path):
@@ -403,3 +403,26 @@ def test_info_says_who_is_writing(small_index: Path):
                               "--format", "table"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and re.search(rf"^writer +build-index pid {os.getpid()}$", out.stdout, re.M), out.stdout
     assert describe_index(small_index)["writer"] is None  # released, and reading did not take it
+
+
+def test_a_child_closes_only_the_lock_file_it_inherited(tmp_path: Path):
+    """A lock descriptor closed by hand may be reused by a pipe: a forked child must leave that pipe open."""
+    from simsearch.storage.layout import try_writer_lock
+
+    lock = try_writer_lock(tmp_path, "test")
+    os.close(lock)  # not through release_writer_lock: the number stays on the list
+    r, w = os.pipe()
+    reused = r if r == lock else w if w == lock else None
+    if reused is None:
+        os.close(r), os.close(w)
+        pytest.skip("the pipe did not get the freed descriptor number")
+    pid = os.fork()
+    if pid == 0:  # the at-fork handler has run: the pipe's end must still be open here
+        try:
+            os.fstat(reused)
+            os._exit(0)
+        except OSError:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    os.close(r), os.close(w)
+    assert os.waitstatus_to_exitcode(status) == 0

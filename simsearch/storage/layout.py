@@ -441,24 +441,30 @@ def try_writer_lock(index_dir: str | os.PathLike, what: str) -> int | None:
         return None
     os.ftruncate(fd, 0)
     os.write(fd, f"{what} pid {os.getpid()}\n".encode())
-    _HELD.add(fd)
+    info = os.fstat(fd)
+    _HELD[fd] = (info.st_dev, info.st_ino)
     return fd
 
 
 def release_writer_lock(fd: int) -> None:
-    _HELD.discard(fd)
+    _HELD.pop(fd, None)
     os.close(fd)
 
 
 # flock belongs to the open file, which a fork shares: a decode worker forked by a build would
 # keep the index locked after the build itself is killed. Children close their copies at once.
-_HELD: set[int] = set()
+# Each is kept with the lock file's identity: a descriptor closed without `release_writer_lock`
+# may be reused by anything (a pipe, a socket), and closing that in a child broke it (a lost
+# DataLoader message, a subprocess's EBADF), so a child closes only what is still the lock file.
+_HELD: dict[int, tuple[int, int]] = {}
 
 
 def _close_inherited_locks() -> None:
-    for fd in list(_HELD):
+    for fd, identity in list(_HELD.items()):
         try:
-            os.close(fd)
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) == identity:
+                os.close(fd)
         except OSError:
             pass
     _HELD.clear()
