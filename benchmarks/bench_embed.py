@@ -17,6 +17,7 @@ speed-up is a ratio of side-by-side figures.
 
     python benchmarks/bench_embed.py --quick
     python benchmarks/bench_embed.py --quick --baseline ../before
+    python benchmarks/bench_embed.py --images 1000 --rounds 3 --skip-resnet   # the share of the bound, 3 times
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,6 +143,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="time per model-only measurement (default 4 quick, 15 full)")
     parser.add_argument("--skip-resnet", action="store_true", help="only efficientnet-lite0")
     parser.add_argument("--baseline", type=Path, help="another checkout whose build-index runs beside this one's (c)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="build each way this many times, taking turns, each after its own model-only timing; "
+                             "medians, and the range of the share of the bound (this CPU runs at two speeds)")
     parser.add_argument("--e2e-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.e2e_child:
@@ -191,21 +196,36 @@ def main() -> None:
 
     weights_of = {"efficientnet-lite0": None, "resnet50": "random"}
     baseline_rate: dict[str, float] = {}
-    for name in models:
+    for name, backbone in models.items():
         runs = [(backend, None) for backend in backends] + ([("baseline", args.baseline)] if args.baseline else [])
+        measured: dict[str, list[tuple[float, float, float]]] = {backend: [] for backend, _ in runs}
+        for r in range(args.rounds):
+            for backend, code in runs:
+                a = model_rate.get((name, backend, fast), 0.0)
+                if args.rounds > 1 and not code:  # this round's model figure, taken just before its build
+                    progress(f"(a) model only, round {r + 1}: {name} {backend} {fast}")
+                    a = model_only(Embedder(backbone, "cpu", fast, backend), args.batch_size, seconds)
+                progress(f"(c) build-index end to end{f', round {r + 1}' if args.rounds > 1 else ''}: "
+                         f"{name} {backend} {fast}")
+                e2e = end_to_end(folder, name, weights_of[name], fast, "cpu", args.workers, args.batch_size,
+                                 None if code else backend, code)
+                measured[backend].append((e2e["embed_loop_img_s"], e2e["wall_img_s"], a))
+                if code:
+                    baseline_backend = e2e["backend"]
         for backend, code in runs:
-            progress(f"(c) build-index end to end: {name} {backend} {fast}")
-            e2e = end_to_end(folder, name, weights_of[name], fast, "cpu", args.workers, args.batch_size,
-                             None if code else backend, code)
-            row = {"stage": "c: build-index", "model": name, "precision": fast, "img_s": e2e["embed_loop_img_s"],
-                   "wall_img_s": e2e["wall_img_s"]}
+            loops, walls, models_a = zip(*measured[backend])
+            row = {"stage": "c: build-index", "model": name, "precision": fast, "img_s": statistics.median(loops),
+                   "wall_img_s": statistics.median(walls)}
             if code:
-                row["backend"] = f"baseline ({Path(code).name}, {e2e['backend']})"
-                baseline_rate[name] = e2e["embed_loop_img_s"]
+                row["backend"] = f"baseline ({Path(code).name}, {baseline_backend})"
+                baseline_rate[name] = row["img_s"]
             else:
-                a = model_rate[name, backend, fast]
-                row.update(backend=backend, of_min_ab=e2e["embed_loop_img_s"] / min(a, decode),
-                           of_shared_bound=e2e["embed_loop_img_s"] * (1 / a + 1 / decode))
+                shares = [c * (1 / a + 1 / decode) for c, a in zip(loops, models_a)]
+                row.update(backend=backend, of_min_ab=statistics.median(c / min(a, decode) for c, a in zip(loops, models_a)),
+                           of_shared_bound=statistics.median(shares))
+                if args.rounds > 1:
+                    row["bound_share_range"] = f"{min(shares):.2f}-{max(shares):.2f}"
+                    row["rounds_img_s"] = [round(c, 1) for c in loops]
             rows.append(row)
         for row in rows:
             if row["stage"] == "c: build-index" and row["model"] == name and name in baseline_rate:
@@ -225,7 +245,7 @@ def main() -> None:
               for name, s in speedups.items()]
     print_table("embed: images/s", rows,
                 ["stage", "model", "backend", "precision", "img_s", "wall_img_s", "of_min_ab", "of_shared_bound",
-                 "vs_baseline", "status"], notes)
+                 "bound_share_range", "vs_baseline", "status"], notes)
     write_result("embed", {"quick": args.quick, "images": len(paths), "batch_size": args.batch_size,
                            "rows": rows, "bf16_speedup": speedups})
 
