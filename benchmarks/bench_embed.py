@@ -3,6 +3,8 @@
 (a) model only: Embedder.embed_batch on random tensors (speed does not depend on
     the weight values, so ResNet50 runs with random weights here, where its
     ImageNet file cannot be downloaded; EfficientNet-Lite0 runs with its real ones);
+    and once more on the JPEGs below, decoded beforehand, in the shape groups a build
+    forms (the bar's bound uses the first; the second says what the photos' shapes cost);
 (b) decode + preprocess only: the decoding build-index runs (on a CPU by default threads in its own
     process, between forward passes), no model; a decode process (--workers 1) beside it;
 (c) build-index end to end on the same JPEGs (scan, hash, decode, embed, SQLite, FAISS).
@@ -58,6 +60,21 @@ def decode_only(paths: list[Path], pre, workers: int, batch_size: int) -> float:
     for batch in _decoded_batches(ImageFileDataset(paths, pre), batch_size,
                                   decode_workers(workers, torch.device("cpu")), pin_memory=False):
         n += len(batch.good)
+    return n / (time.perf_counter() - started)
+
+
+def model_on_images(embedder, batches: list) -> float:
+    """Images/s of the model alone over a build's own batches, decoded beforehand.
+
+    The same images in the same shape groups a build feeds it, every shape new to the freshly
+    made embedder as in a build; against one warm 224 x 224 batch (model_only) this shows what
+    the photos' mixed shapes cost the model itself, apart from the pipeline around it.
+    """
+    started, n = time.perf_counter(), 0
+    for batch in batches:
+        if batch.good:
+            embedder.embed_groups(len(batch.good), batch.groups)
+            n += len(batch.good)
     return n / (time.perf_counter() - started)
 
 
@@ -194,6 +211,17 @@ def main() -> None:
             rows.append({"stage": "b: decode+preprocess", "backend": _decoding(other), "precision": "-",
                          "img_s": decode_only(paths, pre, other, args.batch_size), "workers": other})
 
+    from simsearch.pipeline.embed import ImageFileDataset, _decoded_batches
+
+    decoded = list(_decoded_batches(ImageFileDataset(paths, pre), args.batch_size, 0, pin_memory=False))
+    images_rate: dict[tuple[str, str], float] = {}
+    for name, backbone in models.items():
+        for backend in backends:
+            progress(f"(a) model only on these images' shape groups: {name} {backend} {fast}")
+            images_rate[name, backend] = model_on_images(Embedder(backbone, "cpu", fast, backend), decoded)
+            rows.append({"stage": "a: model only, these images", "model": name, "backend": backend,
+                         "precision": fast, "img_s": images_rate[name, backend]})
+
     weights_of = {"efficientnet-lite0": None, "resnet50": "random"}
     baseline_rate: dict[str, float] = {}
     for name, backbone in models.items():
@@ -201,19 +229,20 @@ def main() -> None:
         measured: dict[str, list[tuple[float, float, float]]] = {backend: [] for backend, _ in runs}
         for r in range(args.rounds):
             for backend, code in runs:
-                a = model_rate.get((name, backend, fast), 0.0)
-                if args.rounds > 1 and not code:  # this round's model figure, taken just before its build
+                a, a_images = model_rate.get((name, backend, fast), 0.0), images_rate.get((name, backend), 0.0)
+                if args.rounds > 1 and not code:  # this round's model figures, taken just before its build
                     progress(f"(a) model only, round {r + 1}: {name} {backend} {fast}")
                     a = model_only(Embedder(backbone, "cpu", fast, backend), args.batch_size, seconds)
+                    a_images = model_on_images(Embedder(backbone, "cpu", fast, backend), decoded)
                 progress(f"(c) build-index end to end{f', round {r + 1}' if args.rounds > 1 else ''}: "
                          f"{name} {backend} {fast}")
                 e2e = end_to_end(folder, name, weights_of[name], fast, "cpu", args.workers, args.batch_size,
                                  None if code else backend, code)
-                measured[backend].append((e2e["embed_loop_img_s"], e2e["wall_img_s"], a))
+                measured[backend].append((e2e["embed_loop_img_s"], e2e["wall_img_s"], a, a_images))
                 if code:
                     baseline_backend = e2e["backend"]
         for backend, code in runs:
-            loops, walls, models_a = zip(*measured[backend])
+            loops, walls, models_a, images_a = zip(*measured[backend])
             row = {"stage": "c: build-index", "model": name, "precision": fast, "img_s": statistics.median(loops),
                    "wall_img_s": statistics.median(walls)}
             if code:
@@ -222,7 +251,9 @@ def main() -> None:
             else:
                 shares = [c * (1 / a + 1 / decode) for c, a in zip(loops, models_a)]
                 row.update(backend=backend, of_min_ab=statistics.median(c / min(a, decode) for c, a in zip(loops, models_a)),
-                           of_shared_bound=statistics.median(shares))
+                           of_shared_bound=statistics.median(shares),
+                           of_bound_these_images=statistics.median(c * (1 / a + 1 / decode)
+                                                                   for c, a in zip(loops, images_a)))
                 if args.rounds > 1:
                     row["bound_share_range"] = f"{min(shares):.2f}-{max(shares):.2f}"
                     row["rounds_img_s"] = [round(c, 1) for c in loops]
@@ -240,12 +271,14 @@ def main() -> None:
              f"{len(paths)} real JPEGs (photos, VOC, indoor, re-encoded copies), batch {args.batch_size}, "
              f"torch threads {torch.get_num_threads()}",
              "of_min_ab = (c) / min(a, b); of_shared_bound = (c) / (1/(1/a + 1/b)): on a CPU decode and model share cores",
+             "of_bound_these_images: the same with (a) the model alone on these images' shape groups (a fresh model, "
+             "so each shape is new as in a build) instead of one warm 224 x 224 batch",
              "c: img_s is the embedding loop (decode, model, SQLite commit); wall_img_s adds scan, hashing, model load, FAISS"]
     notes += [f"model-only speed-up, {name}: {s:.2f}x ({'openvino/torch ' + fast if 'openvino' in name else 'bf16/fp32'})"
               for name, s in speedups.items()]
     print_table("embed: images/s", rows,
                 ["stage", "model", "backend", "precision", "img_s", "wall_img_s", "of_min_ab", "of_shared_bound",
-                 "bound_share_range", "vs_baseline", "status"], notes)
+                 "bound_share_range", "of_bound_these_images", "vs_baseline", "status"], notes)
     write_result("embed", {"quick": args.quick, "images": len(paths), "batch_size": args.batch_size,
                            "rows": rows, "bf16_speedup": speedups})
 
