@@ -92,6 +92,9 @@ def test_records_page_through_every_record_once(client: TestClient, demo_index: 
         if not page["records"]:
             break
         assert len(page["records"]) <= 5
+        # Positions in the listing, not search ranks restarting at 1 on every page; no similarity score.
+        assert [r["rank"] for r in page["records"]] == list(range(offset + 1, offset + 1 + len(page["records"])))
+        assert all(r["score"] is None and r["weak"] is False for r in page["records"])
         seen += [r["id"] for r in page["records"]]
         offset += 5
     assert seen == everything  # in id order, none twice, none missed
@@ -157,3 +160,7 @@ def test_searches_take_folders_as_the_app_lists_them(library_index: Path):
     assert unknown.status_code == 400 and "no folder 'nowhere'" in unknown.text
     picked = client.get("/api/records", params={"under": "things"}).json()  # the picker narrows by the same names
     assert {r["name"] for r in picked["records"]} == {"coffee.png", "motorcycle_left.png", "motorcycle_right.png"}
+
+
+def test_the_browsers_icon_request_is_answered_without_an_error(client: TestClient):
+    assert client.get("/favicon.ico").status_code == 204

@@ -177,7 +177,10 @@ class Browser:
                 ids = np.intersect1d(ids, inside)
             ids = ids.tolist()
             described = searcher.describe([(i, 1.0) for i in ids[offset:offset + limit]])
-        return {"total": len(ids), "offset": offset, "limit": limit, "records": [self._public(n) for n in described]}
+        page = [self._public(n) for n in described]
+        for position, row in enumerate(page, offset + 1):  # a listing, not a search: no score to rank by
+            row.update(rank=position, score=None, learned=None, weak=False)
+        return {"total": len(ids), "offset": offset, "limit": limit, "records": page}
 
     def image_file(self, image_id: int) -> Path:
         """The record's own file: the only way a path reaches the client's response."""
@@ -586,6 +589,11 @@ def create_app(index_dir: str | os.PathLike, config: ServeConfig = ServeConfig()
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return PAGE
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        """No icon: an empty answer, so the browser's automatic request logs no 404 on every visit."""
+        return Response(status_code=204)
 
     @app.get("/api/info", summary="What the index holds: counts, classes, backbone")
     def info() -> dict:
