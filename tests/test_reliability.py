@@ -426,3 +426,39 @@ def test_a_child_closes_only_the_lock_file_it_inherited(tmp_path: Path):
     _, status = os.waitpid(pid, 0)
     os.close(r), os.close(w)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_file_that_changed_into_an_unreadable_one_loses_its_old_record(tmp_path: Path):
+    """The record described bytes that are gone: it must not stay searchable beside a 'skipped' line."""
+    data, index = tmp_path / "data", tmp_path / "index"
+    paths = _photos(data, 3)
+    _build(data, index)
+    good = paths[1].read_bytes()
+    paths[1].write_bytes(good[:300])  # the same name, now a truncated JPEG
+    report = _build(data, index)
+    assert (report.added, report.unchanged, report.pruned) == (0, 2, 1)
+    [skip] = [s for s in report.skipped if s["path"] == str(paths[1].resolve())]
+    assert "record from the earlier file was removed" in skip["reason"]
+    count, _ = _consistent(index)
+    with Store(index) as store:
+        assert count == 2 and str(paths[1].resolve()) not in store.known_files()
+    paths[1].write_bytes(good)  # mended: indexed again
+    report = _build(data, index)
+    assert report.added == 1 and _consistent(index)[0] == 3
+
+
+def test_info_says_an_interrupted_build_is_unfinished(small_index: Path):
+    from dataclasses import replace
+
+    from simsearch.storage.info import describe_index
+
+    index = small_index
+    assert describe_index(index)["finished"] is True
+    with Store(index) as store:  # as a first build leaves it when stopped before its FAISS file
+        store.save_spec(replace(store.spec, index_type=None))
+    assert describe_index(index)["finished"] is False
+    out = subprocess.run([sys.executable, "-m", "simsearch.cli", "info", "--index", str(index), "--format", "table"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^status +unfinished: .*run simsearch build-index again", out.stdout, re.M), out.stdout
+    assert re.search(r"^ranking +not decided yet", out.stdout, re.M), out.stdout

@@ -36,8 +36,10 @@ def build_index_command(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the CPU or GPU has it), fp32, bf16 or fp16 (CUDA)."),
     backend: str = typer.Option("auto", "--backend", help="What runs the model: auto (OpenVINO on a CPU where installed, else torch), torch or openvino (needs: pip install 'simsearch\\[openvino]')."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
-    workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes; 0 = threads in this process, between batches; "
-                                 "-1 = 0 on a CPU (the model has every core), one per spare core on a GPU."),
+    workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes. 0 = decode in this process, on the model's threads between "
+                                 "forward passes (fastest on a CPU: a separate process competes with the model for "
+                                 "its cores); -1 = 0 when the device is a CPU, one process per spare core when it "
+                                 "is a GPU."),
     index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
     prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone (all of them when DATA itself is gone)."),
     keep_maps: bool = typer.Option(False, "--keep-maps", help="Keep every image's feature map (125-200 KB each), not only those of images with boxes, so a localizer trained later predicts without reading the images again."),
@@ -58,10 +60,11 @@ def build_index_command(
                                          keep_maps=keep_maps, engine=engine.value, address=address,
                                          similarity=similarity.value if similarity is not None else None))
     echo_json(asdict(report))
+    speed = f"{report.images_per_second:.1f} img/s" if report.images_per_second else "nothing embedded"
     typer.echo(
         f"indexed {report.ntotal} images in {index} ({report.index_type}, FAISS {report.faiss or 'kept'}): {report.added} added, "
         f"{report.replaced} replaced, {report.unchanged} unchanged, {report.moved} moved, {report.pruned} pruned, "
-        f"{len(report.skipped)} skipped; ranked by {report.similarity} similarity; {report.images_per_second:.1f} img/s ({report.precision} on {report.device}, {report.backend})",
+        f"{len(report.skipped)} skipped; ranked by {report.similarity} similarity; {speed} ({report.precision} on {report.device}, {report.backend})",
         err=True,
     )
     for item in report.skipped[:20]:
@@ -218,6 +221,9 @@ def info_command(
         for key in ("index", "images", "ids", "objects", "object_vectors", "index_type", "backbone", "weights", "dim", "skipped",
                     "writer"):
             typer.echo(f"{key:<14} {info[key]}")
+        if not info["finished"]:
+            typer.echo(f"{'status':<14} unfinished: a build stopped before its end; run simsearch build-index "
+                       f"again with --index {index} (what it committed is kept)")
         calibration = info["calibration"]
         if calibration and calibration["cutoff"] is not None:
             typer.echo(f"{'cutoff':<14} {calibration['cutoff']} (scores below are weak matches; random pairs q99 "
@@ -240,13 +246,17 @@ def ranking_line(info: dict) -> str:
     from simsearch.storage.similarity import MIN_CLASSES, MIN_LABELLED
 
     learned = info["learned_similarity"]
+    if not info.get("finished", True):
+        return "not decided yet: it is fitted at the end of a build, and this index's build has not finished"
     if learned:
         return (f"learned from {learned['labelled']} labelled images, {learned['classes']} classes "
                 f"(the nearest in appearance first when a good match)")
     if info["similarity_mode"] == "plain":
         return "plain appearance (told --similarity plain)"
+    classes = len(info.get("labels") or {})
     return (f"plain appearance: learning needs {MIN_LABELLED} images with ground-truth classes, of "
-            f"{MIN_CLASSES} classes or more; this index has {info['labelled_images']} labelled")
+            f"{MIN_CLASSES} classes or more; this index has {info['labelled_images']} labelled, of "
+            f"{classes} class{'es' if classes != 1 else ''}")
 
 
 @app.command("sample-photos")

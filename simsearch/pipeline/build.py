@@ -127,7 +127,13 @@ def build_index(config: BuildConfig) -> BuildReport:
         embed_started = time.perf_counter()
         if todo:
             for batch in file_batches([r.path for r, _ in todo], embedder, config.embed):
-                skipped += [Skipped(todo[i][0].path, reason) for i, reason in batch.failures]
+                stale = []
+                for i, reason in batch.failures:
+                    if str(todo[i][0].path) in known:  # changed bytes that no longer decode: the record is of bytes gone
+                        stale.append(known[str(todo[i][0].path)][0])
+                        reason += "; its record from the earlier file was removed"
+                    skipped.append(Skipped(todo[i][0].path, reason))
+                report.pruned += store.remove_images(stale)
                 if batch.embedded is None:
                     continue
                 # Each image's predicted boxes, best first (a dense head's every detection, else one).
@@ -160,7 +166,7 @@ def build_index(config: BuildConfig) -> BuildReport:
         report.added = embedded - report.replaced
         report.images_per_second = embedded / max(time.perf_counter() - embed_started, 1e-9) if embedded else 0.0
         if config.prune:
-            report.pruned = _prune(store, config.data, result.records)
+            report.pruned += _prune(store, config.data, result.records)
         _compact(store)
         skipped = _merged(skipped)
         store.record_skipped(skipped)

@@ -23,6 +23,8 @@ def describe_index(index_dir: str | os.PathLike) -> dict:
         learned = similarity.load(store)
         return {
             "index": str(index_dir),
+            # False while a build has not reached its end (interrupted, killed): no FAISS file, fit or calibration yet.
+            "finished": spec is not None and store.finished,
             **summary,
             "ids": id_range(store),  # "1..1234": what `query --id` accepts (gaps where records were removed)
             "index_type": spec.index_type if spec else None,
