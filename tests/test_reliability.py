@@ -462,3 +462,9 @@ def test_info_says_an_interrupted_build_is_unfinished(small_index: Path):
     assert out.returncode == 0, out.stderr
     assert re.search(r"^status +unfinished: .*run simsearch build-index again", out.stdout, re.M), out.stdout
     assert re.search(r"^ranking +not decided yet", out.stdout, re.M), out.stdout
+    from simsearch.storage.layout import writer_lock
+
+    with writer_lock(index, "build-index"):  # a first build still running is not a stopped one
+        out = subprocess.run([sys.executable, "-m", "simsearch.cli", "info", "--index", str(index), "--format",
+                              "table"], capture_output=True, text=True, timeout=120)
+    assert re.search(rf"^status +being built now \(build-index pid {os.getpid()}\)$", out.stdout, re.M), out.stdout

@@ -221,7 +221,9 @@ def info_command(
         for key in ("index", "images", "ids", "objects", "object_vectors", "index_type", "backbone", "weights", "dim", "skipped",
                     "writer"):
             typer.echo(f"{key:<14} {info[key]}")
-        if not info["finished"]:
+        if not info["finished"] and info["writer"]:
+            typer.echo(f"{'status':<14} being built now ({info['writer']})")
+        elif not info["finished"]:
             typer.echo(f"{'status':<14} unfinished: a build stopped before its end; run simsearch build-index "
                        f"again with --index {index} (what it committed is kept)")
         calibration = info["calibration"]
