@@ -129,10 +129,11 @@ def build_index(config: BuildConfig) -> BuildReport:
             for batch in file_batches([r.path for r, _ in todo], embedder, config.embed):
                 stale = []
                 for i, reason in batch.failures:
-                    if str(todo[i][0].path) in known:  # changed bytes that no longer decode: the record is of bytes gone
-                        stale.append(known[str(todo[i][0].path)][0])
+                    path = todo[i][0].path
+                    if str(path) in known:  # changed bytes that no longer decode: the record is of bytes gone
+                        stale.append(known[str(path)][0])
                         reason += "; its record from the earlier file was removed"
-                    skipped.append(Skipped(todo[i][0].path, reason))
+                    skipped.append(Skipped(path, reason))
                 report.pruned += store.remove_images(stale)
                 if batch.embedded is None:
                     continue

@@ -239,9 +239,8 @@ class Browser:
             with self._lock:
                 result = self._fresh().search(image_id, k, filters, include_training)
             query = _with_contents(_query_of(result.record), result.contents, result.left_out)
-            query["ranked_by"] = result.ranked_by  # where the CLI's first JSON line has it, and beside the results
-            return {"query": query, "mode": "image", "cutoff": result.cutoff, "ranked_by": result.ranked_by,
-                    "neighbours": [self._public(n) for n in result.neighbours]}
+            return _answer(query, "image", [self._public(n) for n in result.neighbours], result.cutoff,
+                           result.ranked_by)
         record = self._record(image_id)
         query = _query_of(record)
         with self._decode_slots:
@@ -251,8 +250,7 @@ class Browser:
             xq, contents = self._look(image)  # what is in the region, from the pass that embeds it
         # A region's best match may well be its own image: nothing is excluded.
         neighbours, left_out, ranked_by = self._neighbours(xq, k, filters, set(), include_training)
-        return {"query": {**_with_contents(query, contents, left_out), "ranked_by": ranked_by}, "mode": "crop",
-                "neighbours": neighbours, "cutoff": self._cutoff(), "ranked_by": ranked_by}
+        return _answer(_with_contents(query, contents, left_out), "crop", neighbours, self._cutoff(), ranked_by)
 
     def _search_objects_id(self, image_id: int, k: int, filters: Filters | None, box: str | None,
                            include_training: bool = False) -> dict:
@@ -324,9 +322,8 @@ class Browser:
             with self._lock:
                 contents.copies = self._fresh().known_copies(exclude, xq)
         neighbours, left_out, ranked_by = self._neighbours(xq, self._k(k), filters, exclude, include_training)
-        return {"query": {**_with_contents(query, contents, left_out), "ranked_by": ranked_by},
-                "mode": "crop" if box else "image", "neighbours": neighbours, "cutoff": self._cutoff(),
-                "ranked_by": ranked_by}
+        return _answer(_with_contents(query, contents, left_out), "crop" if box else "image", neighbours,
+                       self._cutoff(), ranked_by)
 
     def export(self, result: dict, asked: dict | None = None) -> Iterator[bytes]:
         """A search's result (as `search_id` or `search_upload` returned it) as a ZIP: the neighbours' own files,
@@ -392,6 +389,13 @@ class Browser:
             "why": n.why.to_json() if n.why is not None else None,
             "match_crop_url": f"/api/boxes/{matched.id}/crop" if matched is not None else None,
         }
+
+
+def _answer(query: dict, mode: str, neighbours: list[dict], cutoff: float | None, ranked_by: str) -> dict:
+    """A whole-image or region search's response: `ranked_by` in its query (where the CLI's first JSON
+    line has it) and beside the results."""
+    return {"query": {**query, "ranked_by": ranked_by}, "mode": mode, "neighbours": neighbours, "cutoff": cutoff,
+            "ranked_by": ranked_by}
 
 
 class _UploadTooLarge(SimsearchError):
