@@ -5,7 +5,10 @@ Variants (each skipped with its reason where its package is missing):
   compile bf16              torch.compile (inductor) with freezing, channels_last, autocast
   pt2e int8                 PT2E post-training quantization with the X86 inductor quantizer (torchao),
                             calibrated on real JPEGs, then torch.compile
-  openvino bf16             the module converted in-process (simsearch's OpenVINORunner, dynamic shapes)
+  openvino bf16             the module converted in-process (simsearch's OpenVINORunner, dynamic shapes):
+                            one stream a core, a few images a request
+  openvino bf16 1req        the same model run as before streams: the whole batch as one request on
+                            all threads (LATENCY hint)
   openvino int8             the same, quantized by NNCF, calibrated on real JPEGs
 
 Fidelity: every variant embeds the real photos of ../shared/data (aspect-kept, several
@@ -29,7 +32,8 @@ from pathlib import Path
 
 from common import NOISE_NOTE, print_table, progress, replicated_jpegs, source_photos, write_result
 
-VARIANTS = ("torch-fp32", "torch-bf16", "compile-bf16", "pt2e-int8", "openvino-bf16", "openvino-int8")
+VARIANTS = ("torch-fp32", "torch-bf16", "compile-bf16", "pt2e-int8", "openvino-bf16", "openvino-bf16-1req",
+            "openvino-int8")
 
 
 class CompiledRunner:
@@ -44,11 +48,11 @@ class CompiledRunner:
         inductor.freezing = True  # constant-fold the weights into the graph: inference only
         self.model = torch.compile(model)
 
-    def __call__(self, x):
+    def __call__(self, batches):
         import torch
 
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x.contiguous(memory_format=torch.channels_last))
+            return [self.model(x.contiguous(memory_format=torch.channels_last)) for x in batches]
 
 
 class PT2EInt8Runner:
@@ -74,11 +78,11 @@ class PT2EInt8Runner:
                 prepared(x[None])
         self.model = torch.compile(convert_pt2e(prepared))
 
-    def __call__(self, x):
+    def __call__(self, batches):
         import torch
 
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.model(x)
+            return [self.model(x) for x in batches]
 
 
 class OpenVINOInt8Runner:
@@ -86,25 +90,50 @@ class OpenVINOInt8Runner:
 
     name = "openvino"
 
-    def __init__(self, model, calibration):
+    def __init__(self, model, calibration, backbone_name: str):
         import nncf
         import openvino as ov
         import torch
 
+        from simsearch.pipeline.backends import IMAGES_PER_REQUEST, StreamedRequests
+
         converted = ov.convert_model(model, example_input=torch.zeros(1, 3, 224, 224), input=[(-1, 3, -1, -1)])
         quantized = nncf.quantize(converted, nncf.Dataset([x[None].numpy() for x in calibration]),
                                   subset_size=len(calibration))
-        self.compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
-        self.request = self.compiled.create_infer_request()
+        # Run as the bf16 runner runs: the same streams and images a request.
+        self.compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                                  "PERFORMANCE_HINT": "THROUGHPUT",
+                                                                  "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        self.streams = StreamedRequests(self.compiled, IMAGES_PER_REQUEST.get(backbone_name, 1))
 
-    def __call__(self, x):
+    def __call__(self, batches):
+        return self.streams(batches)
+
+
+class OpenVINOOneRequestRunner:
+    """The bf16 model as the runner ran it before streams: one request on all threads, shapes in turn."""
+
+    name = "openvino"
+
+    def __init__(self, runner):
+        import openvino as ov
         import torch
 
-        return torch.from_numpy(self.request.infer({0: x.contiguous().numpy()})[0].copy())
+        model = ov.Core().read_model(str(runner.folder / "model.xml"))
+        self.request = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
+                                                              "PERFORMANCE_HINT": "LATENCY",
+                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+                                               ).create_infer_request()
+
+    def __call__(self, batches):
+        import torch
+
+        return [torch.from_numpy(self.request.infer({0: x.contiguous().numpy()})[0].copy()) for x in batches]
 
 
 def missing(variant: str) -> str | None:
-    needs = {"pt2e-int8": "torchao", "openvino-bf16": "openvino", "openvino-int8": "nncf"}.get(variant)
+    needs = {"pt2e-int8": "torchao", "openvino-bf16": "openvino", "openvino-bf16-1req": "openvino",
+             "openvino-int8": "nncf"}.get(variant)
     if needs and importlib.util.find_spec(needs) is None:
         return f"skipped: pip install {needs}"
     return None
@@ -115,15 +144,18 @@ def make_embedder(variant: str, backbone, calibration):
 
     if variant == "torch-fp32":
         return Embedder(backbone, "cpu", "fp32", "torch")
-    if variant == "openvino-bf16":
-        return Embedder(backbone, "cpu", "bf16", "openvino")
+    if variant.startswith("openvino-bf16"):
+        embedder = Embedder(backbone, "cpu", "bf16", "openvino")
+        if variant == "openvino-bf16-1req":
+            embedder.runner = OpenVINOOneRequestRunner(embedder.runner)
+        return embedder
     embedder = Embedder(backbone, "cpu", "bf16", "torch")
     if variant == "compile-bf16":
         embedder.runner = CompiledRunner(embedder.model, calibration)
     elif variant == "pt2e-int8":
         embedder.runner = PT2EInt8Runner(backbone.features.eval(), calibration)
     elif variant == "openvino-int8":
-        embedder.runner = OpenVINOInt8Runner(backbone.features.eval(), calibration)
+        embedder.runner = OpenVINOInt8Runner(backbone.features.eval(), calibration, backbone.spec.backbone)
     return embedder
 
 

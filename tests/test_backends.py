@@ -15,7 +15,7 @@ from torch import nn
 
 from simsearch.errors import BadInputError
 from simsearch.pipeline import backends
-from simsearch.pipeline.backends import OpenVINORunner, resolve_backend
+from simsearch.pipeline.backends import OpenVINORunner, StreamedRequests, resolve_backend
 from simsearch.pipeline.decode import normalize, preprocess
 from simsearch.spec import EmbedderSpec, IndexSpec, Preprocess, check_compatible
 
@@ -112,16 +112,33 @@ def test_openvino_conversion_is_cached_and_serves_every_input_shape(tmp_path: Pa
     assert first.converted and (first.folder / "model.xml").is_file()
     second = OpenVINORunner(model, spec, torch.float32, cache=tmp_path)
     assert not second.converted  # read from the cache: no second trace and conversion
-    for shape in ((2, 3, 224, 224), (3, 3, 192, 288), (1, 3, 320, 160)):  # aspect-kept inputs: several shapes
-        x = torch.randn(*shape)
+    # Aspect-kept inputs: several shapes, all in one call.
+    inputs = [torch.randn(*shape) for shape in ((2, 3, 224, 224), (3, 3, 192, 288), (1, 3, 320, 160))]
+    for x, got in zip(inputs, second(inputs), strict=True):
         with torch.no_grad():
             expected = model(x)
-        got = second(x)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     other = _spec()
     other = EmbedderSpec(other.backbone, other.weights, "other-weights", other.dim, other.feature_shape)
     assert OpenVINORunner(model, other, torch.float32, cache=tmp_path).converted  # other weights: not reused
+
+
+def test_streamed_requests_split_each_batch_and_return_it_whole_in_order():
+    """Two streams, two images a request: 5 images come back from 3 requests, 3 from 2, in their order."""
+    ov = pytest.importorskip("openvino")
+    model = _Tiny().eval()
+    converted = ov.convert_model(model, example_input=torch.zeros(1, 3, 64, 64), input=[(-1, 3, -1, -1)])
+    compiled = ov.Core().compile_model(converted, "CPU", {"NUM_STREAMS": 2, "INFERENCE_NUM_THREADS": 2,
+                                                             "INFERENCE_PRECISION_HINT": "f32"})
+    streams = StreamedRequests(compiled, images_per_request=2)
+    assert streams.requests == 2
+    inputs = [torch.randn(5, 3, 64, 96), torch.randn(3, 3, 96, 64)]
+    for _ in range(2):  # a second call gets no output of the first
+        outputs = streams(inputs)
+        for x, got in zip(inputs, outputs, strict=True):
+            with torch.no_grad():
+                torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
 
 
 def _top10(v: np.ndarray) -> np.ndarray:

@@ -338,12 +338,17 @@ class Embedder:
         vectors = torch.empty(n, self.spec.dim)
         maps = torch.empty(n, *self.spec.feature_shape, dtype=torch.float16)
         tags: list[list[Tag]] | None = [[] for _ in range(n)] if self.classifier is not None else None
+        groups = [(members, batch) for members, batch in groups if members]
+        inputs = []
         for members, batch in groups:
             batch = batch.to(self.device, non_blocking=True)  # from pinned memory, asynchronously
             padded = self._padded_size(len(members))
             if padded > len(members):  # on the device: the pinned batch went over as it came
                 batch = torch.cat([batch, batch.new_zeros(padded - len(members), *batch.shape[1:])])
-            fmap = self.runner(normalize(batch, self.spec.preprocess))
+            inputs.append(normalize(batch, self.spec.preprocess))
+        # Every shape in one call: a backend with several streams runs them side by side.
+        fmaps = self.runner(inputs) if inputs else []
+        for (members, _), fmap in zip(groups, fmaps):
             fmap = fmap[: len(members)].float()
             # The vector pools the native map; the stored map is resampled to one grid over the
             # whole image so the localizer sees every image in the same frame.
