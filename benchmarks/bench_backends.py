@@ -116,19 +116,12 @@ class OpenVINOOneRequestRunner:
     name = "openvino"
 
     def __init__(self, runner):
-        import openvino as ov
-        import torch
+        from simsearch.pipeline.backends import OneRequest
 
-        model = ov.Core().read_model(str(runner.folder / "model.xml"))
-        self.request = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16",
-                                                              "PERFORMANCE_HINT": "LATENCY",
-                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-                                               ).create_infer_request()
+        self.run = OneRequest(runner._core.compile_model(str(runner._xml), "CPU", runner._config("LATENCY")))
 
     def __call__(self, batches):
-        import torch
-
-        return [torch.from_numpy(self.request.infer({0: x.contiguous().numpy()})[0].copy()) for x in batches]
+        return self.run(batches)
 
 
 def missing(variant: str) -> str | None:

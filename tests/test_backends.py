@@ -119,6 +119,10 @@ def test_openvino_conversion_is_cached_and_serves_every_input_shape(tmp_path: Pa
             expected = model(x)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    single = torch.randn(1, 3, 160, 224)  # fewer images than streams: the whole model on every thread
+    with torch.no_grad():
+        torch.testing.assert_close(second([single])[0], model(single), rtol=1e-4, atol=1e-4)
+    assert (second._one is not None) == (second._streams.requests > 1)
     other = _spec()
     other = EmbedderSpec(other.backbone, other.weights, "other-weights", other.dim, other.feature_shape)
     assert OpenVINORunner(model, other, torch.float32, cache=tmp_path).converted  # other weights: not reused

@@ -124,11 +124,11 @@ class OpenVINORunner:
         if not xml.is_file():
             self._convert(model, spec, xml)
             self.converted = True
-        # As many threads as torch would use: OMP_NUM_THREADS and a Ray actor's CPU share hold for both.
-        self.compiled = core.compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
-                                                              "PERFORMANCE_HINT": "THROUGHPUT",
-                                                              "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        self._core, self._xml = core, xml
+        self.compiled = core.compile_model(str(xml), "CPU", self._config("THROUGHPUT"))
         self._streams = StreamedRequests(self.compiled, IMAGES_PER_REQUEST.get(spec.backbone, 1))
+        self._one: OneRequest | None = None  # compiled on the first call too small to fill the streams
+        self._one_lock = threading.Lock()
         log.info("openvino %s model %s in %.1fs (%s)", self.precision, "converted" if self.converted else "loaded",
                  time.perf_counter() - started, self.folder)
 
@@ -149,8 +149,34 @@ class OpenVINORunner:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def _config(self, hint: str) -> dict:
+        # As many threads as torch would use: OMP_NUM_THREADS and a Ray actor's CPU share hold for both.
+        return {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": hint,
+                "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+
     def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self._streams(batches)
+        if sum(len(x) for x in batches) >= self._streams.requests:
+            return self._streams(batches)
+        # Fewer images than streams (a query's one image): a stream has one core, so the whole
+        # model on every thread answers sooner (Lite0 6.0 against 11.3 ms here, ResNet50 22.9 against 32.8).
+        with self._one_lock:
+            if self._one is None:
+                self._one = OneRequest(self._core.compile_model(str(self._xml), "CPU", self._config("LATENCY")))
+        return self._one(batches)
+
+
+class OneRequest:
+    """A compiled model's single request, each input shape in turn, under a lock (a request is not thread-safe)."""
+
+    def __init__(self, compiled):
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        with self._lock:
+            # The request reuses its output buffer on the next call: copy before handing it on.
+            return [torch.from_numpy(self._request.infer({0: x.detach().cpu().contiguous().numpy()})[0].copy())
+                    for x in batches]
 
 
 # Images per OpenVINO request when the model runs several streams. ResNet50's weights (50 MB in
