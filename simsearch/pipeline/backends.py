@@ -205,31 +205,36 @@ class StreamedRequests:
         self.images_per_request = images_per_request if self.requests > 1 else 1 << 30
         self._queue = ov.AsyncInferQueue(compiled, self.requests)
         self._queue.set_callback(self._collect)
-        self._outputs: dict[tuple[int, int], object] = {}
-        self._lock = threading.Lock()
+        self._sizes: list[int] = []
+        self._outputs: list = []  # per batch: its whole feature map, filled by the requests' callbacks
+        self._filled = 0
+        self._lock, self._out_lock = threading.Lock(), threading.Lock()
 
     def _collect(self, request, slot: tuple[int, int]) -> None:
-        # A request reuses its output buffer for its next input: copy before it is handed one.
-        self._outputs[slot] = request.get_output_tensor(0).data.copy()
-
-    def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy one request's output into its batch's slice: the request reuses the buffer for its next input."""
         import numpy as np
 
+        b, start = slot
+        data = request.get_output_tensor(0).data
+        with self._out_lock:  # callbacks run on OpenVINO's threads
+            if self._outputs[b] is None:
+                self._outputs[b] = np.empty((self._sizes[b], *data.shape[1:]), data.dtype)
+            self._filled += len(data)
+        self._outputs[b][start:start + len(data)] = data
+
+    def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         with self._lock:
-            self._outputs = {}
-            slots: list[list[tuple[int, int]]] = []
             arrays = [x.detach().cpu().contiguous().numpy() for x in batches]
+            self._sizes, self._outputs, self._filled = [len(a) for a in arrays], [None] * len(arrays), 0
             for b, array in enumerate(arrays):
-                slots.append([])
                 for start in range(0, len(array), self.images_per_request):
-                    slots[b].append((b, start))
-                    self._queue.start_async({0: array[start:start + self.images_per_request]}, (b, start))
+                    # Shared, not copied: `arrays` outlives the requests (wait_all below).
+                    self._queue.start_async({0: array[start:start + self.images_per_request]}, (b, start),
+                                            share_inputs=True)
             self._queue.wait_all()
-            missing = [slot for batch in slots for slot in batch if slot not in self._outputs]
-            if missing:
-                raise RuntimeError(f"OpenVINO returned no output for {len(missing)} of its requests")
-            return [torch.from_numpy(np.concatenate([self._outputs[slot] for slot in batch]))
-                    if batch else torch.empty(0) for batch in slots]
+            if self._filled != sum(self._sizes) or any(out is None for out in self._outputs):
+                raise RuntimeError(f"OpenVINO returned {self._filled} of {sum(self._sizes)} images' outputs")
+            return [torch.from_numpy(out) for out in self._outputs]
 
 
 def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:
