@@ -1,11 +1,12 @@
 """Backends: what runs a backbone's forward pass, PyTorch or OpenVINO, picked at run time.
 
-A backend turns a preprocessed batch (B, 3, H, W) into the backbone's feature map
-(B, C, h, w); pooling, tags and maps stay in `Embedder.embed_batch`, the same for
-all. On a CPU OpenVINO ran the backbones about twice as fast as PyTorch eager bf16
-on the same images (benchmarks/bench_backends.py), with vectors at mean cosine
-0.999 to fp32 (top-10 neighbours 0.97 the same), so `auto` takes it where it is installed (the `openvino` extra)
-and the device is a CPU; everywhere else `auto` is PyTorch, which needs nothing more.
+A backend turns preprocessed batches, one (B, 3, H, W) tensor per input shape, into the
+backbone's feature maps (B, C, h, w); pooling, tags and maps stay in `Embedder.embed_groups`,
+the same for all. On a CPU OpenVINO, one stream a core with a few images a request, ran
+ResNet50 2-3x and Lite0 4-5x PyTorch eager bf16 on the same images
+(benchmarks/bench_backends.py), with vectors at mean cosine 0.999 to fp32 (top-10 neighbours
+0.97 the same), so `auto` takes it where it is installed (the `openvino` extra) and the
+device is a CPU; everywhere else `auto` is PyTorch, which needs nothing more.
 
 OpenVINO's conversion of a torch module (tracing, then graph passes) costs seconds,
 and compiling the converted model costs more: both are cached in the user cache
@@ -102,8 +103,9 @@ class TorchRunner:
 class OpenVINORunner:
     """The backbone converted to OpenVINO once, with dynamic batch and input sides.
 
-    One dynamic model serves every aspect-kept input shape: one compile, never one per new
-    shape (a model compiled per static shape was not measured). bf16 runs on AMX /
+    One dynamic model serves every aspect-kept input shape: never a compile per new shape (a
+    model compiled per static shape was not measured). It is compiled for streams, and once
+    more for single requests when a call is too small to fill them (`__call__`). bf16 runs on AMX /
     AVX512-BF16 through OpenVINO's inference precision; the weights stay fp32 in the cache.
     """
 
@@ -151,14 +153,18 @@ class OpenVINORunner:
 
     def _config(self, hint: str) -> dict:
         # As many threads as torch would use: OMP_NUM_THREADS and a Ray actor's CPU share hold for both.
+        threads = torch.get_num_threads()
+        # OpenVINO pins its threads to the first cores; several processes given a share each (Ray
+        # actors on one machine) would all pin to the same ones.
         return {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": hint,
-                "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+                "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": threads >= (os.cpu_count() or 1)}
 
     def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if sum(len(x) for x in batches) >= self._streams.requests:
+        if self._streams.request_count(batches) >= self._streams.requests:
             return self._streams(batches)
-        # Fewer images than streams (a query's one image): a stream has one core, so the whole
+        # Fewer requests than streams (a query's one image): a stream has one core, so the whole
         # model on every thread answers sooner (Lite0 6.0 against 11.3 ms here, ResNet50 22.9 against 32.8).
+        # Compiled on first use (about 0.3 s from OpenVINO's cache), so a build seldom pays it.
         with self._one_lock:
             if self._one is None:
                 self._one = OneRequest(self._core.compile_model(str(self._xml), "CPU", self._config("LATENCY")))
@@ -194,47 +200,97 @@ class StreamedRequests:
     machine the two cores' speeds differ from one moment to the next (a one-thread ResNet50
     ran 35-80 img/s on either core here). Independent requests, one stream a core, let the
     faster core take more of the batch. Several requests also overlap one input shape's tail
-    with the next shape's start. Not thread-safe across calls by itself: calls hold a lock.
+    with the next shape's start. Calls are serialised by a lock.
     """
 
     def __init__(self, compiled, images_per_request: int = 1):
-        import openvino as ov
-
+        self.compiled = compiled
         self.requests = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         # With one stream, small requests only lose the batch's efficiency: send each batch whole.
         self.images_per_request = images_per_request if self.requests > 1 else 1 << 30
-        self._queue = ov.AsyncInferQueue(compiled, self.requests)
-        self._queue.set_callback(self._collect)
-        self._sizes: list[int] = []
-        self._outputs: list = []  # per batch: its whole feature map, filled by the requests' callbacks
-        self._filled = 0
-        self._lock, self._out_lock = threading.Lock(), threading.Lock()
+        self._queue = self._new_queue()
+        self._lock = threading.Lock()
 
-    def _collect(self, request, slot: tuple[int, int]) -> None:
-        """Copy one request's output into its batch's slice: the request reuses the buffer for its next input."""
-        import numpy as np
+    def _new_queue(self):
+        import openvino as ov
 
-        b, start = slot
-        data = request.get_output_tensor(0).data
-        with self._out_lock:  # callbacks run on OpenVINO's threads
-            if self._outputs[b] is None:
-                self._outputs[b] = np.empty((self._sizes[b], *data.shape[1:]), data.dtype)
-            self._filled += len(data)
-        self._outputs[b][start:start + len(data)] = data
+        queue = ov.AsyncInferQueue(self.compiled, self.requests)
+        # A plain function, not a bound method: the queue would hold this object alive for good.
+        queue.set_callback(_collect)
+        return queue
+
+    def request_count(self, batches: Sequence[torch.Tensor]) -> int:
+        """How many requests these batches make."""
+        return sum(-(-len(x) // self.images_per_request) for x in batches)
 
     def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if any(len(x) == 0 for x in batches):
+            raise ValueError("every batch needs at least one image")
         with self._lock:
             arrays = [x.detach().cpu().contiguous().numpy() for x in batches]
-            self._sizes, self._outputs, self._filled = [len(a) for a in arrays], [None] * len(arrays), 0
-            for b, array in enumerate(arrays):
-                for start in range(0, len(array), self.images_per_request):
-                    # Shared, not copied: `arrays` outlives the requests (wait_all below).
-                    self._queue.start_async({0: array[start:start + self.images_per_request]}, (b, start),
-                                            share_inputs=True)
-            self._queue.wait_all()
-            if self._filled != sum(self._sizes) or any(out is None for out in self._outputs):
-                raise RuntimeError(f"OpenVINO returned {self._filled} of {sum(self._sizes)} images' outputs")
-            return [torch.from_numpy(out) for out in self._outputs]
+            call = _Call([len(a) for a in arrays])
+            try:
+                for b, array in enumerate(arrays):
+                    for start in range(0, len(array), self.images_per_request):
+                        # Shared, not copied: `arrays` outlives every request (the waits below).
+                        self._queue.start_async({0: array[start:start + self.images_per_request]},
+                                                (call, b, start), share_inputs=True)
+            except BaseException:  # a bad input, Ctrl-C: let the started requests finish, then start anew
+                self._wait_every_request()
+                self._queue = self._new_queue()
+                raise
+            failed = self._wait_every_request()
+            if failed or call.error is not None or call.filled != sum(call.sizes):
+                # A failure stays queued in OpenVINO's queue and would abort the next call: start anew.
+                self._queue = self._new_queue()
+                cause = failed or call.error
+                raise RuntimeError(f"OpenVINO returned {call.filled} of {sum(call.sizes)} images' outputs"
+                                   + (f" ({type(cause).__name__}: {cause})" if cause else "")) from cause
+            return [torch.from_numpy(out) for out in call.outputs]
+
+    def _wait_every_request(self) -> BaseException | None:
+        """Wait for each request, even after one failed: none may still read an input when the call returns.
+
+        (`wait_all` raises at the first failed request, leaving later ones running.)
+        """
+        failed = None
+        for request in self._queue:
+            try:
+                request.wait()
+            except Exception as e:  # noqa: BLE001 - reported by the caller, after every request is done
+                failed = failed or e
+        return failed
+
+
+class _Call:
+    """One call's outputs, filled by the requests' callbacks on OpenVINO's threads."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+        self.outputs: list = [None] * len(sizes)
+        self.filled = 0
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+
+
+def _collect(request, slot: tuple[_Call, int, int]) -> None:
+    """Copy one request's output into its batch's slice: the request reuses the buffer for its next input.
+
+    Nothing may leave this function: OpenVINO keeps a callback's exception and re-raises it on every
+    later start, which aborts the process. The error is kept on the call instead.
+    """
+    import numpy as np
+
+    call, b, start = slot
+    try:
+        data = request.get_output_tensor(0).data
+        with call.lock:
+            if call.outputs[b] is None:
+                call.outputs[b] = np.empty((call.sizes[b], *data.shape[1:]), data.dtype)
+            call.filled += len(data)
+        call.outputs[b][start:start + len(data)] = data
+    except BaseException as e:  # noqa: BLE001 - see above
+        call.error = e
 
 
 def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:

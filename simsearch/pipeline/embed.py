@@ -348,7 +348,7 @@ class Embedder:
             inputs.append(normalize(batch, self.spec.preprocess))
         # Every shape in one call: a backend with several streams runs them side by side.
         fmaps = self.runner(inputs) if inputs else []
-        for (members, _), fmap in zip(groups, fmaps):
+        for (members, _), fmap in zip(groups, fmaps, strict=True):
             fmap = fmap[: len(members)].float()
             # The vector pools the native map; the stored map is resampled to one grid over the
             # whole image so the localizer sees every image in the same frame.
