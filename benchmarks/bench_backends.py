@@ -116,9 +116,7 @@ class OpenVINOOneRequestRunner:
     name = "openvino"
 
     def __init__(self, runner):
-        from simsearch.pipeline.backends import OneRequest
-
-        self.run = OneRequest(runner._core.compile_model(str(runner._xml), "CPU", runner._config("LATENCY")))
+        self.run = runner.one_request()
 
     def __call__(self, batches):
         return self.run(batches)

@@ -168,8 +168,12 @@ class OpenVINORunner:
         # Compiled on first use (about 0.3 s from OpenVINO's cache), so a build seldom pays it.
         with self._one_lock:
             if self._one is None:
-                self._one = OneRequest(self._core.compile_model(str(self._xml), "CPU", self._config("LATENCY")))
+                self._one = self.one_request()
         return self._one(batches)
+
+    def one_request(self) -> OneRequest:
+        """The model compiled for one request over every thread (the LATENCY hint)."""
+        return OneRequest(self._core.compile_model(str(self._xml), "CPU", self._config("LATENCY")))
 
 
 class OneRequest:
