@@ -20,6 +20,13 @@ Four parts, each printed as a table and saved to benchmarks/results/faults.json:
    input must be indexed once or listed in `simsearch info`'s skipped files.
 4. the server under a bounded upload load mixing normal images and decompression-bomb
    PNGs: status codes and the server's resident memory before and under load.
+5. embedders made and dropped in one process (`--only embedders`, OpenVINO installed): rounds of
+   a new embedder timed on a repeated batch, another on decoded batches, then a decode, as
+   `bench_embed.py --rounds` runs them; the process runs under a timeout, and a hang is a
+   failure. With OpenVINO's AsyncInferQueue (before 2026-12-06), freeing a model while one of
+   its stream threads waited for the GIL deadlocked such a process: 3 of 3 runs of this
+   pattern hung within 11 rounds while the machine was busy, yet 30 rounds passed in a calm
+   stretch, so a pass here is evidence, not proof.
 
 Everything runs offline with `--model efficientnet-lite0` on generated images, in
 subprocesses exactly as a user runs them (the `simsearch` console script).
@@ -1049,18 +1056,83 @@ def serve_campaign(work: Path, index: Path, n_requests: int = 40, concurrency: i
 
 # ---------------------------------------------------------------- main
 
+CHURN = """
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from simsearch.pipeline.embed import Embedder, ImageFileDataset, _decoded_batches, load_backbone
+
+paths = sorted(Path(sys.argv[1]).glob("*.jpg"))
+backbone = load_backbone("efficientnet-lite0")
+pre = backbone.spec.preprocess
+batches = list(_decoded_batches(ImageFileDataset(paths, pre), 32, 0, pin_memory=False))
+pixels = torch.randint(0, 256, (32, 3, 224, 224), dtype=torch.uint8)
+
+
+def timed(embedder, seconds=1.0):
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        embedder.embed_batch(pixels)
+
+
+def groups(embedder):
+    for batch in batches:
+        embedder.embed_groups(len(batch.good), batch.groups)
+
+
+for r in range(int(sys.argv[2])):
+    timed(Embedder(backbone, "cpu", "auto", "openvino"))
+    groups(Embedder(backbone, "cpu", "auto", "openvino"))
+    for batch in _decoded_batches(ImageFileDataset(paths[:100], pre), 32, 0, pin_memory=False):
+        pass
+    print(r + 1, flush=True)
+"""
+
+
+def embedder_campaign(work: Path, rounds: int = 30, timeout: float = 240) -> dict:
+    """Make and drop OpenVINO embedders in one process, decoding between: it must finish, not hang."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return {"rounds": 0, "passed": True, "outcome": "skipped: OpenVINO not installed"}
+    from PIL import Image
+    import numpy as np
+
+    folder = work / "churn"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(320):  # photo-sized JPEGs of a few aspect ratios, as a build decodes
+        w, h = [(500, 375), (375, 500), (500, 333), (448, 448)][i % 4]
+        noise = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize((w, h), Image.BILINEAR).save(folder / f"{i:03d}.jpg", quality=85)
+    started = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, "-c", CHURN, str(folder), str(rounds)], capture_output=True,
+                             text=True, timeout=timeout, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        done = len(out.stdout.split())
+        outcome = "finished" if out.returncode == 0 and done == rounds else f"exit {out.returncode}: {out.stderr[-300:]}"
+    except subprocess.TimeoutExpired as e:
+        done = len((e.stdout or b"").split()) if isinstance(e.stdout, bytes) else len((e.stdout or "").split())
+        outcome = f"hung after {done} rounds (killed at {timeout:.0f} s)"
+    return {"rounds": rounds, "completed": done, "seconds": round(time.perf_counter() - started, 1),
+            "outcome": outcome, "passed": outcome == "finished"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 kills, 20 uploads: a few minutes")
     parser.add_argument("--kills", type=int, help="random kills (default 30; 8 with --quick)")
     parser.add_argument("--requests", type=int, help="uploads sent to the server (default 40; 20 with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same kill moments and inputs")
-    parser.add_argument("--only", help="comma-separated subset of kills,concurrent,hostile,serve")
+    parser.add_argument("--only", help="comma-separated subset of kills,concurrent,hostile,serve,embedders")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (printed) for inspection")
     args = parser.parse_args()
     n_kills = args.kills if args.kills is not None else (8 if args.quick else 30)
     n_requests = args.requests or (20 if args.quick else 40)
-    parts = set(args.only.split(",")) if args.only else {"kills", "concurrent", "hostile", "serve"}
+    parts = set(args.only.split(",")) if args.only else {"kills", "concurrent", "hostile", "serve", "embedders"}
     work = Path(tempfile.mkdtemp(prefix="simsearch-faults-"))
     started = time.perf_counter()
     payload: dict = {"seed": args.seed, "quick": args.quick, "commands": {}, "uid": os.geteuid()}
@@ -1144,6 +1216,17 @@ def main() -> int:
                          *([result["error"]] if "error" in result else [])])
             if not result.get("passed"):
                 failed.append("serve")
+        if "embedders" in parts:
+            rounds = 10 if args.quick else 30
+            progress(f"embedders: {rounds} rounds of making and dropping OpenVINO embedders in one process")
+            result = embedder_campaign(work, rounds)
+            payload["embedders"] = result
+            print_table("Embedders made and dropped in one process", [result],
+                        ["rounds", "completed", "seconds", "outcome", "passed"],
+                        ["a round: an embedder on a repeated 224 x 224 batch, dropped; another on a decoded batch; "
+                         "a decode of every file (two threads)"])
+            if not result["passed"]:
+                failed.append("embedders")
     finally:
         payload["wall_seconds"] = round(time.perf_counter() - started, 1)
         payload["failed_parts"] = failed

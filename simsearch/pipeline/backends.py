@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -199,13 +200,21 @@ IMAGES_PER_REQUEST = {"resnet50": 2}
 
 
 class StreamedRequests:
-    """Runs batches through a compiled model's streams: a few images a request, then waits for all.
+    """Runs batches through a compiled model's streams: a few images a request, all queued at once.
 
     One request on two threads runs each layer at its slower thread's pace, and on a shared
     machine the two cores' speeds differ from one moment to the next (a one-thread ResNet50
     ran 35-80 img/s on either core here). Independent requests, one stream a core, let the
     faster core take more of the batch. Several requests also overlap one input shape's tail
-    with the next shape's start. Calls are serialised by a lock.
+    with the next shape's start.
+
+    The requests are plain ones from a pool that grows to a batch's request count, each call
+    owning its own (so calls from several threads need no lock), waited for in the order they
+    were started. Not OpenVINO's `AsyncInferQueue`: its Python callback runs on the stream
+    threads, and a compiled model freed while one of them was still in it deadlocked the
+    process (the freeing thread holds the GIL and joins the stream threads, which wait for the
+    GIL): 3 of 3 stress runs here hung within 11 rounds of making and dropping embedders (on a
+    busy machine; `bench_faults.py --only embedders`). Nothing Python runs on OpenVINO's threads now.
     """
 
     def __init__(self, compiled, images_per_request: int = 1):
@@ -213,89 +222,50 @@ class StreamedRequests:
         self.requests = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         # With one stream, small requests only lose the batch's efficiency: send each batch whole.
         self.images_per_request = images_per_request if self.requests > 1 else 1 << 30
-        self._queue = self._new_queue()
-        self._lock = threading.Lock()
-
-    def _new_queue(self):
-        import openvino as ov
-
-        queue = ov.AsyncInferQueue(self.compiled, self.requests)
-        # A plain function, not a bound method: the queue would hold this object alive for good.
-        queue.set_callback(_collect)
-        return queue
+        self._idle: list = []  # requests no call holds; list.pop and append are atomic
 
     def request_count(self, batches: Sequence[torch.Tensor]) -> int:
         """How many requests these batches make."""
         return sum(-(-len(x) // self.images_per_request) for x in batches)
 
+    def _request(self):
+        try:
+            return self._idle.pop()
+        except IndexError:  # every request is in a call: one more (the pool grows to the largest call)
+            return self.compiled.create_infer_request()
+
     def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        import numpy as np
+
         if any(len(x) == 0 for x in batches):
             raise ValueError("every batch needs at least one image")
-        with self._lock:
-            arrays = [x.detach().cpu().contiguous().numpy() for x in batches]
-            call = _Call([len(a) for a in arrays])
-            try:
-                for b, array in enumerate(arrays):
-                    for start in range(0, len(array), self.images_per_request):
-                        # Shared, not copied: `arrays` outlives every request (the waits below).
-                        self._queue.start_async({0: array[start:start + self.images_per_request]},
-                                                (call, b, start), share_inputs=True)
-            except BaseException:  # a bad input, Ctrl-C: let the started requests finish, then start anew
-                self._wait_every_request()
-                self._queue = self._new_queue()
-                raise
-            failed = self._wait_every_request()
-            if failed or call.error is not None or call.filled != sum(call.sizes):
-                # A failure stays queued in OpenVINO's queue and would abort the next call: start anew.
-                self._queue = self._new_queue()
-                cause = failed or call.error
-                raise RuntimeError(f"OpenVINO returned {call.filled} of {sum(call.sizes)} images' outputs"
-                                   + (f" ({type(cause).__name__}: {cause})" if cause else "")) from cause
-            return [torch.from_numpy(out) for out in call.outputs]
-
-    def _wait_every_request(self) -> BaseException | None:
-        """Wait for each request, even after one failed: none may still read an input when the call returns.
-
-        (`wait_all` raises at the first failed request, leaving later ones running.)
-        """
-        failed = None
-        for request in self._queue:
-            try:
+        arrays = [x.detach().cpu().contiguous().numpy() for x in batches]
+        outputs: list[np.ndarray | None] = [None] * len(arrays)
+        running: deque = deque()  # (request, batch, first image), oldest first
+        try:
+            for b, array in enumerate(arrays):
+                for start in range(0, len(array), self.images_per_request):
+                    request = self._request()
+                    running.append((request, b, start))
+                    # Shared, not copied: `arrays` outlives every request (each is waited for below).
+                    request.start_async({0: array[start:start + self.images_per_request]}, share_inputs=True)
+            while running:
+                request, b, start = running[0]
                 request.wait()
-            except Exception as e:  # noqa: BLE001 - reported by the caller, after every request is done
-                failed = failed or e
-        return failed
-
-
-class _Call:
-    """One call's outputs, filled by the requests' callbacks on OpenVINO's threads."""
-
-    def __init__(self, sizes: list[int]):
-        self.sizes = sizes
-        self.outputs: list = [None] * len(sizes)
-        self.filled = 0
-        self.error: BaseException | None = None
-        self.lock = threading.Lock()
-
-
-def _collect(request, slot: tuple[_Call, int, int]) -> None:
-    """Copy one request's output into its batch's slice: the request reuses the buffer for its next input.
-
-    Nothing may leave this function: OpenVINO keeps a callback's exception and re-raises it on every
-    later start, which aborts the process. The error is kept on the call instead.
-    """
-    import numpy as np
-
-    call, b, start = slot
-    try:
-        data = request.get_output_tensor(0).data
-        with call.lock:
-            if call.outputs[b] is None:
-                call.outputs[b] = np.empty((call.sizes[b], *data.shape[1:]), data.dtype)
-            call.filled += len(data)
-        call.outputs[b][start:start + len(data)] = data
-    except BaseException as e:  # noqa: BLE001 - see above
-        call.error = e
+                data = request.get_output_tensor(0).data  # the request's own buffer: copied before its reuse
+                if outputs[b] is None:
+                    outputs[b] = np.empty((len(arrays[b]), *data.shape[1:]), data.dtype)
+                outputs[b][start:start + len(data)] = data
+                self._idle.append(running.popleft()[0])
+        except BaseException:  # a failed request, a bad input, Ctrl-C: none may still read `arrays`
+            for request, _, _ in running:
+                try:
+                    request.wait()
+                except Exception:  # noqa: BLE001, S110 - the first failure is the one raised
+                    pass
+                self._idle.append(request)
+            raise
+        return [torch.from_numpy(out) for out in outputs]
 
 
 def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:
