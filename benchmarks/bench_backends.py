@@ -8,14 +8,15 @@ Variants (each skipped with its reason where its package is missing):
   openvino bf16             the module converted in-process (simsearch's OpenVINORunner, dynamic shapes):
                             one stream a core, a few images a request
   openvino bf16 1req        the same model run as before streams: the whole batch as one request on
-                            all threads (LATENCY hint)
+                            all threads (LATENCY hint), on pixels normalised by torch first
   openvino int8             the same, quantized by NNCF, calibrated on real JPEGs
 
 Fidelity: every variant embeds the real photos of ../shared/data (aspect-kept, several
 input shapes) through `Embedder.embed_batch`; mean cosine of the pooled vectors to torch
 fp32's, and the share of each image's 10 nearest neighbours (among those photos) that fp32
 also finds. Speed: `embed_batch` on one 32 x 3 x 224 x 224 batch, the variants taking turns
-for a few rounds (median), so a busy machine slows them alike. Calibration images are
+for a few rounds (median), so a busy machine slows them alike. The batch is uint8 pixels, as
+the decoders give them, so each variant's time includes turning them into the model's input. Calibration images are
 re-encoded copies of the same photos (`common.replicated_jpegs`).
 
     python benchmarks/bench_backends.py --quick
@@ -116,7 +117,7 @@ class OpenVINOOneRequestRunner:
     name = "openvino"
 
     def __init__(self, runner):
-        self.run = runner.one_request()
+        self.run = runner.one_request(uint8=False)  # and before normalising inside the model
 
     def __call__(self, batches):
         return self.run(batches)
@@ -203,7 +204,7 @@ def run_model(name: str, weights: str | None, variants: list[str], calibration_p
         started = time.perf_counter()
         try:
             embedder = make_embedder(variant, backbone, calibration)
-            embedder.embed_batch(torch.zeros(2, 3, 224, 224))
+            embedder.embed_batch(torch.zeros(2, 3, 224, 224, dtype=torch.uint8))
         except Exception as e:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
             row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
             continue
@@ -216,7 +217,7 @@ def run_model(name: str, weights: str | None, variants: list[str], calibration_p
             row.update(fidelity(reference, vectors))
         progress(f"{name}: {variant}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
         embedders[variant] = embedder
-    x = torch.randn(32, 3, 224, 224)
+    x = torch.randint(0, 256, (32, 3, 224, 224), dtype=torch.uint8)  # pixels, as the decoders hand them over
     rates: dict[str, list[float]] = {v: [] for v in embedders}
     for r in range(rounds):
         progress(f"{name}: speed round {r + 1}/{rounds}")

@@ -1,6 +1,7 @@
 """Embedding throughput: the model alone, decoding alone, and build-index end to end.
 
-(a) model only: Embedder.embed_batch on random tensors (speed does not depend on
+(a) model only: Embedder.embed_batch on random uint8 pixels, as the decoders hand them over
+    (so the conversion to the model's input counts as the model's; speed does not depend on
     the weight values, so ResNet50 runs with random weights here, where its
     ImageNet file cannot be downloaded; EfficientNet-Lite0 runs with its real ones);
     and once more on the JPEGs below, decoded beforehand, in the shape groups a build
@@ -10,7 +11,8 @@
 (c) build-index end to end on the same JPEGs (scan, hash, decode, embed, SQLite, FAISS).
 The share of the bound is (c) / min(a, b). On a CPU, decoding and the model share
 the same cores, so the bound they can reach together is lower still: 1 / (1/a + 1/b)
-when each would use every core; both are printed.
+when each would use every core; both are printed. With --rounds N, each round measures
+(a) and (b) again just before its build, since this CPU's speed moves from minute to minute.
 
 (a) and (c) run each backend (torch, and openvino where installed) at bf16 (fp32 without
 bf16 units). `--baseline DIR` adds (c) rows run with the simsearch of another checkout (say
@@ -40,7 +42,7 @@ from common import NOISE_NOTE, print_table, progress, rate, replicated_jpegs, wr
 def model_only(embedder, batch_size: int, seconds: float) -> float:
     import torch
 
-    x = torch.randn(batch_size, 3, 224, 224)
+    x = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)  # pixels, as the decoders give them
 
     def step() -> int:
         embedder.embed_batch(x)
@@ -161,8 +163,9 @@ def main() -> None:
     parser.add_argument("--skip-resnet", action="store_true", help="only efficientnet-lite0")
     parser.add_argument("--baseline", type=Path, help="another checkout whose build-index runs beside this one's (c)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="build each way this many times, taking turns, each after its own model-only timing; "
-                             "medians, and the range of the share of the bound (this CPU runs at two speeds)")
+                        help="build each way this many times, taking turns, each after its own model-only and "
+                             "decode-only timings; medians, and the range of the share of the bound (this CPU's "
+                             "speed moves from minute to minute)")
     parser.add_argument("--e2e-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.e2e_child:
@@ -226,37 +229,41 @@ def main() -> None:
     baseline_rate: dict[str, float] = {}
     for name, backbone in models.items():
         runs = [(backend, None) for backend in backends] + ([("baseline", args.baseline)] if args.baseline else [])
-        measured: dict[str, list[tuple[float, float, float]]] = {backend: [] for backend, _ in runs}
+        measured: dict[str, list[tuple[float, ...]]] = {backend: [] for backend, _ in runs}
         for r in range(args.rounds):
             for backend, code in runs:
                 a, a_images = model_rate.get((name, backend, fast), 0.0), images_rate.get((name, backend), 0.0)
-                if args.rounds > 1 and not code:  # this round's model figures, taken just before its build
-                    progress(f"(a) model only, round {r + 1}: {name} {backend} {fast}")
+                b = decode
+                if args.rounds > 1 and not code:  # this round's bound, taken just before its build
+                    progress(f"(a, b) model only and decode only, round {r + 1}: {name} {backend} {fast}")
                     a = model_only(Embedder(backbone, "cpu", fast, backend), args.batch_size, seconds)
                     a_images = model_on_images(Embedder(backbone, "cpu", fast, backend), decoded)
+                    b = decode_only(paths, pre, args.workers, args.batch_size)
                 progress(f"(c) build-index end to end{f', round {r + 1}' if args.rounds > 1 else ''}: "
                          f"{name} {backend} {fast}")
                 e2e = end_to_end(folder, name, weights_of[name], fast, "cpu", args.workers, args.batch_size,
                                  None if code else backend, code)
-                measured[backend].append((e2e["embed_loop_img_s"], e2e["wall_img_s"], a, a_images))
+                measured[backend].append((e2e["embed_loop_img_s"], e2e["wall_img_s"], a, a_images, b))
                 if code:
                     baseline_backend = e2e["backend"]
         for backend, code in runs:
-            loops, walls, models_a, images_a = zip(*measured[backend])
+            loops, walls, models_a, images_a, decodes = zip(*measured[backend])
             row = {"stage": "c: build-index", "model": name, "precision": fast, "img_s": statistics.median(loops),
                    "wall_img_s": statistics.median(walls)}
             if code:
                 row["backend"] = f"baseline ({Path(code).name}, {baseline_backend})"
                 baseline_rate[name] = row["img_s"]
             else:
-                shares = [c * (1 / a + 1 / decode) for c, a in zip(loops, models_a)]
-                row.update(backend=backend, of_min_ab=statistics.median(c / min(a, decode) for c, a in zip(loops, models_a)),
+                shares = [c * (1 / a + 1 / b) for c, a, b in zip(loops, models_a, decodes)]
+                row.update(backend=backend,
+                           of_min_ab=statistics.median(c / min(a, b) for c, a, b in zip(loops, models_a, decodes)),
                            of_shared_bound=statistics.median(shares),
-                           of_bound_these_images=statistics.median(c * (1 / a + 1 / decode)
-                                                                   for c, a in zip(loops, images_a)))
+                           of_bound_these_images=statistics.median(c * (1 / a + 1 / b)
+                                                                   for c, a, b in zip(loops, images_a, decodes)))
                 if args.rounds > 1:
                     row["bound_share_range"] = f"{min(shares):.2f}-{max(shares):.2f}"
                     row["rounds_img_s"] = [round(c, 1) for c in loops]
+                    row["rounds_model_decode_img_s"] = [(round(a), round(b)) for a, b in zip(models_a, decodes)]
             rows.append(row)
         for row in rows:
             if row["stage"] == "c: build-index" and row["model"] == name and name in baseline_rate:

@@ -124,10 +124,28 @@ def test_openvino_conversion_is_cached_and_serves_every_input_shape(tmp_path: Pa
     single = torch.randn(1, 3, 160, 224)  # fewer images than streams: the whole model on every thread
     with torch.no_grad():
         torch.testing.assert_close(second([single])[0], model(single), rtol=1e-4, atol=1e-4)
-    assert (second._one is not None) == (second._streams.requests > 1)
+    assert ((False, False) in second._runs) == (second._streams.requests > 1)
     other = _spec()
     other = EmbedderSpec(other.backbone, other.weights, "other-weights", other.dim, other.feature_shape)
     assert OpenVINORunner(model, other, torch.float32, cache=tmp_path).converted  # other weights: not reused
+
+
+def test_openvino_normalises_uint8_pixels_inside_the_model_as_torch_would(tmp_path: Path):
+    """The decoders' uint8 batches skip torch's normalisation: OpenVINO's model must apply the same one."""
+    pytest.importorskip("openvino")
+    model = _Tiny().eval()
+    pre = Preprocess(mean=(0.2, 0.5, 0.7), std=(0.3, 0.25, 0.6))  # per-channel: a swapped axis would show
+    spec = replace(_spec(), preprocess=pre)
+    runner = OpenVINORunner(model, spec, torch.float32, cache=tmp_path)
+    torch.manual_seed(1)
+    pixels = [torch.randint(0, 256, shape, dtype=torch.uint8) for shape in ((3, 3, 64, 96), (2, 3, 96, 64))]
+    single = [torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)]  # the one-request path
+    for batches in (pixels, single):
+        for x, got in zip(batches, runner(batches), strict=True):
+            with torch.no_grad():
+                torch.testing.assert_close(got, model(normalize(x, pre)), rtol=1e-4, atol=1e-4)
+    assert (True, True) in runner._runs  # uint8 ran on the model with normalisation inside
+    assert not any(not uint8 for uint8, _ in runner._runs)  # and never needed the float one
 
 
 def _tiny_streams(images_per_request: int = 2) -> tuple[nn.Module, StreamedRequests]:

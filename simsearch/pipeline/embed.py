@@ -340,12 +340,13 @@ class Embedder:
         tags: list[list[Tag]] | None = [[] for _ in range(n)] if self.classifier is not None else None
         groups = [(members, batch) for members, batch in groups if members]
         inputs = []
+        takes_uint8 = getattr(self.runner, "takes_uint8", False)  # OpenVINO normalises inside its model
         for members, batch in groups:
             batch = batch.to(self.device, non_blocking=True)  # from pinned memory, asynchronously
             padded = self._padded_size(len(members))
             if padded > len(members):  # on the device: the pinned batch went over as it came
                 batch = torch.cat([batch, batch.new_zeros(padded - len(members), *batch.shape[1:])])
-            inputs.append(normalize(batch, self.spec.preprocess))
+            inputs.append(batch if takes_uint8 else normalize(batch, self.spec.preprocess))
         # Every shape in one call: a backend with several streams runs them side by side.
         fmaps = self.runner(inputs) if inputs else []
         for (members, _), fmap in zip(groups, fmaps, strict=True):
