@@ -8,7 +8,7 @@ Variants (each skipped with its reason where its package is missing):
   openvino bf16             the module converted in-process (simsearch's OpenVINORunner, dynamic shapes):
                             one stream a core, a few images a request
   openvino bf16 1req        the same model run as before streams: the whole batch as one request on
-                            all threads (LATENCY hint), on pixels normalised by torch first
+                            all threads (LATENCY hint)
   openvino int8             the same, quantized by NNCF, calibrated on real JPEGs
 
 Fidelity: every variant embeds the real photos of ../shared/data (aspect-kept, several
@@ -112,12 +112,14 @@ class OpenVINOInt8Runner:
 
 
 class OpenVINOOneRequestRunner:
-    """The bf16 model as the runner ran it before streams: one request on all threads, shapes in turn."""
+    """The bf16 model as the runner ran it before streams: one request on all threads, shapes in turn
+    (pixels normalised inside the model as with streams, so the two differ only in streams)."""
 
     name = "openvino"
+    takes_uint8 = True
 
     def __init__(self, runner):
-        self.run = runner.one_request(uint8=False)  # and before normalising inside the model
+        self.run = runner.one_request(uint8=True)
 
     def __call__(self, batches):
         return self.run(batches)

@@ -145,7 +145,12 @@ def test_openvino_normalises_uint8_pixels_inside_the_model_as_torch_would(tmp_pa
             with torch.no_grad():
                 torch.testing.assert_close(got, model(normalize(x, pre)), rtol=1e-4, atol=1e-4)
     assert (True, True) in runner._runs  # uint8 ran on the model with normalisation inside
-    assert not any(not uint8 for uint8, _ in runner._runs)  # and never needed the float one
+    assert ((True, False) in runner._runs) == (runner._streams.requests > 1)  # and the single image on one request
+    assert not any(not uint8 for uint8, _ in runner._runs)  # never needing the float one
+    mixed = [pixels[0], normalize(pixels[1], pre)]  # uint8 beside floats: all run as floats
+    for x, got in zip(mixed, runner(mixed), strict=True):
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(normalize(x, pre)), rtol=1e-4, atol=1e-4)
 
 
 def _tiny_streams(images_per_request: int = 2) -> tuple[nn.Module, StreamedRequests]:
@@ -173,7 +178,7 @@ def test_streamed_requests_split_each_batch_and_return_it_whole_in_order():
 
 
 def test_streamed_requests_serve_calls_from_several_threads_at_once():
-    """serve embeds queries on a thread pool: each call owns its requests, so none gets another's outputs."""
+    """Calls from several threads at once (Ray actors, a library user): none gets another's outputs."""
     from concurrent.futures import ThreadPoolExecutor
 
     model, streams = _tiny_streams(images_per_request=1)
@@ -187,7 +192,7 @@ def test_streamed_requests_serve_calls_from_several_threads_at_once():
 
 
 def test_a_failed_request_raises_once_and_the_next_call_works():
-    """OpenVINO keeps a failure in its queue and aborted the process on the next start: the queue is renewed."""
+    """A request that fails to start raises; the requests already started are waited for and reused."""
     model, streams = _tiny_streams()
     good = torch.randn(4, 3, 64, 64)
     with pytest.raises(Exception):
@@ -198,12 +203,56 @@ def test_a_failed_request_raises_once_and_the_next_call_works():
         streams([torch.empty(0, 3, 64, 64)])
 
 
-def test_a_dropped_runner_is_freed():
-    """The queue's callback must not hold the runner: each discarded Embedder kept its compiled model."""
-    _, streams = _tiny_streams()
-    streams([torch.randn(3, 3, 64, 64)])
-    gone = weakref.ref(streams)
-    del streams
+class _FakeRequest:
+    """An infer request whose `wait` may fail, recording what was asked of it."""
+
+    def __init__(self, fail_wait: bool):
+        self.fail_wait, self.waits, self.started = fail_wait, 0, []
+
+    def start_async(self, inputs, share_inputs):
+        self.started.append(inputs[0])
+
+    def wait(self):
+        self.waits += 1
+        if self.fail_wait:
+            raise RuntimeError("inference failed")
+
+    def get_output_tensor(self, i):
+        class Out:
+            data = np.zeros((1, 4), np.float32)
+        return Out()
+
+
+def test_a_request_failing_in_wait_leaves_no_other_request_running_and_the_pool_usable():
+    """share_inputs: a call may not return, even by raising, while a request still reads its input."""
+    made: list[_FakeRequest] = []
+
+    class Compiled:
+        def get_property(self, name):
+            return 2  # two streams: four requests in flight
+
+        def create_infer_request(self):
+            made.append(_FakeRequest(fail_wait=len(made) == 1))  # the second request fails
+            return made[-1]
+
+    streams = StreamedRequests(Compiled(), images_per_request=1)
+    with pytest.raises(RuntimeError, match="inference failed"):
+        streams([torch.zeros(6, 3, 8, 8)])
+    assert len(made) == 4 and all(r.waits >= 1 for r in made)  # every started request was waited for
+    assert len(streams._idle) <= streams.in_flight
+    for r in made:
+        r.fail_wait = False
+    assert streams([torch.zeros(3, 3, 8, 8)])[0].shape == (3, 4)  # the pool still works
+
+
+def test_a_dropped_runner_is_freed(tmp_path: Path):
+    """Nothing of OpenVINO may hold the runner: a callback that did kept every discarded embedder's model."""
+    pytest.importorskip("openvino")
+    runner = OpenVINORunner(_Tiny().eval(), _spec(), torch.float32, cache=tmp_path)
+    runner([torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)])
+    runner([torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)])
+    gone = weakref.ref(runner)
+    del runner
     gc.collect()
     assert gone() is None
 

@@ -108,8 +108,9 @@ class OpenVINORunner:
     """The backbone converted to OpenVINO once, with dynamic batch and input sides.
 
     One dynamic model serves every aspect-kept input shape: never a compile per new shape (a
-    model compiled per static shape was not measured). It is compiled for streams, and once
-    more for single requests when a call is too small to fill them (`__call__`). bf16 runs on AMX /
+    model compiled per static shape was not measured). It is compiled for streams, and on first
+    use for single requests when a call is too small to fill them (`__call__`), each for uint8 or
+    float input as calls bring them (a build compiles one, a query a second). bf16 runs on AMX /
     AVX512-BF16 through OpenVINO's inference precision; the weights stay fp32 in the cache.
 
     uint8 batches (what the decoders give) go to the model with the backbone's normalisation
@@ -184,6 +185,9 @@ class OpenVINORunner:
         return self._run(uint8, streams=False)(batches)
 
     def _run(self, uint8: bool, streams: bool) -> StreamedRequests | OneRequest:
+        run = self._runs.get((uint8, streams))
+        if run is not None:  # compiled: no lock (a first compile of another kind may be holding it)
+            return run
         with self._runs_lock:
             if (uint8, streams) not in self._runs:
                 model = self._core.read_model(str(self._xml))
@@ -237,7 +241,7 @@ IMAGES_PER_REQUEST = {"resnet50": 2}
 
 
 class StreamedRequests:
-    """Runs batches through a compiled model's streams: a few images a request, all queued at once.
+    """Runs batches through a compiled model's streams: a few images a request, then waits for all.
 
     One request on two threads runs each layer at its slower thread's pace, and on a shared
     machine the two cores' speeds differ from one moment to the next (a one-thread ResNet50
@@ -245,13 +249,14 @@ class StreamedRequests:
     faster core take more of the batch. Several requests also overlap one input shape's tail
     with the next shape's start.
 
-    The requests are plain ones from a pool that grows to a batch's request count, each call
-    owning its own (so calls from several threads need no lock), waited for in the order they
-    were started. Not OpenVINO's `AsyncInferQueue`: its Python callback runs on the stream
-    threads, and a compiled model freed while one of them was still in it deadlocked the
-    process (the freeing thread holds the GIL and joins the stream threads, which wait for the
-    GIL): 3 of 3 stress runs here hung within 11 rounds of making and dropping embedders (on a
-    busy machine; `bench_faults.py --only embedders`). Nothing Python runs on OpenVINO's threads now.
+    The requests are plain ones, twice as many in flight as there are streams (so a stream finds
+    the next one queued while this thread waits for an older one), waited for in the order they
+    were started, each call holding its own (calls from several threads need no lock). Not
+    OpenVINO's `AsyncInferQueue`: its Python callback runs on the stream threads, and a compiled
+    model freed while one of them was still in it deadlocked the process (the freeing thread
+    holds the GIL and joins the stream threads, which wait for the GIL): 3 of 3 stress runs here
+    hung within 11 rounds of making and dropping embedders (on a busy machine; `bench_faults.py
+    --only embedders`). Nothing Python runs on OpenVINO's threads now.
     """
 
     def __init__(self, compiled, images_per_request: int = 1):
@@ -259,17 +264,12 @@ class StreamedRequests:
         self.requests = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         # With one stream, small requests only lose the batch's efficiency: send each batch whole.
         self.images_per_request = images_per_request if self.requests > 1 else 1 << 30
-        self._idle: list = []  # requests no call holds; list.pop and append are atomic
+        self.in_flight = 2 * self.requests  # a call's requests running or queued at once
+        self._idle: list = []  # requests no call holds, at most `in_flight`; list.pop and append are atomic
 
     def request_count(self, batches: Sequence[torch.Tensor]) -> int:
         """How many requests these batches make."""
         return sum(-(-len(x) // self.images_per_request) for x in batches)
-
-    def _request(self):
-        try:
-            return self._idle.pop()
-        except IndexError:  # every request is in a call: one more (the pool grows to the largest call)
-            return self.compiled.create_infer_request()
 
     def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         import numpy as np
@@ -279,30 +279,56 @@ class StreamedRequests:
         arrays = [x.detach().cpu().contiguous().numpy() for x in batches]
         outputs: list[np.ndarray | None] = [None] * len(arrays)
         running: deque = deque()  # (request, batch, first image), oldest first
+
+        def finish_oldest():
+            request, b, start = running[0]
+            request.wait()
+            data = request.get_output_tensor(0).data  # the request's own buffer: copied before its reuse
+            if outputs[b] is None:
+                outputs[b] = np.empty((len(arrays[b]), *data.shape[1:]), data.dtype)
+            outputs[b][start:start + len(data)] = data
+            return running.popleft()[0]
+
         try:
             for b, array in enumerate(arrays):
                 for start in range(0, len(array), self.images_per_request):
-                    request = self._request()
+                    request = finish_oldest() if len(running) >= self.in_flight else self._request()
                     running.append((request, b, start))
-                    # Shared, not copied: `arrays` outlives every request (each is waited for below).
+                    # Shared, not copied: `arrays` outlives every request (each is waited for).
                     request.start_async({0: array[start:start + self.images_per_request]}, share_inputs=True)
             while running:
-                request, b, start = running[0]
-                request.wait()
-                data = request.get_output_tensor(0).data  # the request's own buffer: copied before its reuse
-                if outputs[b] is None:
-                    outputs[b] = np.empty((len(arrays[b]), *data.shape[1:]), data.dtype)
-                outputs[b][start:start + len(data)] = data
-                self._idle.append(running.popleft()[0])
+                self._release(finish_oldest())
         except BaseException:  # a failed request, a bad input, Ctrl-C: none may still read `arrays`
-            for request, _, _ in running:
-                try:
-                    request.wait()
-                except Exception:  # noqa: BLE001, S110 - the first failure is the one raised
-                    pass
-                self._idle.append(request)
+            self._settle(running)
             raise
         return [torch.from_numpy(out) for out in outputs]
+
+    def _request(self):
+        try:
+            return self._idle.pop()
+        except IndexError:  # every pooled request is in another call
+            return self.compiled.create_infer_request()
+
+    def _release(self, request) -> None:
+        if len(self._idle) < self.in_flight:  # beyond that (calls from several threads at once): freed
+            self._idle.append(request)
+
+    def _settle(self, running: deque) -> None:
+        """Wait for every request still running, even through a second Ctrl-C; outputs unread."""
+        interrupted: BaseException | None = None
+        while running:
+            request = running.popleft()[0]
+            while True:
+                try:
+                    request.wait()
+                    break
+                except KeyboardInterrupt as e:  # keep waiting: the request still reads its input
+                    interrupted = interrupted or e
+                except Exception:  # noqa: BLE001 - a failed request; the caller raises the first error
+                    break
+            self._release(request)
+        if interrupted is not None:
+            raise interrupted
 
 
 def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:
