@@ -24,9 +24,10 @@ Five parts, each printed as a table and saved to benchmarks/results/faults.json:
    a new embedder timed on a repeated batch, another on decoded batches, then a decode, as
    `bench_embed.py --rounds` runs them; the process runs under a timeout, and a hang is a
    failure. With OpenVINO's AsyncInferQueue (before 2026-12-06), freeing a model while one of
-   its stream threads waited for the GIL deadlocked such a process: 3 of 3 runs of this
-   pattern hung within 11 rounds while the machine was busy, yet 30 rounds passed in a calm
-   stretch, so a pass here is evidence, not proof.
+   its stream threads waited for the GIL deadlocked such a process: 3 of 3 stress runs of this
+   pattern on 1,000 replicated real photos hung within 11 rounds while the machine was busy,
+   yet in a calm stretch the old code passed 30 rounds of it, and of this part's generated
+   images too. A pass here is evidence, not proof.
 
 Everything runs offline with `--model efficientnet-lite0` on generated images, in
 subprocesses exactly as a user runs them (the `simsearch` console script).
