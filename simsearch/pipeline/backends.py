@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from simsearch.errors import BadInputError
-from simsearch.pipeline.decode import normalize
+from simsearch.pipeline.decode import normalize, pixel_mean_std
 from simsearch.spec import EmbedderSpec, Preprocess
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,6 @@ class OpenVINORunner:
         self._runs: dict[tuple[bool, bool], StreamedRequests | OneRequest] = {}
         self._runs_lock = threading.Lock()
         self._streams = self._run(uint8=True, streams=True)  # a build's: compiled now, and it counts streams
-        self.compiled = self._streams.compiled
         log.info("openvino %s model %s in %.1fs (%s)", self.precision, "converted" if self.converted else "loaded",
                  time.perf_counter() - started, self.folder)
 
@@ -213,8 +212,8 @@ def _normalising(model, pre: Preprocess):
     steps = PrePostProcessor(model)
     steps.input().tensor().set_element_type(ov.Type.u8)
     steps.input().model().set_layout(ov.Layout("NCHW"))
-    steps.input().preprocess().convert_element_type(ov.Type.f32) \
-        .mean([m * 255.0 for m in pre.mean]).scale([s * 255.0 for s in pre.std])
+    mean, std = pixel_mean_std(pre)
+    steps.input().preprocess().convert_element_type(ov.Type.f32).mean(mean).scale(std)
     return steps.build()
 
 

@@ -25,10 +25,19 @@ def preprocess(image, pre: Preprocess) -> torch.Tensor:
     return x[0]
 
 
+def pixel_mean_std(pre: Preprocess) -> tuple[list[float], list[float]]:
+    """The backbone's per-channel mean and std in 0-255 pixel units: input = (pixel - mean) / std.
+
+    One place for torch's `normalize` and OpenVINO's model, which applies it inside (backends).
+    """
+    return [m * 255.0 for m in pre.mean], [s * 255.0 for s in pre.std]
+
+
 def normalize(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> the float input the backbone was trained on; floats pass through."""
     if batch.dtype != torch.uint8:
         return batch
-    scale = torch.tensor(pre.std, device=batch.device).mul_(255.0).reciprocal_().view(1, 3, 1, 1)
-    shift = torch.tensor(pre.mean, device=batch.device).mul_(255.0).view(1, 3, 1, 1)
+    mean, std = pixel_mean_std(pre)
+    scale = torch.tensor(std, device=batch.device).reciprocal_().view(1, 3, 1, 1)
+    shift = torch.tensor(mean, device=batch.device).view(1, 3, 1, 1)
     return batch.float().sub_(shift).mul_(scale)
