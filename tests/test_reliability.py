@@ -211,6 +211,21 @@ def test_a_second_writer_is_told_who_holds_the_index(tmp_path: Path):
     assert report.added == 2
 
 
+def test_the_next_writer_removes_temporaries_a_killed_writer_left(tmp_path: Path):
+    """kill -9 while FAISS was being written left index.faiss.PID.tmp behind for good."""
+    from simsearch.storage.layout import writer_lock
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead = tmp_path / f"index.faiss.{gone.stdout.strip()}.tmp"
+    live = tmp_path / f"map.html.{os.getppid()}.tmp"  # a live process's page in the making
+    other = tmp_path / "spec.json.tmp"
+    for path in (dead, live, other):
+        path.write_bytes(b"")
+    with writer_lock(tmp_path, "build-index"):
+        assert not dead.exists() and live.exists() and other.exists()
+
+
 def test_faiss_is_stamped_with_the_generation_of_the_vectors_it_holds(tmp_path: Path, monkeypatch):
     """A writer committing while FAISS is rebuilt: the stamp must not claim the newer generation."""
     import simsearch.storage.faiss_index as faiss_index

@@ -424,10 +424,26 @@ def writer_lock(index_dir: str | os.PathLike, what: str = "build-index") -> Iter
         raise IndexBusyError(
             f"another simsearch command is writing to {index_dir} ({holder(index_dir)}); "
             "wait for it to finish (or stop it), then run this again")
+    _remove_dead_temporaries(Path(index_dir))
     try:
         yield
     finally:
         release_writer_lock(lock)
+
+
+def _remove_dead_temporaries(index_dir: Path) -> None:
+    """Delete `NAME.PID.tmp` files whose writer is gone: a `kill -9` while FAISS or its stamp was
+    being written left one behind for good. A live process's (a reader writing a page) is kept."""
+    for tmp in index_dir.glob("*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2] if tmp.name.count(".") >= 2 else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):  # alive under another user, or no such pid at all
+            pass
 
 
 def try_writer_lock(index_dir: str | os.PathLike, what: str) -> int | None:
