@@ -178,6 +178,13 @@ def test_address_without_ray_engine_is_refused(tmp_path: Path):
         build_index(BuildConfig(tmp_path, tmp_path / "idx", LITE0, address="auto"))
 
 
+def test_workers_with_ray_engine_is_refused(tmp_path: Path):
+    """Ray's actors decode their own batches: a --workers the build would ignore is refused before anything is written."""
+    with pytest.raises(BadInputError, match="--workers is for --engine local"):
+        build_index(BuildConfig(tmp_path, tmp_path / "idx", replace(LITE0, workers=2), engine="ray"))
+    assert not (tmp_path / "idx").exists()
+
+
 def test_kill_minus_9_during_a_ray_build_then_rerun(tmp_path: Path, ray_cluster: str):
     """Killed once some batches are committed; the same command again ends with FAISS == SQLite, once each."""
     folder, index = tmp_path / "shapes", tmp_path / "index"

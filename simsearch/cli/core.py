@@ -39,7 +39,7 @@ def build_index_command(
     workers: int = typer.Option(-1, "--workers", min=-1, help="Decode processes. 0 = decode in this process, on the model's threads between "
                                  "forward passes (fastest on a CPU: a separate process competes with the model for "
                                  "its cores); -1 = 0 when the device is a CPU, one process per spare core when it "
-                                 "is a GPU."),
+                                 "is a GPU. Local engine only: Ray's actors decode their own batches."),
     index_type: Optional[str] = typer.Option(None, "--index-type", help="Force a faiss factory string (e.g. Flat, HNSW32,Flat, IVF1024,PQ64); default: chosen by size."),
     prune: bool = typer.Option(False, "--prune", help="Remove records whose files under DATA are gone (all of them when DATA itself is gone)."),
     keep_maps: bool = typer.Option(False, "--keep-maps", help="Keep every image's feature map (125-200 KB each), not only those of images with boxes, so a localizer trained later predicts without reading the images again."),

@@ -189,6 +189,9 @@ def _engine(config: BuildConfig) -> Callable[..., Iterator[FileBatch]]:
             raise BadInputError("--address is for --engine ray")
         return iter_file_batches
     if config.engine == "ray":
+        if config.embed.workers != EmbedConfig.workers:  # taken silently before: the actors decode their own batches
+            raise BadInputError("--workers is for --engine local; with --engine ray each actor decodes its own "
+                                "batches, and the pool is sized from the cluster's CPUs and GPUs: leave --workers out")
         from simsearch.pipeline.ray_engine import ray_file_batches
 
         return ray_file_batches(config.address)
