@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
+import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +20,9 @@ from torch import nn
 
 from simsearch.errors import BadInputError
 from simsearch.pipeline import backends
-from simsearch.pipeline.backends import OpenVINORunner, StreamedRequests, resolve_backend
+from simsearch.pipeline.backends import (
+    STALE_AFTER_DAYS, USED_STAMP, OpenVINORunner, StreamedRequests, prune_stale_cache, resolve_backend,
+)
 from simsearch.pipeline.decode import normalize, preprocess
 from simsearch.spec import EmbedderSpec, IndexSpec, Preprocess, check_compatible
 
@@ -128,6 +133,38 @@ def test_openvino_conversion_is_cached_and_serves_every_input_shape(tmp_path: Pa
     other = _spec()
     other = EmbedderSpec(other.backbone, other.weights, "other-weights", other.dim, other.feature_shape)
     assert OpenVINORunner(model, other, torch.float32, cache=tmp_path).converted  # other weights: not reused
+
+
+def test_stale_cached_models_and_kernels_are_deleted_and_a_pruned_model_converts_again(tmp_path: Path):
+    """Each OpenVINO version, weights file and thread count leaves its own files: unused for long, they go."""
+    pytest.importorskip("openvino")
+    model, spec = _Tiny().eval(), _spec()
+    runner = OpenVINORunner(model, spec, torch.float32, cache=tmp_path)
+    root, old = runner.folder.parent, time.time() - (STALE_AFTER_DAYS + 1) * 86400
+    stale_model, fresh_model, stampless = root / "resnet50-0old", root / "resnet50-1new", root / "lite0-older-code"
+    for folder in (stale_model, fresh_model, stampless):
+        (folder / "compiled").mkdir(parents=True)
+        (folder / "model.xml").write_text("<net/>")
+    (stale_model / USED_STAMP).touch()
+    os.utime(stale_model / USED_STAMP, (old, old))  # last loaded two months ago, though its files are newer
+    (fresh_model / USED_STAMP).touch()
+    os.utime(stampless, (old, old))  # made before stamps, untouched since
+    old_blob, new_blob = runner.folder / "compiled" / "1.blob", runner.folder / "compiled" / "2.blob"
+    old_blob.write_bytes(b"kernels for another thread count")
+    new_blob.write_bytes(b"kernels used today")
+    os.utime(old_blob, (old, old))
+    OpenVINORunner(model, spec, torch.float32, cache=tmp_path)  # the next load prunes
+    assert not stale_model.exists() and not stampless.exists() and not old_blob.exists()
+    assert fresh_model.is_dir() and new_blob.is_file() and (runner.folder / "model.xml").is_file()
+    assert prune_stale_cache(root, keep=runner.folder) == []  # nothing more is stale
+    assert (runner.folder / USED_STAMP).stat().st_mtime > old  # the model in use is stamped, never stale
+
+    # Another process pruned this runner's model while it ran: its next compile converts it again.
+    shutil.rmtree(runner.folder)
+    single = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(runner.one_request(uint8=False)([single])[0], model(single), rtol=1e-4, atol=1e-4)
+    assert (runner.folder / "model.xml").is_file()
 
 
 def test_openvino_normalises_uint8_pixels_inside_the_model_as_torch_would(tmp_path: Path):
