@@ -82,8 +82,9 @@ def test_threaded_and_process_decoding_embed_the_same(tmp_path):
     for workers in (0, 1):
         config = EmbedConfig(model="efficientnet-lite0", weights="random", batch_size=3, workers=workers, quiet=True)
         batches = list(iter_file_batches(paths, embedder, config))
-        runs.append(([i for b in batches for i in b.indices], [f for b in batches for f in b.failures],
-                     np.concatenate([b.embedded.vectors for b in batches])))
+        indices = [i for b in batches for i in b.indices]
+        vectors = np.concatenate([b.embedded.vectors for b in batches if b.embedded is not None])
+        runs.append((sorted(indices), [f for b in batches for f in b.failures], vectors[np.argsort(indices)]))
     (indices, failures, vectors), (indices_1, failures_1, vectors_1) = runs
     assert indices == indices_1 == [0, 1, 2, 4, 5] and [i for i, _ in failures] == [i for i, _ in failures_1] == [3]
     assert np.allclose(vectors, vectors_1, atol=1e-6)
@@ -107,3 +108,54 @@ def test_an_empty_batch_runs_no_forward_pass():
     for empty in (torch.empty(0, 3, 224, 224, dtype=torch.uint8), []):
         out = embedder.embed_batch(empty)
         assert out.vectors.shape == (0, 1280) and out.maps.shape == (0, 1280, 7, 7)
+
+
+def _decoded_batch(start: int, shapes: list[tuple[int, int]], bad: set[int] = frozenset()):
+    """A DecodedBatch as the decoders hand it over; each image's pixels all equal its file index (mod 256)."""
+    from simsearch.pipeline.embed import Decoded, DecodedBatch
+
+    decoded = [Decoded(start + k, None, 10, 10, error="unreadable" if start + k in bad else None)
+               for k in range(len(shapes))]
+    good = [(d, shape) for d, shape in zip(decoded, shapes) if d.error is None]
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for position, (_, shape) in enumerate(good):
+        by_shape.setdefault(shape, []).append(position)
+    groups = [(members, torch.stack([torch.full((3, *shape), good[m][0].index % 256, dtype=torch.uint8)
+                                     for m in members])) for shape, members in by_shape.items()]
+    return DecodedBatch(decoded, groups)
+
+
+def test_shape_bins_hand_on_full_batches_of_one_shape_each_image_once():
+    from simsearch.pipeline.embed import ShapeBins
+
+    rng = np.random.default_rng(0)
+    shapes = [(64, 48), (48, 64), (64, 64), (32, 96)]
+    weights = [0.7, 0.15, 0.1, 0.05]  # one common shape, a rare one that may never fill
+    bins, out, held = ShapeBins(8, max_held=20), [], []
+    for start in range(0, 200, 8):
+        batch = _decoded_batch(start, [shapes[i] for i in rng.choice(4, 8, p=weights)], bad={13, 77})
+        out += [(files, stacked, False) for files, stacked in bins.add(batch)]
+        held.append(bins.held)
+    out += [(files, stacked, True) for files, stacked in bins.drain()]
+
+    seen = [d.index for files, _, _ in out for d in files]
+    assert sorted(seen) == [i for i in range(200) if i not in (13, 77)]  # every good image once, the bad never
+    assert max(held) <= 20 and bins.held == 0  # memory stays bounded; nothing left behind
+    for files, stacked, tail in out:
+        assert stacked.shape[0] == len(files) <= 8
+        assert len({tuple(stacked.shape[1:])}) == 1
+        for row, d in enumerate(files):  # each row is that file's own pixels
+            assert int(stacked[row].min()) == int(stacked[row].max()) == d.index % 256
+    full = [stacked for files, stacked, tail in out if not tail]
+    assert sum(len(s) == 8 for s in full) >= len(full) - 3  # nearly every pass before the end is a full one
+    tails = [tuple(stacked.shape[2:]) for _, stacked, tail in out if tail]
+    assert len(tails) == len(set(tails))  # at the end, at most one tail a shape
+
+
+def test_shape_bins_slice_a_stack_that_fills_a_batch_without_copying():
+    from simsearch.pipeline.embed import ShapeBins
+
+    batch = _decoded_batch(0, [(64, 48)] * 8)
+    (files, stacked), = list(ShapeBins(8).add(batch, torch.device("cpu")))  # on a GPU it holds them there
+    assert [d.index for d in files] == list(range(8))
+    assert stacked.data_ptr() == batch.groups[0][1].data_ptr()  # the decoders' stack itself
