@@ -80,20 +80,29 @@ def mixed_shape_rows(paths: list[Path], models: dict, batch_size: int, workers: 
     """embed_batch on real decoded batches, whose aspect-kept inputs come in several shapes and group sizes.
 
     "ragged" runs each shape group at its own size, as before padding; "padded" pads
-    each group to a power of two (what Embedder does on CUDA). The first pass over the
-    batches meets every shape for the first time; the second shows the steady state.
+    each group to a power of two (what Embedder does on CUDA); "re-formed" first regroups
+    the same images into full batches of one shape (`ShapeBins`, what build-index does
+    since), padded as well. The first pass over the batches meets every shape for the first
+    time; the second shows the steady state.
     """
     import torch
     from torch.utils.data import DataLoader
 
     from simsearch.pipeline.embed import Embedder, ImageFileDataset, _collate
+    from simsearch.pipeline.shape_bins import ShapeBins
 
     rows = []
     for name, backbone in models.items():
         loader = DataLoader(ImageFileDataset(paths[:8 * batch_size], backbone.spec.preprocess), batch_size=batch_size,
                             num_workers=workers, collate_fn=_collate)
-        batches = [_images(b) for b in loader]
-        for label in ("ragged", "padded"):
+        decoded = list(loader)
+        bins = ShapeBins(batch_size)
+        reformed = [stacked for batch in decoded for _, stacked in bins.add(batch)]
+        reformed += [stacked for _, stacked in bins.drain()]
+        by_label = {"ragged": [_images(b) for b in decoded], "re-formed": reformed}
+        by_label["padded"] = by_label["ragged"]
+        for label in ("ragged", "padded", "re-formed"):
+            batches = by_label[label]
             embedder = Embedder(backbone, "cuda", "bf16")
             if label == "ragged":
                 embedder._padded_size = lambda n: n

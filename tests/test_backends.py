@@ -20,9 +20,8 @@ from torch import nn
 
 from simsearch.errors import BadInputError
 from simsearch.pipeline import backends
-from simsearch.pipeline.backends import (
-    STALE_AFTER_DAYS, USED_STAMP, OpenVINORunner, StreamedRequests, prune_stale_cache, resolve_backend,
-)
+from simsearch.pipeline.backends import OpenVINORunner, StreamedRequests, resolve_backend
+from simsearch.pipeline.openvino_cache import STALE_AFTER_DAYS, TRASH_PREFIX, USED_STAMP, prune_stale_cache
 from simsearch.pipeline.decode import normalize, preprocess
 from simsearch.spec import EmbedderSpec, IndexSpec, Preprocess, check_compatible
 
@@ -146,7 +145,10 @@ def test_stale_cached_models_and_kernels_are_deleted_and_a_pruned_model_converts
         (folder / "compiled").mkdir(parents=True)
         (folder / "model.xml").write_text("<net/>")
     (stale_model / USED_STAMP).touch()
-    os.utime(stale_model / USED_STAMP, (old, old))  # last loaded two months ago, though its files are newer
+    os.utime(stale_model / USED_STAMP, (old, old))  # last loaded two months ago
+    os.utime(stale_model, (old, old))
+    half_deleted = root / f"{TRASH_PREFIX}0123"  # a pruning process killed mid-delete
+    (half_deleted / "compiled").mkdir(parents=True)
     (fresh_model / USED_STAMP).touch()
     os.utime(stampless, (old, old))  # made before stamps, untouched since
     old_blob, new_blob = runner.folder / "compiled" / "1.blob", runner.folder / "compiled" / "2.blob"
@@ -155,6 +157,7 @@ def test_stale_cached_models_and_kernels_are_deleted_and_a_pruned_model_converts
     os.utime(old_blob, (old, old))
     OpenVINORunner(model, spec, torch.float32, cache=tmp_path)  # the next load prunes
     assert not stale_model.exists() and not stampless.exists() and not old_blob.exists()
+    assert not half_deleted.exists() and not any(p.name.startswith(TRASH_PREFIX) for p in root.iterdir())
     assert fresh_model.is_dir() and new_blob.is_file() and (runner.folder / "model.xml").is_file()
     assert prune_stale_cache(root, keep=runner.folder) == []  # nothing more is stale
     assert (runner.folder / USED_STAMP).stat().st_mtime > old  # the model in use is stamped, never stale

@@ -88,8 +88,9 @@ def test_threaded_and_process_decoding_embed_the_same(tmp_path):
     (indices, failures, vectors), (indices_1, failures_1, vectors_1) = runs
     assert indices == indices_1 == [0, 1, 2, 4, 5] and [i for i, _ in failures] == [i for i, _ in failures_1] == [3]
     assert np.allclose(vectors, vectors_1, atol=1e-6)
-    single = embedder.embed_batch([ImageFileDataset([paths[1]], embedder.spec.preprocess)[0].tensor]).vectors[0]
-    assert np.allclose(vectors[1], single, atol=1e-5)  # batched by shape, embedded as alone
+    for row, i in enumerate(indices):  # regrouped by shape across decoded batches: each still its own file's
+        single = embedder.embed_batch([ImageFileDataset([paths[i]], embedder.spec.preprocess)[0].tensor]).vectors[0]
+        assert np.allclose(vectors[row], single, atol=1e-5)
 
 
 def test_decoding_defaults_to_threads_on_a_cpu_and_processes_beside_a_gpu():
@@ -110,7 +111,7 @@ def test_an_empty_batch_runs_no_forward_pass():
         assert out.vectors.shape == (0, 1280) and out.maps.shape == (0, 1280, 7, 7)
 
 
-def _decoded_batch(start: int, shapes: list[tuple[int, int]], bad: set[int] = frozenset()):
+def _decoded_batch(start: int, shapes: list[tuple[int, int]], bad: frozenset[int] = frozenset()):
     """A DecodedBatch as the decoders hand it over; each image's pixels all equal its file index (mod 256)."""
     from simsearch.pipeline.embed import Decoded, DecodedBatch
 
@@ -126,7 +127,7 @@ def _decoded_batch(start: int, shapes: list[tuple[int, int]], bad: set[int] = fr
 
 
 def test_shape_bins_hand_on_full_batches_of_one_shape_each_image_once():
-    from simsearch.pipeline.embed import ShapeBins
+    from simsearch.pipeline.shape_bins import ShapeBins
 
     rng = np.random.default_rng(0)
     shapes = [(64, 48), (48, 64), (64, 64), (32, 96)]
@@ -153,9 +154,30 @@ def test_shape_bins_hand_on_full_batches_of_one_shape_each_image_once():
 
 
 def test_shape_bins_slice_a_stack_that_fills_a_batch_without_copying():
-    from simsearch.pipeline.embed import ShapeBins
+    from simsearch.pipeline.shape_bins import ShapeBins
 
     batch = _decoded_batch(0, [(64, 48)] * 8)
     (files, stacked), = list(ShapeBins(8).add(batch, torch.device("cpu")))  # on a GPU it holds them there
     assert [d.index for d in files] == list(range(8))
     assert stacked.data_ptr() == batch.groups[0][1].data_ptr()  # the decoders' stack itself
+
+
+def test_shape_bins_keep_full_batches_with_many_shapes_and_handle_edges():
+    """A mixed library has 10-20 input shapes: the default holding still waits for full batches."""
+    from simsearch.pipeline.shape_bins import ShapeBins
+
+    rng = np.random.default_rng(1)
+    shapes = [(32 * (2 + k % 8), 32 * (2 + k // 8)) for k in range(16)]
+    bins, sizes = ShapeBins(8), []
+    for start in range(0, 3000, 8):
+        sizes += [len(files) for files, _ in bins.add(_decoded_batch(start, [shapes[i] for i in rng.integers(0, 16, 8)]))]
+    tails = [len(files) for files, _ in bins.drain()]
+    assert sum(sizes) + sum(tails) == 3000 and len(tails) <= 16
+    assert all(n == 8 for n in sizes)  # 16 shapes, 16 batches held: no pass before the end is part-full
+
+    one, out = ShapeBins(1), []
+    for start in range(0, 6, 3):
+        out += [files for files, _ in one.add(_decoded_batch(start, [(64, 48), (48, 64), (64, 48)], bad={4}))]
+    assert [[d.index for d in f] for f in out] == [[0], [2], [1], [3], [5]] and list(one.drain()) == []
+    empty = ShapeBins(8)
+    assert list(empty.add(_decoded_batch(0, [(64, 48)] * 3, bad={0, 1, 2}))) == [] and list(empty.drain()) == []

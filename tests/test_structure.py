@@ -93,7 +93,8 @@ def test_every_module_says_what_it_is_for():
 # The layers, bottom up: a module may import from its own layer or any below it (README's module table).
 LAYERS = [
     ("simsearch.errors", "simsearch.spec", "simsearch.records"),
-    ("simsearch.pipeline.read", "simsearch.pipeline.decode", "simsearch.pipeline.backends", "simsearch.pipeline.embed",
+    ("simsearch.pipeline.read", "simsearch.pipeline.decode", "simsearch.pipeline.backends",
+     "simsearch.pipeline.openvino_cache", "simsearch.pipeline.shape_bins", "simsearch.pipeline.embed",
      "simsearch.pipeline.box_vectors", "simsearch.pipeline.edits",
      "simsearch.datasets"),
     ("simsearch.storage", "simsearch.pipeline.stored_maps"),

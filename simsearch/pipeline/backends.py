@@ -33,6 +33,7 @@ from torch import nn
 
 from simsearch.errors import BadInputError
 from simsearch.pipeline.decode import normalize, pixel_mean_std
+from simsearch.pipeline.openvino_cache import USED_STAMP, mark_used, prune_stale_cache
 from simsearch.spec import EmbedderSpec, Preprocess
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,6 @@ BACKENDS = ("auto", "torch", "openvino")
 BACKEND_ENV = "SIMSEARCH_BACKEND"
 # Bumped when the conversion below changes, so caches made by older code are not reused.
 CONVERSION_VERSION = 1
-# Cached models and compiled kernels unused this long are deleted when another model loads: each
-# OpenVINO upgrade, new weights or thread count leaves its own files (ResNet50's model and kernels
-# take ~190 MB), and nothing else removes them. Deleting one that is wanted again costs a conversion.
-STALE_AFTER_DAYS = 60
-USED_STAMP = "last_used"  # touched in a model's folder at each load: its last use, whatever the filesystem's atime does
 
 
 class Runner(Protocol):
@@ -153,6 +149,7 @@ class OpenVINORunner:
         log.info("openvino %s model %s in %.1fs (%s)", self.precision, "converted" if self.converted else "loaded",
                  time.perf_counter() - started, self.folder)
         prune_stale_cache(self.folder.parent, keep=self.folder)
+        self._stamped = time.monotonic()  # and again once a day while this process uses it (`__call__`)
 
     def _convert(self, model: nn.Module, spec: EmbedderSpec, xml: Path) -> None:
         """Trace the module and write the model beside its key, atomically (parallel runs may race)."""
@@ -180,6 +177,9 @@ class OpenVINORunner:
                 "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": threads >= (os.cpu_count() or 1)}
 
     def __call__(self, batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if time.monotonic() - self._stamped > 86400:  # a server up for months: its model is in use
+            mark_used(self.folder)
+            self._stamped = time.monotonic()
         uint8 = all(x.dtype == torch.uint8 for x in batches)
         if not uint8:  # mixed kinds (never from a decoder): all as normalised floats
             batches = [normalize(x, self._pre) for x in batches]
@@ -198,7 +198,7 @@ class OpenVINORunner:
             if (uint8, streams) not in self._runs:
                 if not self._xml.is_file():  # pruned by another process while this one ran for weeks
                     self._convert(*self._source, self._xml)
-                _touch(self.folder / USED_STAMP)
+                mark_used(self.folder)
                 model = self._core.read_model(str(self._xml))
                 if uint8:
                     model = _normalising(model, self._pre)
@@ -338,53 +338,6 @@ class StreamedRequests:
             self._release(request)
         if interrupted is not None:
             raise interrupted
-
-
-def _touch(path: Path) -> None:
-    try:
-        path.touch()
-    except OSError:  # a read-only cache still serves; its files are just never pruned
-        pass
-
-
-def _last_used(path: Path) -> float:
-    """When a cached file or model folder was last used: its stamp, else the latest of its times."""
-    stamp = path / USED_STAMP
-    stat = (stamp if stamp.is_file() else path).stat()
-    return max(stat.st_mtime, stat.st_atime if path.is_file() else 0.0)
-
-
-def prune_stale_cache(root: Path, keep: Path, now: float | None = None) -> list[Path]:
-    """Delete cached models under `root`, and compiled kernels in `keep`, unused for STALE_AFTER_DAYS.
-
-    `keep` (the model just loaded) is stamped as used first. A folder another process is
-    converting into is fresh, so never stale; a process that loaded a model long ago and
-    compiles it again later converts it again (`OpenVINORunner._run`). Returns what was deleted.
-    """
-    now = time.time() if now is None else now
-    _touch(keep / USED_STAMP)
-    cutoff = now - STALE_AFTER_DAYS * 86400
-    deleted: list[Path] = []
-    try:
-        candidates = [p for p in root.iterdir() if p.is_dir() and p != keep]
-        compiled = keep / "compiled"
-        candidates += [p for p in compiled.iterdir() if p.is_file()] if compiled.is_dir() else []
-    except OSError:
-        return deleted
-    for path in candidates:
-        try:
-            if _last_used(path) >= cutoff:
-                continue
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            deleted.append(path)
-        except OSError:  # gone already (another process pruned it), or not ours to delete
-            continue
-    if deleted:
-        log.info("openvino cache: deleted %d item(s) unused for %d days under %s", len(deleted), STALE_AFTER_DAYS, root)
-    return deleted
 
 
 def _cache_key(spec: EmbedderSpec, openvino_version: str) -> str:

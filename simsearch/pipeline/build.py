@@ -5,7 +5,7 @@ shard files first, then one SQLite transaction commits its records, boxes,
 predictions and the positions of its vectors together; FAISS is updated from the
 store whenever its stamp says it is stale. Killing the process at any moment loses at
 most the images not yet committed (the batch in flight, and those waiting for a full batch
-of their shape: `embed.ShapeBins`); running again finishes the job with no duplicates.
+of their shape: `shape_bins.ShapeBins`); running again finishes the job with no duplicates.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from simsearch.errors import BadInputError, NotFoundError, SimsearchError, Weigh
 from simsearch.pipeline.backends import make_runner, resolve_backend
 from simsearch.pipeline.decode import normalize, preprocess
 from simsearch.pipeline.read import DEFAULT_MAX_PIXELS, file_sha256, open_image
+from simsearch.pipeline.shape_bins import ShapeBins
 from simsearch.records import Tag
 from simsearch.spec import EmbedderSpec, Preprocess, check_compatible
 
@@ -517,69 +518,10 @@ def _decoded_batches(dataset: ImageFileDataset, batch_size: int, workers: int,
                           pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4)
 
 
-class ShapeBins:
-    """Decoded images held by input shape, handed on as full batches of one shape.
-
-    Aspect-kept preprocessing splits each decoded batch into a few shape groups of ragged
-    sizes, and every new (N, H, W) costs a backend its kernels: OpenVINO makes them on a
-    shape's first pass, cuDNN picks them (about a second a shape on an H200, where a
-    2,000-image build spent most of its time there). Re-formed by shape, nearly every
-    forward pass is `batch_size` images of one shape, so the shapes a build meets are its
-    few input shapes, each with one tail. On 2 AMX cores it is neutral: builds of 1,000
-    photos, OpenVINO bf16, ran 1.01x (Lite0) and 1.00x (ResNet50) the code before it
-    (`bench_embed.py --rounds 3 --baseline`), the model alone on ResNet50's re-formed
-    batches 1.07x. It is for the GPU, where the per-shape cost is large; there it is not
-    measured yet (`benchmarks/bench_gpu.py`).
-
-    At most `max_held` images wait (a shape that never fills is handed on when the holding
-    is full), so memory stays bounded and a kill loses no more than those: they are
-    embedded again by the next run, as a batch in flight always was.
-    """
-
-    def __init__(self, batch_size: int, max_held: int | None = None):
-        self.batch_size = batch_size
-        self.max_held = max(batch_size, max_held or 4 * batch_size)
-        self._bins: dict[tuple[int, ...], list[tuple[Decoded, torch.Tensor, int]]] = {}
-        self.held = 0
-
-    def add(self, batch: DecodedBatch, device: torch.device | None = None) -> Iterator[tuple[list[Decoded], torch.Tensor]]:
-        """Take a decoded batch in; yield every batch of one shape that is now ready: (its files, (B, 3, H, W))."""
-        good = batch.good
-        for members, stacked in batch.groups:
-            if device is not None:
-                stacked = stacked.to(device, non_blocking=True)  # from pinned memory, asynchronously
-            pieces = self._bins.setdefault(tuple(stacked.shape[1:]), [])
-            pieces += [(good[m], stacked, row) for row, m in enumerate(members)]
-            self.held += len(members)
-            while len(pieces) >= self.batch_size:
-                yield self._take(pieces, self.batch_size)
-        while self.held > self.max_held:
-            yield self._take(max(self._bins.values(), key=len), self.batch_size)
-
-    def drain(self) -> Iterator[tuple[list[Decoded], torch.Tensor]]:
-        """What is still held, each shape's tail (the fullest first)."""
-        for pieces in sorted(self._bins.values(), key=len, reverse=True):
-            while pieces:
-                yield self._take(pieces, self.batch_size)
-
-    def _take(self, pieces: list[tuple[Decoded, torch.Tensor, int]], n: int) -> tuple[list[Decoded], torch.Tensor]:
-        taken, pieces[:] = pieces[:n], pieces[n:]
-        self.held -= len(taken)
-        # Runs of consecutive rows of one decoded stack are sliced, not copied one image at a time.
-        runs: list[tuple[torch.Tensor, int, int]] = []
-        for _, stacked, row in taken:
-            if runs and runs[-1][0] is stacked and runs[-1][2] == row:
-                runs[-1] = (stacked, runs[-1][1], row + 1)
-            else:
-                runs.append((stacked, row, row + 1))
-        slices = [stacked[start:end] for stacked, start, end in runs]
-        return [d for d, _, _ in taken], slices[0] if len(slices) == 1 else torch.cat(slices)
-
-
 def iter_file_batches(
     paths: Sequence[str | os.PathLike], embedder: Embedder, config: EmbedConfig
 ) -> Iterator[FileBatch]:
-    """Embed files batch by batch (re-formed by input shape: `ShapeBins`), with a progress bar on stderr.
+    """Embed files batch by batch (re-formed by input shape: `shape_bins.ShapeBins`), with a progress bar on stderr.
 
     Batches come in the order they fill, not the files' order: each FileBatch says which files it holds.
     """
@@ -591,8 +533,14 @@ def iter_file_batches(
     bins = ShapeBins(config.batch_size)
     device = embedder.device if embedder.device.type == "cuda" else None  # the GPU holds and stacks them
 
-    def embedded(files: list[Decoded], stacked: torch.Tensor) -> FileBatch:
-        vectors = embedder.embed_groups(len(files), [(list(range(len(files))), stacked)])
+    def embedded(ready: list[tuple[list[Decoded], torch.Tensor]]) -> FileBatch:
+        """One forward call over batches of one shape each (several only for the tails at the end)."""
+        files, groups, at = [], [], 0
+        for members, stacked in ready:
+            files += members
+            groups.append((list(range(at, at + len(members))), stacked))
+            at += len(members)
+        vectors = embedder.embed_groups(len(files), groups)
         return FileBatch([d.index for d in files], [(d.width, d.height) for d in files], vectors, [])
 
     with tqdm(total=len(paths), unit="img", disable=config.quiet, desc="embedding", dynamic_ncols=True) as bar:
@@ -601,10 +549,13 @@ def iter_file_batches(
             if failures:
                 yield FileBatch([], [], None, failures)
             for ready in bins.add(batch, device):
-                yield embedded(*ready)
+                yield embedded([ready])
             bar.update(len(batch.decoded))
-        for ready in bins.drain():
-            yield embedded(*ready)
+        # The tails together: a one-image tail alone would be fewer requests than OpenVINO's streams
+        # (a second compile, for one request), and each tail is a forward pass of its own shape anyway.
+        tails = list(bins.drain())
+        for start in range(0, len(tails), 8):  # a few shapes a call: bounded, like a batch
+            yield embedded(tails[start:start + 8])
 
 
 def embedder_from_config(config: EmbedConfig) -> Embedder:
