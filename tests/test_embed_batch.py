@@ -181,3 +181,35 @@ def test_shape_bins_keep_full_batches_with_many_shapes_and_handle_edges():
     assert [[d.index for d in f] for f in out] == [[0], [2], [1], [3], [5]] and list(one.drain()) == []
     empty = ShapeBins(8)
     assert list(empty.add(_decoded_batch(0, [(64, 48)] * 3, bad={0, 1, 2}))) == [] and list(empty.drain()) == []
+
+
+def test_the_progress_bar_counts_files_done_not_decoded(tmp_path, monkeypatch):
+    """Images wait in the shape bins after decoding: the bar must not reach the end before they are embedded."""
+    import tqdm
+
+    from simsearch.pipeline.embed import EmbedConfig, Embedder, iter_file_batches, load_backbone
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **_):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.n += n
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    paths = _files(tmp_path / "img", [(640, 480), (480, 640), (640, 480), (300, 300), (640, 480), (480, 640)])
+    embedder = Embedder(load_backbone("efficientnet-lite0", "random"), "cpu", "fp32", "torch")
+    done = 0
+    for batch in iter_file_batches(paths, embedder, EmbedConfig(batch_size=4, workers=0)):
+        assert bars[0].n == done  # updated after the caller has the batch, not before
+        done += len(batch.indices) + len(batch.failures)
+    assert bars[0].n == done == len(paths) == bars[0].total

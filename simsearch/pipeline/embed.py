@@ -543,19 +543,22 @@ def iter_file_batches(
         vectors = embedder.embed_groups(len(files), groups)
         return FileBatch([d.index for d in files], [(d.width, d.height) for d in files], vectors, [])
 
+    # The bar counts files done (embedded or failed), not decoded: held images are still to come.
     with tqdm(total=len(paths), unit="img", disable=config.quiet, desc="embedding", dynamic_ncols=True) as bar:
         for batch in batches:
             failures = [(d.index, d.error or "unreadable") for d in batch.decoded if d.error is not None]
             if failures:
                 yield FileBatch([], [], None, failures)
+                bar.update(len(failures))
             for ready in bins.add(batch, device):
                 yield embedded([ready])
-            bar.update(len(batch.decoded))
+                bar.update(len(ready[0]))
         # The tails together: a one-image tail alone would be fewer requests than OpenVINO's streams
         # (a second compile, for one request), and each tail is a forward pass of its own shape anyway.
         tails = list(bins.drain())
         for start in range(0, len(tails), 8):  # a few shapes a call: bounded, like a batch
             yield embedded(tails[start:start + 8])
+            bar.update(sum(len(files) for files, _ in tails[start:start + 8]))
 
 
 def embedder_from_config(config: EmbedConfig) -> Embedder:
