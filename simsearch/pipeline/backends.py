@@ -33,7 +33,7 @@ from torch import nn
 
 from simsearch.errors import BadInputError
 from simsearch.pipeline.decode import normalize, pixel_mean_std
-from simsearch.pipeline.openvino_cache import USED_STAMP, mark_used, prune_stale_cache
+from simsearch.pipeline.openvino_cache import mark_used, prune_stale_cache
 from simsearch.spec import EmbedderSpec, Preprocess
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class OpenVINORunner:
             self._convert(model, spec, xml)
             self.converted = True
         self._core, self._xml, self._pre = core, xml, spec.preprocess
-        self._source = (model, spec)  # to convert again if the cached files went since (`_run`); the embedder holds it anyway
+        self._source = (model, spec)  # to convert again if the cached files were pruned since (`_run`)
         self._images_per_request = IMAGES_PER_REQUEST.get(spec.backbone, 1)
         # Compiled on first use, by input kind and by streams or one request: a build uses one of them.
         self._runs: dict[tuple[bool, bool], StreamedRequests | OneRequest] = {}
